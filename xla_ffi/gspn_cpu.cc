@@ -1,0 +1,329 @@
+// The C++ CPU kernel of gspn_scan: forward and backward FFI handlers.
+//
+// Work is split over (direction, image) pairs in the forward and over images in the backward
+// (whose dx sums over directions), one thread each. Inside, every line is staged in float32
+// buffers and the innermost loops run over contiguous channels, so the compiler vectorises them.
+// Each line's gates are turned into weights once, per pixel and group, before the channel loops.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#include "gspn.h"
+
+namespace cgspn {
+namespace {
+
+// ------------------------------------------------------------------ storage types <-> float32
+
+inline float Bits2Float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t Float2Bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+struct F32 {
+  using Storage = float;
+  static float Load(float v) { return v; }
+  static float Store(float v) { return v; }
+};
+
+struct BF16 {
+  using Storage = uint16_t;
+  static float Load(uint16_t v) { return Bits2Float(uint32_t(v) << 16); }
+  static uint16_t Store(float f) {  // round to nearest even; NaN stays NaN
+    uint32_t u = Float2Bits(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return uint16_t(u >> 16);
+  }
+};
+
+struct F16 {
+  using Storage = uint16_t;
+  static float Load(uint16_t v) {
+    uint32_t sign = uint32_t(v & 0x8000u) << 16, exp = (v >> 10) & 0x1fu, mant = v & 0x3ffu;
+    if (exp == 0) {  // zero or subnormal: mant * 2^-24
+      float f = std::ldexp(float(mant), -24);
+      return sign ? -f : f;
+    }
+    if (exp == 31) return Bits2Float(sign | 0x7f800000u | (mant << 13));
+    return Bits2Float(sign | ((exp + 112) << 23) | (mant << 13));
+  }
+  static uint16_t Store(float f) {  // round to nearest even
+    uint32_t u = Float2Bits(f);
+    uint16_t sign = uint16_t((u >> 16) & 0x8000u);
+    u &= 0x7fffffffu;
+    if (u >= 0x7f800000u) return sign | 0x7c00u | (u > 0x7f800000u ? 0x200u : 0u);
+    if (u >= 0x477ff000u) return sign | 0x7c00u;  // rounds to infinity
+    if (u < 0x38800000u)  // below the smallest normal: subnormal steps of 2^-24
+      return sign | uint16_t(std::nearbyint(Bits2Float(u) * 16777216.0f));
+    u += 0xc8000fffu + ((u >> 13) & 1u);  // rebias the exponent and round
+    return sign | uint16_t(u >> 13);
+  }
+};
+
+template <typename IO>
+void LoadRow(const typename IO::Storage* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = IO::Load(src[i]);
+}
+template <typename IO>
+void StoreRow(const float* src, int64_t n, typename IO::Storage* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = IO::Store(src[i]);
+}
+
+// ------------------------------------------------------------------ the gate normalisation
+
+// Weights a[3] of one pixel and group from its gates, and the valid sigmoids s[3] (the backward
+// needs them). Neighbour 0 is missing at p = 0, neighbour 2 at p = L - 1.
+inline void Weights(const float gate[3], bool has_left, bool has_right, bool normalize,
+                    float a[3], float s[3]) {
+  const bool valid[3] = {has_left, true, has_right};
+  if (!normalize) {
+    for (int k = 0; k < 3; ++k) a[k] = s[k] = valid[k] ? gate[k] : 0.f;
+    return;
+  }
+  float sum = 0.f;
+  for (int k = 0; k < 3; ++k) {
+    s[k] = valid[k] ? 1.f / (1.f + std::exp(-gate[k])) : 0.f;
+    sum += s[k];
+  }
+  for (int k = 0; k < 3; ++k) a[k] = s[k] / sum;
+}
+
+// Gradient of the gate logits (or raw gates) from the gradient of the weights.
+inline void WeightsGrad(const float a[3], const float s[3], const float da[3], bool has_left,
+                        bool has_right, bool normalize, float dw[3]) {
+  const bool valid[3] = {has_left, true, has_right};
+  if (!normalize) {
+    for (int k = 0; k < 3; ++k) dw[k] = valid[k] ? da[k] : 0.f;
+    return;
+  }
+  const float sum = s[0] + s[1] + s[2];
+  const float mean = a[0] * da[0] + a[1] * da[1] + a[2] * da[2];
+  for (int k = 0; k < 3; ++k)
+    dw[k] = valid[k] ? (da[k] - mean) / sum * s[k] * (1.f - s[k]) : 0.f;
+}
+
+// ------------------------------------------------------------------ scheduling
+
+template <typename Fn>
+void ParallelFor(int64_t n, int64_t work_per_item, Fn fn) {
+  const int64_t hw = std::max<int64_t>(1, std::thread::hardware_concurrency());
+  // Threads only pay off beyond a few hundred thousand element updates each.
+  const int64_t threads = std::min<int64_t>({n, hw, std::max<int64_t>(1, n * work_per_item / (1 << 18))});
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::vector<std::thread> pool;
+  for (int64_t r = 0; r < threads; ++r)
+    pool.emplace_back([&, r] {
+      for (int64_t i = r; i < n; i += threads) fn(i);
+    });
+  for (auto& th : pool) th.join();
+}
+
+// ------------------------------------------------------------------ forward
+
+template <typename IO>
+void ForwardOne(const ScanShape& s, int64_t d, int64_t b, int64_t dir, int64_t chunk,
+                bool normalize, const typename IO::Storage* x, const typename IO::Storage* lam,
+                const typename IO::Storage* w, typename IO::Storage* h) {
+  const auto geo = LineGeometry::Make(dir, s.H, s.W);
+  const int64_t C = s.C, G = s.G, per = s.group_size(), L = geo.length;
+  const int64_t dir_off = d * s.pixels();
+  std::vector<float> prev(L * C), cur(L * C), xs(C), ls(C);
+  float gate[3], a[3], sg[3];
+  for (int64_t t = 0; t < geo.steps; ++t) {
+    const bool restart = LineGeometry::Restarts(t, chunk);
+    for (int64_t p = 0; p < L; ++p) {
+      const int64_t pix = geo.Pixel(b, t, p);
+      float* out = cur.data() + p * C;
+      LoadRow<IO>(x + pix * C, C, xs.data());
+      LoadRow<IO>(lam + (dir_off + pix) * C, C, ls.data());
+      for (int64_t c = 0; c < C; ++c) out[c] = ls[c] * xs[c];
+      if (!restart) {
+        const auto* wp = w + (dir_off + pix) * G * 3;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int k = 0; k < 3; ++k) gate[k] = IO::Load(wp[g * 3 + k]);
+          Weights(gate, p > 0, p < L - 1, normalize, a, sg);
+          float* o = out + g * per;
+          const float* mid = prev.data() + p * C + g * per;
+          for (int64_t c = 0; c < per; ++c) o[c] += a[1] * mid[c];
+          if (p > 0)
+            for (int64_t c = 0; c < per; ++c) o[c] += a[0] * mid[c - C];
+          if (p < L - 1)
+            for (int64_t c = 0; c < per; ++c) o[c] += a[2] * mid[c + C];
+        }
+      }
+      StoreRow<IO>(out, C, h + (dir_off + pix) * C);
+    }
+    std::swap(prev, cur);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+// One image, all directions: dx accumulates over directions in float32 before its single store.
+template <typename IO>
+void BackwardImage(const ScanShape& s, int64_t b, ffi::Span<const int64_t> dirs, int64_t chunk,
+                   bool normalize, const typename IO::Storage* x, const typename IO::Storage* lam,
+                   const typename IO::Storage* w, const typename IO::Storage* h,
+                   const typename IO::Storage* dh, typename IO::Storage* dx,
+                   typename IO::Storage* dlam, typename IO::Storage* dw) {
+  const int64_t C = s.C, G = s.G, per = s.group_size(), image = s.H * s.W;
+  std::vector<float> dx_acc(image * C, 0.f);
+  std::vector<float> xs(C), ls(C), row(C);
+  for (int64_t d = 0; d < s.D; ++d) {
+    const auto geo = LineGeometry::Make(dirs[d], s.H, s.W);
+    const int64_t L = geo.length, dir_off = d * s.pixels();
+    // carry[p] = sum_k a_{t+1}[p - k + 1, k] z_{t+1}[p - k + 1]: what line t+1 sends back to t.
+    std::vector<float> z(L * C), carry(L * C, 0.f), hprev(L * C);
+    float gate[3], a[3], sg[3], da[3], g_out[3];
+    for (int64_t t = geo.steps - 1; t >= 0; --t) {
+      const bool restart = LineGeometry::Restarts(t, chunk);
+      for (int64_t p = 0; p < L; ++p) {
+        const int64_t pix = geo.Pixel(b, t, p);
+        float* zp = z.data() + p * C;
+        LoadRow<IO>(dh + (dir_off + pix) * C, C, zp);
+        const float* cp = carry.data() + p * C;
+        for (int64_t c = 0; c < C; ++c) zp[c] += cp[c];
+        LoadRow<IO>(x + pix * C, C, xs.data());
+        LoadRow<IO>(lam + (dir_off + pix) * C, C, ls.data());
+        for (int64_t c = 0; c < C; ++c) row[c] = zp[c] * xs[c];
+        StoreRow<IO>(row.data(), C, dlam + (dir_off + pix) * C);
+        float* dxp = dx_acc.data() + (geo.Pixel(0, t, p)) * C;
+        for (int64_t c = 0; c < C; ++c) dxp[c] += zp[c] * ls[c];
+      }
+      std::fill(carry.begin(), carry.end(), 0.f);
+      if (restart) {
+        for (int64_t p = 0; p < L; ++p) {
+          auto* dwp = dw + (dir_off + geo.Pixel(b, t, p)) * G * 3;
+          std::fill(dwp, dwp + G * 3, IO::Store(0.f));
+        }
+        continue;
+      }
+      for (int64_t p = 0; p < L; ++p)
+        LoadRow<IO>(h + (dir_off + geo.Pixel(b, t - 1, p)) * C, C, hprev.data() + p * C);
+      for (int64_t p = 0; p < L; ++p) {
+        const int64_t pix = geo.Pixel(b, t, p);
+        const auto* wp = w + (dir_off + pix) * G * 3;
+        auto* dwp = dw + (dir_off + pix) * G * 3;
+        for (int64_t g = 0; g < G; ++g) {
+          for (int k = 0; k < 3; ++k) gate[k] = IO::Load(wp[g * 3 + k]);
+          Weights(gate, p > 0, p < L - 1, normalize, a, sg);
+          const float* zg = z.data() + p * C + g * per;
+          for (int k = 0; k < 3; ++k) {
+            const int64_t q = p + k - 1;  // the neighbour's position on line t - 1
+            da[k] = 0.f;
+            if (q < 0 || q >= L) continue;
+            const float* hq = hprev.data() + q * C + g * per;
+            float* cq = carry.data() + q * C + g * per;
+            float acc = 0.f;
+            for (int64_t c = 0; c < per; ++c) {
+              acc += zg[c] * hq[c];
+              cq[c] += a[k] * zg[c];
+            }
+            da[k] = acc;
+          }
+          WeightsGrad(a, sg, da, p > 0, p < L - 1, normalize, g_out);
+          for (int k = 0; k < 3; ++k) dwp[g * 3 + k] = IO::Store(g_out[k]);
+        }
+      }
+    }
+  }
+  StoreRow<IO>(dx_acc.data(), image * C, dx + b * image * C);
+}
+
+// ------------------------------------------------------------------ handlers
+
+template <typename IO>
+const typename IO::Storage* In(const ffi::AnyBuffer& a) {
+  return static_cast<const typename IO::Storage*>(a.untyped_data());
+}
+template <typename IO>
+typename IO::Storage* Out(ffi::Result<ffi::AnyBuffer>& a) {
+  return static_cast<typename IO::Storage*>(a->untyped_data());
+}
+
+template <typename IO>
+void Forward(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk, bool normalize,
+             const ffi::AnyBuffer& x, const ffi::AnyBuffer& lam, const ffi::AnyBuffer& w,
+             ffi::Result<ffi::AnyBuffer>& h) {
+  ParallelFor(s.D * s.B, s.H * s.W * s.C, [&](int64_t i) {
+    const int64_t d = i / s.B, b = i % s.B;
+    ForwardOne<IO>(s, d, b, dirs[d], chunk, normalize, In<IO>(x), In<IO>(lam), In<IO>(w),
+                   Out<IO>(h));
+  });
+}
+
+template <typename IO>
+void Backward(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk, bool normalize,
+              const ffi::AnyBuffer& x, const ffi::AnyBuffer& lam, const ffi::AnyBuffer& w,
+              const ffi::AnyBuffer& h, const ffi::AnyBuffer& dh, ffi::Result<ffi::AnyBuffer>& dx,
+              ffi::Result<ffi::AnyBuffer>& dlam, ffi::Result<ffi::AnyBuffer>& dw) {
+  ParallelFor(s.B, s.D * s.H * s.W * s.C, [&](int64_t b) {
+    BackwardImage<IO>(s, b, dirs, chunk, normalize, In<IO>(x), In<IO>(lam), In<IO>(w), In<IO>(h),
+                      In<IO>(dh), Out<IO>(dx), Out<IO>(dlam), Out<IO>(dw));
+  });
+}
+
+// Calls fn.template operator()<IO>() for the element type of the call.
+template <typename Fn>
+ffi::Error DispatchDtype(ffi::DataType dtype, Fn&& fn) {
+  switch (dtype) {
+    case ffi::DataType::F32: fn.template operator()<F32>(); return ffi::Error::Success();
+    case ffi::DataType::BF16: fn.template operator()<BF16>(); return ffi::Error::Success();
+    case ffi::DataType::F16: fn.template operator()<F16>(); return ffi::Error::Success();
+    default:
+      return ffi::Error::InvalidArgument("gspn_scan: dtype must be float32, bfloat16 or float16");
+  }
+}
+
+ffi::Error FwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer lam, ffi::AnyBuffer w,
+                   ffi::Result<ffi::AnyBuffer> h, ffi::Span<const int64_t> directions,
+                   int64_t chunk, bool normalize) {
+  ScanShape s;
+  if (auto err = CheckCall(x, lam, w, directions, chunk, &s); err.failure()) return err;
+  return DispatchDtype(x.element_type(), [&]<typename IO>() {
+    Forward<IO>(s, directions, chunk, normalize, x, lam, w, h);
+  });
+}
+
+ffi::Error BwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer lam, ffi::AnyBuffer w, ffi::AnyBuffer h,
+                   ffi::AnyBuffer dh, ffi::Result<ffi::AnyBuffer> dx,
+                   ffi::Result<ffi::AnyBuffer> dlam, ffi::Result<ffi::AnyBuffer> dw,
+                   ffi::Span<const int64_t> directions, int64_t chunk, bool normalize) {
+  ScanShape s;
+  if (auto err = CheckCall(x, lam, w, directions, chunk, &s); err.failure()) return err;
+  return DispatchDtype(x.element_type(), [&]<typename IO>() {
+    Backward<IO>(s, directions, chunk, normalize, x, lam, w, h, dh, dx, dlam, dw);
+  });
+}
+
+}  // namespace
+}  // namespace cgspn
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GspnFwdCpu, cgspn::FwdImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // lam
+                                  .Arg<xla::ffi::AnyBuffer>()  // w
+                                  .Ret<xla::ffi::AnyBuffer>()  // h
+                                  .Attr<xla::ffi::Span<const int64_t>>("directions")
+                                  .Attr<int64_t>("chunk")
+                                  .Attr<bool>("normalize"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GspnBwdCpu, cgspn::BwdImpl,
+                              xla::ffi::Ffi::Bind()
+                                  .Arg<xla::ffi::AnyBuffer>()  // x
+                                  .Arg<xla::ffi::AnyBuffer>()  // lam
+                                  .Arg<xla::ffi::AnyBuffer>()  // w
+                                  .Arg<xla::ffi::AnyBuffer>()  // h (forward output)
+                                  .Arg<xla::ffi::AnyBuffer>()  // dh
+                                  .Ret<xla::ffi::AnyBuffer>()  // dx
+                                  .Ret<xla::ffi::AnyBuffer>()  // dlam
+                                  .Ret<xla::ffi::AnyBuffer>()  // dw
+                                  .Attr<xla::ffi::Span<const int64_t>>("directions")
+                                  .Attr<int64_t>("chunk")
+                                  .Attr<bool>("normalize"));
