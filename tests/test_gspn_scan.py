@@ -252,3 +252,14 @@ def test_bad_input_raises_a_clear_error(message, mutate, kwargs, error):
     if all(hasattr(a, "shape") for a in args):
         with pytest.raises(error, match=message):
             jax.jit(lambda *a: gspn_scan(*a, **kwargs)).lower(*args)
+
+
+def test_nested_vmap_over_two_leading_axes():
+    directions = ("tb", "rl")
+    x, lam, w = random_inputs(2, 4, 3, 4, 2, directions)
+    xs = jnp.stack([jnp.stack([x, 2 * x, -x]), jnp.stack([x, x + 1, 3 * x])])  # [2, 3, B, ...]
+    fn = lambda x: gspn_scan(x, lam, w, directions=directions)
+    got = jax.jit(jax.vmap(jax.vmap(fn)))(xs)
+    for i in range(2):
+        for j in range(3):
+            np.testing.assert_allclose(got[i, j], fn(xs[i, j]), rtol=1e-6, atol=1e-6)
