@@ -73,36 +73,96 @@ void StoreRow(const float* src, int64_t n, typename IO::Storage* dst) {
 
 // ------------------------------------------------------------------ the gate normalisation
 
-// Weights a[3] of one pixel and group from its gates, and the valid sigmoids s[3] (the backward
-// needs them). Neighbour 0 is missing at p = 0, neighbour 2 at p = L - 1.
-inline void Weights(const float gate[3], bool has_left, bool has_right, bool normalize,
-                    float a[3], float s[3]) {
-  const bool valid[3] = {has_left, true, has_right};
-  if (!normalize) {
-    for (int k = 0; k < 3; ++k) a[k] = s[k] = valid[k] ? gate[k] : 0.f;
-    return;
-  }
-  float sum = 0.f;
-  for (int k = 0; k < 3; ++k) {
-    s[k] = valid[k] ? 1.f / (1.f + std::exp(-gate[k])) : 0.f;
-    sum += s[k];
-  }
-  for (int k = 0; k < 3; ++k) a[k] = s[k] / sum;
+// exp(x) for x <= 0 in plain arithmetic (no libm call), so loops over it vectorise: 2^n * p(r)
+// with n = round(x / ln 2), r = x - n ln 2 (two-part ln 2), p a degree-6 Taylor polynomial.
+// Relative error below 2e-7 over the range used here; arguments below -87 flush to 0.
+inline float ExpNonPositive(float x) {
+  x = x < -87.f ? -87.f : x;
+  const float n = (x * 1.44269504f + 12582912.f) - 12582912.f;  // round to nearest integer
+  const float r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  float p = 1.f / 720.f;
+  p = p * r + 1.f / 120.f;
+  p = p * r + 1.f / 24.f;
+  p = p * r + 1.f / 6.f;
+  p = p * r + 0.5f;
+  p = p * r + 1.f;
+  p = p * r + 1.f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, 4);
+  return p * scale;
 }
 
-// Gradient of the gate logits (or raw gates) from the gradient of the weights.
-inline void WeightsGrad(const float a[3], const float s[3], const float da[3], bool has_left,
-                        bool has_right, bool normalize, float dw[3]) {
-  const bool valid[3] = {has_left, true, has_right};
-  if (!normalize) {
-    for (int k = 0; k < 3; ++k) dw[k] = valid[k] ? da[k] : 0.f;
-    return;
-  }
-  const float sum = s[0] + s[1] + s[2];
-  const float mean = a[0] * da[0] + a[1] * da[1] + a[2] * da[2];
-  for (int k = 0; k < 3; ++k)
-    dw[k] = valid[k] ? (da[k] - mean) / sum * s[k] * (1.f - s[k]) : 0.f;
+// sigmoid(x) = 1 / (1 + exp(-x)) for x >= 0, exp(x) / (1 + exp(x)) below: exp of a
+// non-positive argument either way, so nothing overflows.
+inline float Sigmoid(float x) {
+  const float e = ExpNonPositive(x >= 0.f ? -x : x);
+  return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
 }
+
+// The weights of one pixel's gates, a[k][g], and the valid sigmoids s[k][g] (the backward needs
+// them), for all G groups at once; then a[k] expanded to one weight per channel, A[k][c]. Every
+// loop is over a contiguous array, so they vectorise. Neighbour 0 is missing at the first
+// position of a line, neighbour 2 at the last.
+class RowWeights {
+ public:
+  RowWeights(int64_t G, int64_t C) : G_(G), per_(C / G) {
+    for (int k = 0; k < 3; ++k) {
+      a[k].resize(G), s[k].resize(G), A[k].resize(C);
+    }
+    sum_.resize(G);
+  }
+
+  template <typename IO>
+  void Compute(const typename IO::Storage* gates, bool has_left, bool has_right, bool normalize) {
+    const bool valid[3] = {has_left, true, has_right};
+    for (int k = 0; k < 3; ++k) {
+      float* sk = s[k].data();
+      if (!valid[k]) {
+        std::fill(sk, sk + G_, 0.f);
+        continue;
+      }
+      for (int64_t g = 0; g < G_; ++g) sk[g] = IO::Load(gates[g * 3 + k]);
+      if (normalize)
+        for (int64_t g = 0; g < G_; ++g) sk[g] = Sigmoid(sk[g]);
+    }
+    if (normalize) {
+      for (int64_t g = 0; g < G_; ++g) sum_[g] = s[0][g] + s[1][g] + s[2][g];
+      for (int k = 0; k < 3; ++k)
+        for (int64_t g = 0; g < G_; ++g) a[k][g] = s[k][g] / sum_[g];
+    } else {
+      for (int k = 0; k < 3; ++k) std::copy(s[k].begin(), s[k].end(), a[k].begin());
+    }
+    for (int k = 0; k < 3; ++k) {
+      if (per_ == 1) {
+        std::copy(a[k].begin(), a[k].end(), A[k].begin());
+      } else {
+        for (int64_t g = 0; g < G_; ++g) std::fill_n(A[k].data() + g * per_, per_, a[k][g]);
+      }
+    }
+  }
+
+  // dw[g * 3 + k] from the weight gradients da[k][g] (for the pixel last computed).
+  void Gradient(const std::vector<float> (&da)[3], bool has_left, bool has_right, bool normalize,
+                float* dw) const {
+    const bool valid[3] = {has_left, true, has_right};
+    for (int64_t g = 0; g < G_; ++g) {
+      const float mean = a[0][g] * da[0][g] + a[1][g] * da[1][g] + a[2][g] * da[2][g];
+      for (int k = 0; k < 3; ++k) {
+        float v = 0.f;
+        if (valid[k])
+          v = normalize ? (da[k][g] - mean) / sum_[g] * s[k][g] * (1.f - s[k][g]) : da[k][g];
+        dw[g * 3 + k] = v;
+      }
+    }
+  }
+
+  std::vector<float> a[3], s[3], A[3];
+
+ private:
+  int64_t G_, per_;
+  std::vector<float> sum_;
+};
 
 // ------------------------------------------------------------------ scheduling
 
@@ -130,10 +190,10 @@ void ForwardOne(const ScanShape& s, int64_t d, int64_t b, int64_t dir, int64_t c
                 bool normalize, const typename IO::Storage* x, const typename IO::Storage* lam,
                 const typename IO::Storage* w, typename IO::Storage* h) {
   const auto geo = LineGeometry::Make(dir, s.H, s.W);
-  const int64_t C = s.C, G = s.G, per = s.group_size(), L = geo.length;
+  const int64_t C = s.C, G = s.G, L = geo.length;
   const int64_t dir_off = d * s.pixels();
   std::vector<float> prev(L * C), cur(L * C), xs(C), ls(C);
-  float gate[3], a[3], sg[3];
+  RowWeights weights(G, C);
   for (int64_t t = 0; t < geo.steps; ++t) {
     const bool restart = LineGeometry::Restarts(t, chunk);
     for (int64_t p = 0; p < L; ++p) {
@@ -143,17 +203,17 @@ void ForwardOne(const ScanShape& s, int64_t d, int64_t b, int64_t dir, int64_t c
       LoadRow<IO>(lam + (dir_off + pix) * C, C, ls.data());
       for (int64_t c = 0; c < C; ++c) out[c] = ls[c] * xs[c];
       if (!restart) {
-        const auto* wp = w + (dir_off + pix) * G * 3;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int k = 0; k < 3; ++k) gate[k] = IO::Load(wp[g * 3 + k]);
-          Weights(gate, p > 0, p < L - 1, normalize, a, sg);
-          float* o = out + g * per;
-          const float* mid = prev.data() + p * C + g * per;
-          for (int64_t c = 0; c < per; ++c) o[c] += a[1] * mid[c];
-          if (p > 0)
-            for (int64_t c = 0; c < per; ++c) o[c] += a[0] * mid[c - C];
-          if (p < L - 1)
-            for (int64_t c = 0; c < per; ++c) o[c] += a[2] * mid[c + C];
+        weights.Compute<IO>(w + (dir_off + pix) * G * 3, p > 0, p < L - 1, normalize);
+        const float* mid = prev.data() + p * C;
+        const float* a1 = weights.A[1].data();
+        for (int64_t c = 0; c < C; ++c) out[c] += a1[c] * mid[c];
+        if (p > 0) {
+          const float* a0 = weights.A[0].data();
+          for (int64_t c = 0; c < C; ++c) out[c] += a0[c] * mid[c - C];
+        }
+        if (p < L - 1) {
+          const float* a2 = weights.A[2].data();
+          for (int64_t c = 0; c < C; ++c) out[c] += a2[c] * mid[c + C];
         }
       }
       StoreRow<IO>(out, C, h + (dir_off + pix) * C);
@@ -173,13 +233,14 @@ void BackwardImage(const ScanShape& s, int64_t b, ffi::Span<const int64_t> dirs,
                    typename IO::Storage* dlam, typename IO::Storage* dw) {
   const int64_t C = s.C, G = s.G, per = s.group_size(), image = s.H * s.W;
   std::vector<float> dx_acc(image * C, 0.f);
-  std::vector<float> xs(C), ls(C), row(C);
+  std::vector<float> xs(C), ls(C), row(C), prod(C), dw_row(G * 3);
+  std::vector<float> da[3] = {std::vector<float>(G), std::vector<float>(G), std::vector<float>(G)};
+  RowWeights weights(G, C);
   for (int64_t d = 0; d < s.D; ++d) {
     const auto geo = LineGeometry::Make(dirs[d], s.H, s.W);
     const int64_t L = geo.length, dir_off = d * s.pixels();
     // carry[p] = sum_k a_{t+1}[p - k + 1, k] z_{t+1}[p - k + 1]: what line t+1 sends back to t.
     std::vector<float> z(L * C), carry(L * C, 0.f), hprev(L * C);
-    float gate[3], a[3], sg[3], da[3], g_out[3];
     for (int64_t t = geo.steps - 1; t >= 0; --t) {
       const bool restart = LineGeometry::Restarts(t, chunk);
       for (int64_t p = 0; p < L; ++p) {
@@ -207,28 +268,34 @@ void BackwardImage(const ScanShape& s, int64_t b, ffi::Span<const int64_t> dirs,
         LoadRow<IO>(h + (dir_off + geo.Pixel(b, t - 1, p)) * C, C, hprev.data() + p * C);
       for (int64_t p = 0; p < L; ++p) {
         const int64_t pix = geo.Pixel(b, t, p);
-        const auto* wp = w + (dir_off + pix) * G * 3;
-        auto* dwp = dw + (dir_off + pix) * G * 3;
-        for (int64_t g = 0; g < G; ++g) {
-          for (int k = 0; k < 3; ++k) gate[k] = IO::Load(wp[g * 3 + k]);
-          Weights(gate, p > 0, p < L - 1, normalize, a, sg);
-          const float* zg = z.data() + p * C + g * per;
-          for (int k = 0; k < 3; ++k) {
-            const int64_t q = p + k - 1;  // the neighbour's position on line t - 1
-            da[k] = 0.f;
-            if (q < 0 || q >= L) continue;
-            const float* hq = hprev.data() + q * C + g * per;
-            float* cq = carry.data() + q * C + g * per;
-            float acc = 0.f;
-            for (int64_t c = 0; c < per; ++c) {
-              acc += zg[c] * hq[c];
-              cq[c] += a[k] * zg[c];
-            }
-            da[k] = acc;
+        weights.Compute<IO>(w + (dir_off + pix) * G * 3, p > 0, p < L - 1, normalize);
+        const float* zp = z.data() + p * C;
+        for (int k = 0; k < 3; ++k) {
+          const int64_t q = p + k - 1;  // the neighbour's position on line t - 1
+          float* dak = da[k].data();
+          if (q < 0 || q >= L) {
+            std::fill(dak, dak + G, 0.f);
+            continue;
           }
-          WeightsGrad(a, sg, da, p > 0, p < L - 1, normalize, g_out);
-          for (int k = 0; k < 3; ++k) dwp[g * 3 + k] = IO::Store(g_out[k]);
+          const float* hq = hprev.data() + q * C;
+          float* cq = carry.data() + q * C;
+          const float* ak = weights.A[k].data();
+          for (int64_t c = 0; c < C; ++c) {
+            prod[c] = zp[c] * hq[c];
+            cq[c] += ak[c] * zp[c];
+          }
+          if (per == 1) {
+            std::copy(prod.begin(), prod.end(), dak);
+          } else {  // reduce over the channels of each group, in channel order
+            for (int64_t g = 0; g < G; ++g) {
+              float acc = 0.f;
+              for (int64_t c = 0; c < per; ++c) acc += prod[g * per + c];
+              dak[g] = acc;
+            }
+          }
         }
+        weights.Gradient(da, p > 0, p < L - 1, normalize, dw_row.data());
+        StoreRow<IO>(dw_row.data(), G * 3, dw + (dir_off + pix) * G * 3);
       }
     }
   }
