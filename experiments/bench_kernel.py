@@ -1,0 +1,318 @@
+"""Benchmark of the CUDA gspn_scan kernel: time, byte floor, bandwidth, speedups, targets.
+
+    python experiments/bench_kernel.py [--out DIR] [--quick] [--sweep]
+
+For each case (shapes B x C x H x W of ../shared/ANCHORS.md, G = C and C / 16, float32 and
+bfloat16, D = 1 and 4) it times, in one process on one GPU:
+  - the kernel's forward (gspn_scan, backend="ffi"), its backward alone (the FFI backward target
+    on a saved h) and forward + backward (jax.vjp);
+  - the pure-JAX lax.scan reference (backend="reference"), forward and forward + backward;
+  - a device-to-device copy (the bandwidth ceiling), at the start of the run.
+Times are medians over repeated batches: each batch dispatches several calls back to back
+(rotating among input sets where they are small enough for L2 to matter, so the cache cannot
+flatter) and waits for the last; the GPU executes them back to back, so a batch's wall time over
+its calls is the GPU time per call. Byte floor: each input read once per direction that uses it,
+each output written once (x is read by every direction; dx is written once).
+
+Writes a Markdown table and the raw numbers (JSON) under --out (default runs/bench_kernel-<time>).
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # room for the copy probe
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cgspn_jax import _ffi, build_info, gspn_scan  # noqa: E402
+from cgspn_jax.gspn import DIRECTION_CODES  # noqa: E402
+
+SHAPES = [(32, 1152, 64, 64), (8, 1152, 128, 128), (8, 192, 128, 128)]  # B, C, H, W
+LARGE = {(32, 1152, 64, 64), (8, 1152, 128, 128)}  # where the bandwidth targets apply
+DIRECTIONS = {1: ("tb",), 4: ("tb", "bt", "lr", "rl")}
+
+# The original GSPN kernel on the same H100 (../shared/ANCHORS.md): one direction, G = C,
+# global propagation; forward / backward ms.
+ORIGINAL_MS = {
+    ("float32", (32, 1152, 64, 64)): (43.86, 107.32),
+    ("float32", (8, 1152, 128, 128)): (45.82, 111.74),
+    ("float32", (8, 192, 128, 128)): (7.29, 18.07),
+    ("bfloat16", (32, 1152, 64, 64)): (31.81, 69.30),
+    ("bfloat16", (8, 1152, 128, 128)): (43.80, 100.23),
+    ("bfloat16", (8, 192, 128, 128)): (6.61, 15.87),
+}
+TARGETS = {
+    "fwd_pct_copy": 90.0, "bwd_pct_copy": 85.0, "speedup_vs_reference": 2.0,
+    "vs_original_fwd": {"float32": 32.0, "bfloat16": 45.0},
+    "vs_original_bwd": {"float32": 37.0, "bfloat16": 45.0},
+}
+L2_BYTES = 50e6
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def time_calls(fn, arg_sets, min_batch_s=0.03, reps=9):
+    """Median seconds per call of fn over `reps` batches of back-to-back calls."""
+    jax.block_until_ready(fn(*arg_sets[0]))  # compile + warm-up
+    t0 = time.perf_counter()
+    for args in arg_sets:
+        out = fn(*args)
+    jax.block_until_ready(out)
+    est = (time.perf_counter() - t0) / len(arg_sets)
+    inner = int(min(200, max(2, math.ceil(min_batch_s / max(est, 1e-6)))))
+    times = []
+    for r in range(reps):
+        t0 = time.perf_counter()
+        for i in range(inner):
+            out = fn(*arg_sets[(r * inner + i) % len(arg_sets)])
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t0) / inner)
+    del out
+    return statistics.median(times), times
+
+
+def copy_bandwidth(nbytes=4 << 30):
+    """Device-to-device copy, bytes read + written per second; and how it was measured."""
+    try:
+        import cupy as cp
+
+        a = cp.empty(nbytes // 4, cp.float32)
+        a[:] = 1.0
+        b = cp.empty_like(a)
+        times = []
+        for i in range(12):
+            start, stop = cp.cuda.Event(), cp.cuda.Event()
+            start.record()
+            cp.cuda.runtime.memcpyAsync(b.data.ptr, a.data.ptr, nbytes,
+                                        cp.cuda.runtime.memcpyDeviceToDevice,
+                                        cp.cuda.get_current_stream().ptr)
+            stop.record()
+            stop.synchronize()
+            if i >= 2:
+                times.append(cp.cuda.get_elapsed_time(start, stop) / 1e3)
+        del a, b
+        cp.get_default_memory_pool().free_all_blocks()
+        return 2 * nbytes / statistics.median(times), "cupy cudaMemcpyAsync D2D, 4 GiB, CUDA events"
+    except Exception as e:  # noqa: BLE001 - any failure: fall back to an XLA copy kernel
+        print(f"cupy copy probe failed ({e!r}); using an XLA elementwise kernel")
+        a = jnp.ones(nbytes // 4, jnp.float32)
+        t, _ = time_calls(jax.jit(lambda v: v * 2.0), [(a,)])
+        return 2 * nbytes / t, "jax.jit(a * 2.0), 4 GiB (no cupy)"
+
+
+def xla_elementwise_bandwidth(nbytes=4 << 30):
+    a = jnp.ones(nbytes // 4, jnp.float32)
+    t, _ = time_calls(jax.jit(lambda v: v * 2.0), [(a,)])
+    del a
+    return 2 * nbytes / t
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+def byte_floor(B, C, H, W, G, D, itemsize):
+    bhwc, gates = B * H * W * C, B * H * W * G * 3
+    fwd = (D * bhwc + D * bhwc + D * gates + D * bhwc) * itemsize          # x, lam, w; h
+    bwd = (5 * D * bhwc + bhwc + D * bhwc + 2 * D * gates) * itemsize     # x lam h dh, w; dx dlam dw
+    return fwd, bwd
+
+
+def make_sets(B, C, H, W, G, D, dtype, n_sets):
+    sets = []
+    for s in range(n_sets):
+        k = jax.random.split(jax.random.PRNGKey(1234 + s), 4)
+        x = jax.random.normal(k[0], (B, H, W, C), jnp.float32).astype(dtype)
+        lam = jax.random.uniform(k[1], (D, B, H, W, C), jnp.float32, 0.5, 1.5).astype(dtype)
+        w = jax.random.normal(k[2], (D, B, H, W, G, 3), jnp.float32).astype(dtype)
+        dh = jax.random.normal(k[3], (D, B, H, W, C), jnp.float32).astype(dtype)
+        sets.append((x, lam, w, dh))
+    return sets
+
+
+def ffi_backward(directions, chunk=None, normalize=True):
+    """The backward FFI target alone: (x, lam, w, h, dh) -> (dx, dlam, dw)."""
+    attrs = dict(directions=np.array([DIRECTION_CODES[d] for d in directions], np.int64),
+                 chunk=np.int64(chunk or 0), normalize=bool(normalize))
+
+    def bwd(x, lam, w, h, dh):
+        outs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, lam, w))
+        return jax.ffi.ffi_call(_ffi.BWD_TARGET, outs)(x, lam, w, h, dh, **attrs)
+    return jax.jit(bwd)
+
+
+def run_case(B, C, H, W, G, D, dtype_name, do_reference=True):
+    dtype = jnp.dtype(dtype_name)
+    directions = DIRECTIONS[D]
+    fwd_floor, bwd_floor = byte_floor(B, C, H, W, G, D, dtype.itemsize)
+    set_bytes = fwd_floor + bwd_floor
+    # Several input sets where a set is within reach of L2; one set of arrays of many GB cannot
+    # sit in a 50 MB cache anyway (and two would not fit the GPU beside the reference).
+    n_sets = 4 if set_bytes < 40 * L2_BYTES else (2 if set_bytes < 12e9 else 1)
+    sets = make_sets(B, C, H, W, G, D, dtype, n_sets)
+    scan = functools.partial(gspn_scan, directions=directions)
+    row = dict(B=B, C=C, H=H, W=W, G=G, D=D, dtype=dtype_name, input_sets=n_sets,
+               fwd_floor_bytes=fwd_floor, bwd_floor_bytes=bwd_floor)
+
+    def fb(backend):
+        def f(x, lam, w, dh):
+            _, vjp = jax.vjp(functools.partial(scan, backend=backend), x, lam, w)
+            return vjp(dh)
+        return jax.jit(f)
+
+    kfwd = jax.jit(functools.partial(scan, backend="ffi"))
+    row["kernel_fwd_s"], row["kernel_fwd_all_s"] = time_calls(kfwd, [s[:3] for s in sets])
+    hs = [kfwd(*s[:3]) for s in sets]
+    kbwd = ffi_backward(directions)
+    row["kernel_bwd_s"], row["kernel_bwd_all_s"] = time_calls(
+        kbwd, [(s[0], s[1], s[2], h, s[3]) for s, h in zip(sets, hs)])
+    del hs
+    row["kernel_fwdbwd_s"], _ = time_calls(fb("ffi"), sets)
+    if do_reference:
+        ref_fwd = jax.jit(functools.partial(scan, backend="reference"))
+        for name, fn, arg_sets in (("reference_fwd_s", ref_fwd, [s[:3] for s in sets]),
+                                   ("reference_fwdbwd_s", fb("reference"), sets)):
+            try:
+                row[name], _ = time_calls(fn, arg_sets, reps=5)
+            except Exception as e:  # noqa: BLE001 - out of memory at the largest cases
+                row[name] = None
+                row[name + "_error"] = repr(e)[:300]
+                print(f"  reference {name} failed: {repr(e)[:160]}")
+    del sets
+    return row
+
+
+def derive(row, copy_bw):
+    row["fwd_bw"] = row["fwd_floor_bytes"] / row["kernel_fwd_s"]
+    row["bwd_bw"] = row["bwd_floor_bytes"] / row["kernel_bwd_s"]
+    row["fwd_pct_copy"] = 100 * row["fwd_bw"] / copy_bw
+    row["bwd_pct_copy"] = 100 * row["bwd_bw"] / copy_bw
+    if row.get("reference_fwd_s"):
+        row["speedup_fwd"] = row["reference_fwd_s"] / row["kernel_fwd_s"]
+    if row.get("reference_fwdbwd_s"):
+        row["speedup_fwdbwd"] = row["reference_fwdbwd_s"] / row["kernel_fwdbwd_s"]
+    orig = ORIGINAL_MS.get((row["dtype"], (row["B"], row["C"], row["H"], row["W"])))
+    if orig and row["D"] == 1:
+        row["vs_original_fwd"] = orig[0] / (1e3 * row["kernel_fwd_s"])
+        row["vs_original_bwd"] = orig[1] / (1e3 * row["kernel_bwd_s"])
+    return row
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def fmt(v, spec):
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows, copy_bw):
+    head = ("| B×C×H×W | G | dtype | D | floor fwd GB | fwd ms | fwd TB/s | fwd %copy (≥90) | "
+            "floor bwd GB | bwd ms | bwd TB/s | bwd %copy (≥85) | f+b ms | ref fwd ms | "
+            "ref f+b ms | ×ref fwd (≥2) | ×ref f+b (≥2) | ×orig fwd | ×orig bwd |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        big = (r["B"], r["C"], r["H"], r["W"]) in LARGE
+        tgt_o_f = TARGETS["vs_original_fwd"][r["dtype"]] * (2 if r["G"] != r["C"] else 1)
+        tgt_o_b = TARGETS["vs_original_bwd"][r["dtype"]] * (2 if r["G"] != r["C"] else 1)
+        lines.append(
+            f"| {r['B']}×{r['C']}×{r['H']}×{r['W']} | {r['G']} | {r['dtype']} | {r['D']} | "
+            f"{r['fwd_floor_bytes'] / 1e9:.3f} | {1e3 * r['kernel_fwd_s']:.3f} | "
+            f"{r['fwd_bw'] / 1e12:.2f} | {r['fwd_pct_copy']:.1f}{'' if big else '*'} | "
+            f"{r['bwd_floor_bytes'] / 1e9:.3f} | {1e3 * r['kernel_bwd_s']:.3f} | "
+            f"{r['bwd_bw'] / 1e12:.2f} | {r['bwd_pct_copy']:.1f}{'' if big else '*'} | "
+            f"{1e3 * r['kernel_fwdbwd_s']:.3f} | "
+            f"{fmt(r.get('reference_fwd_s') and 1e3 * r['reference_fwd_s'], '.3f')} | "
+            f"{fmt(r.get('reference_fwdbwd_s') and 1e3 * r['reference_fwdbwd_s'], '.3f')} | "
+            f"{fmt(r.get('speedup_fwd'), '.2f')} | {fmt(r.get('speedup_fwdbwd'), '.2f')} | "
+            f"{fmt(r.get('vs_original_fwd'), '.1f')} (≥{tgt_o_f:.0f}) | "
+            f"{fmt(r.get('vs_original_bwd'), '.1f')} (≥{tgt_o_b:.0f}) |")
+    lines.append(f"\nCopy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s. "
+                 "* = not a large shape (the bandwidth targets apply to the two large ones). "
+                 "×orig: original GSPN kernel time (ANCHORS.md, G = C, D = 1) / ours; its targets "
+                 "are doubled for G = C/16, whose byte floor is about half.")
+    return "\n".join(lines)
+
+
+def sweep(copy_bw):
+    """Times the kernel under forced slab widths / positions per thread (tuning knobs)."""
+    rows = []
+    for (B, C, H, W), G, dtype in [((32, 1152, 64, 64), 1152, "float32"),
+                                   ((32, 1152, 64, 64), 72, "bfloat16"),
+                                   ((8, 192, 128, 128), 192, "float32"),
+                                   ((8, 1152, 128, 128), 1152, "bfloat16")]:
+        sets = make_sets(B, C, H, W, G, 1, jnp.dtype(dtype), 1)
+        fwd_floor, bwd_floor = byte_floor(B, C, H, W, G, 1, jnp.dtype(dtype).itemsize)
+        kfwd = jax.jit(functools.partial(gspn_scan, directions=("tb",), backend="ffi"))
+        kbwd = ffi_backward(("tb",))
+        h = kfwd(*sets[0][:3])
+        for vs in (1, 2, 4, 8):
+            os.environ["CGSPN_CUDA_VS_FWD"] = os.environ["CGSPN_CUDA_VS_BWD"] = str(vs)
+            tf, _ = time_calls(kfwd, [sets[0][:3]], reps=5)
+            tb, _ = time_calls(kbwd, [(*sets[0][:3], h, sets[0][3])], reps=5)
+            rows.append(dict(B=B, C=C, H=H, W=W, G=G, dtype=dtype, Vs=vs, fwd_ms=1e3 * tf,
+                             bwd_ms=1e3 * tb, fwd_pct=100 * fwd_floor / tf / copy_bw,
+                             bwd_pct=100 * bwd_floor / tb / copy_bw))
+            print(f"sweep {B}x{C}x{H}x{W} G={G} {dtype} Vs={vs}: fwd {1e3 * tf:.3f} ms "
+                  f"({rows[-1]['fwd_pct']:.1f}%), bwd {1e3 * tb:.3f} ms "
+                  f"({rows[-1]['bwd_pct']:.1f}%)", flush=True)
+        os.environ.pop("CGSPN_CUDA_VS_FWD")
+        os.environ.pop("CGSPN_CUDA_VS_BWD")
+        del sets, h
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=None, help="output folder (default runs/bench_kernel-<time>)")
+    ap.add_argument("--quick", action="store_true", help="D = 1 only, no reference")
+    ap.add_argument("--sweep", action="store_true", help="also sweep the slab width knob")
+    ap.add_argument("--no-reference", action="store_true")
+    args = ap.parse_args()
+    out = Path(args.out or f"runs/bench_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
+    out.mkdir(parents=True, exist_ok=True)
+
+    dev = jax.devices()[0]
+    print(f"device: {dev.device_kind}; build: {build_info()}; jax {jax.__version__}", flush=True)
+    copy_bw, copy_how = copy_bandwidth()
+    xla_bw = xla_elementwise_bandwidth()
+    print(f"copy bandwidth {copy_bw / 1e12:.3f} TB/s ({copy_how}); "
+          f"XLA a*2.0: {xla_bw / 1e12:.3f} TB/s", flush=True)
+
+    result = dict(device=dev.device_kind, jax=jax.__version__, build=build_info(),
+                  copy_bandwidth=copy_bw, copy_method=copy_how, xla_elementwise_bandwidth=xla_bw,
+                  targets=TARGETS, rows=[])
+    if args.sweep:
+        result["sweep"] = sweep(copy_bw)
+    for (B, C, H, W) in SHAPES:
+        for G in (C, C // 16):
+            for dtype in ("float32", "bfloat16"):
+                for D in ((1,) if args.quick else (1, 4)):
+                    row = run_case(B, C, H, W, G, D, dtype,
+                                   do_reference=not (args.quick or args.no_reference))
+                    derive(row, copy_bw)
+                    result["rows"].append(row)
+                    print(f"{B}x{C}x{H}x{W} G={G} {dtype} D={D}: fwd "
+                          f"{1e3 * row['kernel_fwd_s']:.3f} ms ({row['fwd_pct_copy']:.1f}% copy), "
+                          f"bwd {1e3 * row['kernel_bwd_s']:.3f} ms ({row['bwd_pct_copy']:.1f}%), "
+                          f"f+b {1e3 * row['kernel_fwdbwd_s']:.3f} ms; ref fwd "
+                          f"{fmt(row.get('reference_fwd_s') and 1e3 * row['reference_fwd_s'], '.3f')}"
+                          f" f+b {fmt(row.get('reference_fwdbwd_s') and 1e3 * row['reference_fwdbwd_s'], '.3f')}",
+                          flush=True)
+                    (out / "bench_kernel.json").write_text(json.dumps(result, indent=1))
+    md = f"GPU: {dev.device_kind}\n\n" + table(result["rows"], copy_bw)
+    (out / "bench_kernel.md").write_text(md + "\n")
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# On a GPU machine, from the repository root: builds the extension (sm_90) and runs the steps
+# named as arguments, in order:
+#   quick    - D = 1 kernel timings and the slab-width sweep (no reference)
+#   test     - the GPU tests (tests/test_cuda_kernel.py)
+#   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
+#   bench    - the full benchmark (experiments/bench_kernel.py)
+# Logs and results go under $OUT (default runs/device).
+set -u
+export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
+OUT=${OUT:-runs/device}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+t0=$(date +%s)
+if ! python3 -m pip install --no-build-isolation --no-deps -e . >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; exit 1
+fi
+echo "build: $(( $(date +%s) - t0 )) s; $(python3 -c 'import cgspn_jax; print(cgspn_jax.build_info())')"
+rc=0
+for step in "$@"; do
+  t0=$(date +%s)
+  case $step in
+    quick) timeout 240 python3 experiments/bench_kernel.py --quick --sweep --out "$OUT/quick" || rc=1 ;;
+    test) timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernel.py \
+            >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
+    sanitize)
+      for tool in memcheck racecheck; do
+        timeout 240 compute-sanitizer --tool $tool --kernel-regex kns=Gspn --error-exitcode 9 \
+          python3 experiments/sanitize_case.py >"$OUT/sanitize_$tool.log" 2>&1
+        echo "compute-sanitizer $tool: exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_case done" "$OUT/sanitize_$tool.log"
+      done ;;
+    bench) timeout 560 python3 experiments/bench_kernel.py --out "$OUT/bench" || rc=1 ;;
+  esac
+  echo "step $step: $(( $(date +%s) - t0 )) s"
+done
+exit $rc

@@ -1,0 +1,36 @@
+"""A small odd-sized gspn_scan call on the GPU, forward and backward, for compute-sanitizer.
+
+Run as `compute-sanitizer --tool memcheck python experiments/sanitize_case.py` (and racecheck).
+Sizes are odd so that tiles are not full: C = 12 (scalar path, group lanes that need the second
+launch), C = 40 (16-byte vectors, partial last slab), C = 24 with G = 12 (two groups per vector),
+H != W, chunked and global, all three dtypes.
+"""
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import functools  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from cgspn_jax import gspn_scan  # noqa: E402
+
+CASES = [((1, 5, 7, 12), 4, ("tb", "rl")), ((2, 3, 9, 40), 10, ("lr", "bt", "tb", "rl")),
+         ((1, 7, 5, 24), 12, ("bt", "lr"))]
+
+for (B, H, W, C), G, dirs in CASES:
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        for chunk in (None, 2):
+            D = len(dirs)
+            k = jax.random.split(jax.random.PRNGKey(B * 1000 + C), 4)
+            x = jax.random.normal(k[0], (B, H, W, C)).astype(dtype)
+            lam = jax.random.uniform(k[1], (D, B, H, W, C), minval=0.5, maxval=1.5).astype(dtype)
+            w = jax.random.normal(k[2], (D, B, H, W, G, 3)).astype(dtype)
+            dh = jax.random.normal(k[3], (D, B, H, W, C)).astype(dtype)
+            scan = functools.partial(gspn_scan, directions=dirs, chunk=chunk, backend="ffi")
+            h, vjp = jax.vjp(scan, x, lam, w)
+            grads = vjp(dh)
+            jax.block_until_ready((h, grads))
+            print("ok", (B, H, W, C), G, dirs, jnp.dtype(dtype).name, chunk, flush=True)
+print("sanitize_case done")

@@ -1,0 +1,202 @@
+"""The CUDA kernel of gspn_scan against the pure-JAX reference and the float64 loop oracle.
+
+Every test here needs an NVIDIA GPU and the extension built with its CUDA kernel (marked `gpu`:
+skipped elsewhere). Inputs are fresh random arrays for every case (never zeros), so unwritten
+outputs or wrong indexing cannot pass by accident. The shape families cover the kernel's code
+paths: 16-byte vectors with 1, several or all channels of a vector in one gate group, lanes
+reduced by warp shuffles, the scalar path (odd C, group sizes that do not fit vectors), the
+second gate-gradient launch (group lane counts that are not a power of two), H or W = 1, lines
+that do not fill a block, several positions per thread (long lines), chunked and global scans,
+every direction alone and several orders of several directions.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cgspn_jax
+from cgspn_jax import gspn_scan
+from oracle import gspn_scan_numpy
+
+pytestmark = pytest.mark.gpu
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Relative error bounds (norm of the difference over the norm of the reference). float32 runs
+# the same arithmetic in another order (and the kernel's fast sigmoid); the 16-bit outputs are
+# rounded once (the kernel) or at several steps (the reference), and the gate gradient uses the
+# saved 16-bit h, as the contract says.
+FWD_TOL = {"float32": 2e-5, "bfloat16": 1.5e-2, "float16": 3e-3}
+GRAD_TOL = {"float32": 5e-5, "bfloat16": 3e-2, "float16": 6e-3}
+
+
+def _gpu():
+    return jax.devices("gpu")[0]
+
+
+_COUNTER = itertools.count()
+
+
+def make_inputs(shape, directions, dtype, normalize, seed=None):
+    """Fresh random x, lam, w and a cotangent dh on the GPU, for [B, H, W, C] and G."""
+    (B, H, W, C), G = shape
+    D = len(directions)
+    key = jax.random.PRNGKey(next(_COUNTER) if seed is None else seed)
+    kx, kl, kw, kd = jax.random.split(key, 4)
+    x = jax.random.normal(kx, (B, H, W, C), jnp.float32)
+    lam = jax.random.uniform(kl, (D, B, H, W, C), jnp.float32, 0.5, 1.5)
+    if normalize:
+        w = 2.0 * jax.random.normal(kw, (D, B, H, W, G, 3), jnp.float32)
+    else:  # weights taken as given: keep the recurrence contracting
+        w = jax.random.uniform(kw, (D, B, H, W, G, 3), jnp.float32, -0.45, 0.45)
+    dh = jax.random.normal(kd, (D, B, H, W, C), jnp.float32)
+    dt = DTYPES[dtype]
+    return [jax.device_put(a.astype(dt), _gpu()) for a in (x, lam, w, dh)]
+
+
+def rel_err(a, b):
+    a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+    b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+    assert np.all(np.isfinite(a)), "non-finite values in the kernel's output"
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+@functools.cache
+def _functions(directions, chunk, normalize, backend):
+    scan = functools.partial(gspn_scan, directions=directions, chunk=chunk, normalize=normalize,
+                             backend=backend)
+
+    def value_and_grads(x, lam, w, dh):
+        h, vjp = jax.vjp(scan, x, lam, w)
+        return (h, *vjp(dh))
+
+    return jax.jit(scan), jax.jit(value_and_grads)
+
+
+def check(shape, directions, dtype="float32", chunk=None, normalize=True, oracle=False):
+    x, lam, w, dh = make_inputs(shape, directions, dtype, normalize)
+    _, grads_ffi = _functions(directions, chunk, normalize, "ffi")
+    _, grads_ref = _functions(directions, chunk, normalize, "reference")
+    got = grads_ffi(x, lam, w, dh)
+    want = grads_ref(x, lam, w, dh)
+    for name, g, r in zip(("h", "dx", "dlam", "dw"), got, want):
+        assert g.shape == r.shape and g.dtype == r.dtype, name
+        tol = (FWD_TOL if name == "h" else GRAD_TOL)[dtype]
+        err = rel_err(g, r)
+        assert err < tol, f"{name}: relative error {err:.3g} >= {tol} ({shape}, {directions}, " \
+                          f"{dtype}, chunk={chunk}, normalize={normalize})"
+    if oracle:  # float64 loop over pixels, on the same (rounded) inputs
+        want64 = gspn_scan_numpy(*(np.asarray(jnp.asarray(a, jnp.float32)) for a in (x, lam, w)),
+                                 directions=directions, chunk=chunk, normalize=normalize)
+        err = rel_err(got[0], want64)
+        assert err < FWD_TOL[dtype], f"h vs float64 oracle: {err:.3g}"
+
+
+# (B, H, W, C), G: which kernel path each takes is noted for float32 (vector of 4) / 16-bit
+# (vector of 8).
+SMALL_SHAPES = {
+    "odd_G=C": ((2, 5, 7, 8), 8),          # 4 / 8 groups per vector
+    "H=1": ((1, 1, 9, 6), 3),               # scalar (C % 4 != 0), 2 lanes per group
+    "W=1": ((2, 6, 1, 4), 1),               # one group per vector / scalar, 4 lanes
+    "S=3_scalar": ((1, 4, 5, 12), 4),       # scalar, 3 lanes per group: second launch
+    "G=1_C=16": ((2, 7, 5, 16), 1),         # 4 / 2 lanes per group: shuffles
+    "odd_C": ((1, 3, 4, 5), 5),             # scalar, G = C
+    "S=2": ((1, 5, 6, 24), 12),             # 2 / 4 groups per vector
+    "S=16": ((2, 9, 11, 32), 2),            # 4 / 2 lanes per group
+    "S=72": ((1, 6, 7, 72), 1),             # 18 / 9 lanes: shuffles of 2 / 1 + second launch
+    "G=C_64": ((1, 8, 8, 64), 64),
+}
+DIRECTION_SETS = [("tb",), ("bt",), ("lr",), ("rl",), ("tb", "bt", "lr", "rl"), ("rl", "tb"),
+                  ("lr", "bt", "rl")]
+
+
+def test_cuda_kernel_compiled():
+    info = cgspn_jax.build_info()
+    assert info["cuda_kernel"], info
+    assert "90" in info["cuda_architectures"], info
+
+
+def test_auto_picks_the_cuda_kernel():
+    x, lam, w, _ = make_inputs(((1, 4, 4, 8), 8), ("tb", "lr"), "float32", True)
+    fn = jax.jit(functools.partial(gspn_scan, directions=("tb", "lr"), backend="auto"))
+    hlo = fn.lower(x, lam, w).compile().as_text()
+    assert "cgspn_gspn_fwd" in hlo
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SHAPES))
+@pytest.mark.parametrize("directions", DIRECTION_SETS, ids="-".join)
+def test_small_float32_vs_reference_and_oracle(name, directions):
+    check(SMALL_SHAPES[name], directions, "float32", oracle=True)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SHAPES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_small_16bit(name, dtype):
+    check(SMALL_SHAPES[name], ("tb", "bt", "lr", "rl"), dtype, oracle=True)
+    check(SMALL_SHAPES[name], ("lr",), dtype, chunk=2, normalize=False)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL_SHAPES))
+@pytest.mark.parametrize("chunk", [1, 3])
+@pytest.mark.parametrize("normalize", [True, False])
+def test_small_chunk_and_normalize(name, chunk, normalize):
+    check(SMALL_SHAPES[name], ("bt", "rl", "tb"), "float32", chunk=chunk, normalize=normalize,
+          oracle=chunk == 3)
+
+
+# Longer lines: several positions per thread, the scalar path of long lines, H != W with
+# directions of both orientations in one backward block.
+@pytest.mark.parametrize("shape", [((1, 3, 300, 8), 8), ((1, 2, 1100, 8), 2),
+                                   ((1, 2000, 3, 4), 4), ((2, 37, 130, 12), 3)],
+                         ids=["W=300", "W=1100", "H=2000", "37x130_S=4"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_long_lines(shape, dtype):
+    check(shape, ("tb", "bt", "lr", "rl"), dtype, chunk=None)
+    check(shape, ("rl",), dtype, chunk=7)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [((4, 96, 80, 256), 16), ((4, 96, 80, 256), 256),
+                                   ((2, 64, 64, 1152), 72)],
+                         ids=["4x96x80x256_G16", "4x96x80x256_G256", "2x64x64x1152_G72"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_large(shape, dtype, chunk):
+    check(shape, ("tb", "bt", "lr", "rl"), dtype, chunk=chunk)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_single_direction(dtype):
+    check(((4, 96, 80, 256), 16), ("lr",), dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("shape", [((3, 40, 56, 96), 6), ((2, 17, 23, 36), 12)],
+                         ids=["S=16", "S=3_partials"])
+def test_deterministic(dtype, shape):
+    """Two runs on the same inputs agree bit for bit: forward and all three gradients."""
+    directions = ("tb", "bt", "lr", "rl")
+    x, lam, w, dh = make_inputs(shape, directions, dtype, True)
+    _, grads = _functions(directions, None, True, "ffi")
+    first = [np.asarray(jnp.asarray(a, jnp.float32)) for a in grads(x, lam, w, dh)]
+    for _ in range(2):
+        again = [np.asarray(jnp.asarray(a, jnp.float32)) for a in grads(x, lam, w, dh)]
+        for name, a, b in zip(("h", "dx", "dlam", "dw"), first, again):
+            assert np.array_equal(a, b), f"{name} differs between two runs"
+
+
+def test_vmap_and_jit_on_gpu():
+    """vmap over an extra leading axis equals a loop (the batching rule folds it into B)."""
+    directions = ("tb", "rl")
+    xs, lams, ws = [], [], []
+    for _ in range(3):
+        x, lam, w, _ = make_inputs(((2, 5, 6, 8), 4), directions, "float32", True)
+        xs.append(x); lams.append(lam); ws.append(w)
+    fn = functools.partial(gspn_scan, directions=directions, backend="ffi")
+    batched = jax.jit(jax.vmap(fn))(jnp.stack(xs), jnp.stack(lams), jnp.stack(ws))
+    for i in range(3):
+        assert rel_err(batched[i], fn(xs[i], lams[i], ws[i])) < 1e-6
