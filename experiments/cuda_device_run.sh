@@ -20,8 +20,8 @@ rc=0
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
-    quick) timeout 240 python3 experiments/bench_kernel.py --quick --sweep --out "$OUT/quick" || rc=1 ;;
-    test) timeout 420 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernel.py \
+    quick) timeout 150 python3 experiments/bench_kernel.py --quick --sweep --out "$OUT/quick" || rc=1 ;;
+    test) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
     sanitize)
       for tool in memcheck racecheck; do

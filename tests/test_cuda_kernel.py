@@ -52,7 +52,7 @@ def make_inputs(shape, directions, dtype, normalize, seed=None):
     if normalize:
         w = 2.0 * jax.random.normal(kw, (D, B, H, W, G, 3), jnp.float32)
     else:  # weights taken as given: keep the recurrence contracting
-        w = jax.random.uniform(kw, (D, B, H, W, G, 3), jnp.float32, -0.45, 0.45)
+        w = jax.random.uniform(kw, (D, B, H, W, G, 3), jnp.float32, -0.3, 0.3)
     dh = jax.random.normal(kd, (D, B, H, W, C), jnp.float32)
     dt = DTYPES[dtype]
     return [jax.device_put(a.astype(dt), _gpu()) for a in (x, lam, w, dh)]
