@@ -245,8 +245,26 @@ class Attention(nnx.Module):
         q = heads(self.query(x))
         k, v = heads(self.key(kv)), heads(self.value(kv))
         implementation = _choose_attention_implementation(self.implementation, q.dtype)
-        y = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        if implementation == "cudnn":
+            y = _cudnn_attention(q, k, v)
+        else:
+            y = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
         return self.out(y.reshape(*x.shape[:-1], self.width))
+
+
+def _cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """cuDNN flash attention for any token counts: its backward rejects odd sequence lengths
+    (e.g. a 73 x 73 grid), so odd ones get one padding token that the seq-length mask hides."""
+    t_len, s_len = q.shape[1], k.shape[1]
+    if t_len % 2 == 0 and s_len % 2 == 0:
+        return jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    pad = lambda a: jnp.pad(a, ((0, 0), (0, a.shape[1] % 2), (0, 0), (0, 0)))
+    batch = q.shape[0]
+    y = jax.nn.dot_product_attention(
+        pad(q), pad(k), pad(v), implementation="cudnn",
+        query_seq_lengths=jnp.full((batch,), t_len, jnp.int32),
+        key_value_seq_lengths=jnp.full((batch,), s_len, jnp.int32))
+    return y[:, :t_len]
 
 
 class Block(nnx.Module):
