@@ -59,10 +59,13 @@ def make_inputs(shape, directions, dtype, normalize, seed=None):
 
 
 def rel_err(a, b):
+    """|a - b| / |b|, with |b| floored at an RMS of 1e-2 per element: some outputs are zero by
+    the math (e.g. the gate gradient of lines of one position, whose single weight is always 1),
+    where both sides hold rounding noise; a wrong result is O(1) per element."""
     a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
     b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
     assert np.all(np.isfinite(a)), "non-finite values in the kernel's output"
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-2 * np.sqrt(b.size)))
 
 
 @functools.cache
