@@ -243,30 +243,35 @@ def table(rows, copy_bw):
     return "\n".join(lines)
 
 
+SWEEP_SETTINGS = [{}, {"CGSPN_CUDA_K": "2"}, {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_VS_BWD": "2"},
+                  {"CGSPN_CUDA_VS_FWD": "8", "CGSPN_CUDA_VS_BWD": "8"}]
+
+
 def sweep(copy_bw):
-    """Times the kernel under forced slab widths / positions per thread (tuning knobs)."""
+    """Times the kernel under forced tuning knobs (staging depth K, slab width Vs)."""
     rows = []
     for (B, C, H, W), G, dtype in [((32, 1152, 64, 64), 1152, "float32"),
                                    ((32, 1152, 64, 64), 72, "bfloat16"),
-                                   ((8, 192, 128, 128), 192, "float32"),
-                                   ((8, 1152, 128, 128), 1152, "bfloat16")]:
+                                   ((8, 1152, 128, 128), 1152, "bfloat16"),
+                                   ((8, 192, 128, 128), 12, "float32")]:
         sets = make_sets(B, C, H, W, G, 1, jnp.dtype(dtype), 1)
         fwd_floor, bwd_floor = byte_floor(B, C, H, W, G, 1, jnp.dtype(dtype).itemsize)
         kfwd = jax.jit(functools.partial(gspn_scan, directions=("tb",), backend="ffi"))
         kbwd = ffi_backward(("tb",))
         h = kfwd(*sets[0][:3])
-        for vs in (1, 2, 4, 8):
-            os.environ["CGSPN_CUDA_VS_FWD"] = os.environ["CGSPN_CUDA_VS_BWD"] = str(vs)
+        for setting in SWEEP_SETTINGS:
+            os.environ.update(setting)  # read by the handler at every call
             tf, _ = time_calls(kfwd, [sets[0][:3]], reps=5)
             tb, _ = time_calls(kbwd, [(*sets[0][:3], h, sets[0][3])], reps=5)
-            rows.append(dict(B=B, C=C, H=H, W=W, G=G, dtype=dtype, Vs=vs, fwd_ms=1e3 * tf,
-                             bwd_ms=1e3 * tb, fwd_pct=100 * fwd_floor / tf / copy_bw,
+            for key in setting:
+                os.environ.pop(key)
+            rows.append(dict(B=B, C=C, H=H, W=W, G=G, dtype=dtype, setting=setting,
+                             fwd_ms=1e3 * tf, bwd_ms=1e3 * tb,
+                             fwd_pct=100 * fwd_floor / tf / copy_bw,
                              bwd_pct=100 * bwd_floor / tb / copy_bw))
-            print(f"sweep {B}x{C}x{H}x{W} G={G} {dtype} Vs={vs}: fwd {1e3 * tf:.3f} ms "
-                  f"({rows[-1]['fwd_pct']:.1f}%), bwd {1e3 * tb:.3f} ms "
+            print(f"sweep {B}x{C}x{H}x{W} G={G} {dtype} {setting or 'default'}: fwd "
+                  f"{1e3 * tf:.3f} ms ({rows[-1]['fwd_pct']:.1f}%), bwd {1e3 * tb:.3f} ms "
                   f"({rows[-1]['bwd_pct']:.1f}%)", flush=True)
-        os.environ.pop("CGSPN_CUDA_VS_FWD")
-        os.environ.pop("CGSPN_CUDA_VS_BWD")
         del sets, h
     return rows
 
