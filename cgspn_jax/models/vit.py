@@ -76,6 +76,7 @@ class ViTConfig:
     # other sizes interpolate it. Also the default resize target of `encode`.
     image_size: int | tuple[int, int] = 224
     in_channels: int = 3
+    layer_norm_eps: float = 1e-6     # of every LayerNorm (SigLIP: 1e-6; read off checkpoints)
     posemb: str = "learn"            # "learn" or "none"
     pool: str = "map"                # "map" (SigLIP attention pooling) or "gap" (mean)
     dtype: Any = jnp.float32         # computation dtype; parameters are always float32
@@ -118,6 +119,9 @@ class ViTConfig:
         if jnp.dtype(self.dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                                          jnp.dtype(jnp.float16)):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if not isinstance(self.layer_norm_eps, (int, float)) or not self.layer_norm_eps > 0:
+            raise ValueError(f"layer_norm_eps must be a positive number, got "
+                             f"{self.layer_norm_eps!r}")
         for name in ("pixel_mean", "pixel_std"):
             if len(getattr(self, name)) != self.in_channels:
                 raise ValueError(f"{name} must have in_channels = {self.in_channels} entries, "
@@ -157,8 +161,8 @@ def _dense(in_features, out_features, dtype, rngs, **kwargs) -> nnx.Linear:
                       rngs=rngs, **kwargs)
 
 
-def _layer_norm(width, dtype, rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(width, epsilon=1e-6, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _layer_norm(width, dtype, rngs, epsilon: float = 1e-6) -> nnx.LayerNorm:
+    return nnx.LayerNorm(width, epsilon=epsilon, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
 
 
 def check_grid(x: jax.Array, width: int, name: str = "x") -> None:
@@ -278,11 +282,12 @@ class Block(nnx.Module):
     (stage-1 distillation feeds the teacher's block input x to the student's mixer).
     """
 
-    def __init__(self, mixer: nnx.Module, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, mixer: nnx.Module, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs,
+                 layer_norm_eps: float = 1e-6):
         self.width = width
-        self.norm1 = _layer_norm(width, dtype, rngs)
+        self.norm1 = _layer_norm(width, dtype, rngs, layer_norm_eps)
         self.mixer = mixer
-        self.norm2 = _layer_norm(width, dtype, rngs)
+        self.norm2 = _layer_norm(width, dtype, rngs, layer_norm_eps)
         self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
 
     def mixer_sublayer(self, x: jax.Array) -> jax.Array:
@@ -304,7 +309,8 @@ class MAPHead(nnx.Module):
     """SigLIP's multihead attention pooling: a learned probe attends to all tokens, then a
     residual MLP on the LayerNormed result. [B, h, w, C] -> [B, C]. Memory is O(tokens)."""
 
-    def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, width: int, mlp_dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs,
+                 layer_norm_eps: float = 1e-6):
         self.width = width
         self.dtype = dtype
         self.probe = nnx.Param(nnx.initializers.xavier_uniform()(rngs.params(), (1, 1, width),
@@ -312,7 +318,7 @@ class MAPHead(nnx.Module):
         # One query token: XLA's attention is O(tokens) here, and cuDNN gains nothing.
         self.attention = Attention(width, num_heads, dtype=dtype, implementation="xla",
                                    rngs=rngs)
-        self.norm = _layer_norm(width, dtype, rngs)
+        self.norm = _layer_norm(width, dtype, rngs, layer_norm_eps)
         self.mlp = MLP(width, mlp_dim, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -361,12 +367,14 @@ class VisionEncoder(nnx.Module):
         else:
             self.pos_emb = None
         self.blocks = nnx.List([
-            Block(self.make_mixer(i, rngs), width, config.mlp_dim, dtype=dtype, rngs=rngs)
+            Block(self.make_mixer(i, rngs), width, config.mlp_dim, dtype=dtype, rngs=rngs,
+                  layer_norm_eps=config.layer_norm_eps)
             for i in range(config.depth)
         ])
-        self.norm = _layer_norm(width, dtype, rngs)
+        self.norm = _layer_norm(width, dtype, rngs, config.layer_norm_eps)
         if config.pool == "map":
-            self.head = MAPHead(width, config.mlp_dim, config.num_heads, dtype=dtype, rngs=rngs)
+            self.head = MAPHead(width, config.mlp_dim, config.num_heads, dtype=dtype, rngs=rngs,
+                                layer_norm_eps=config.layer_norm_eps)
         else:
             self.head = GlobalAveragePool()
 
