@@ -21,7 +21,7 @@ for step in "$@"; do
   t0=$(date +%s)
   case $step in
     quick) timeout 150 python3 experiments/bench_kernel.py --quick --sweep --out "$OUT/quick" || rc=1 ;;
-    test) timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_cuda_kernel.py \
+    test) timeout 400 python3 -m pytest -q -x -p no:cacheprovider --durations=12 tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
