@@ -33,8 +33,10 @@ def registered_platforms() -> frozenset[str]:
 
 
 def build_info() -> dict:
-    """What was compiled in: {'cpu_kernel': bool, 'cuda_kernel': bool, 'cuda_architectures': str}."""
+    """What was compiled in: {'cpu_kernel': bool, 'cuda_kernel': bool, 'cuda_architectures': str,
+    'cuda_max_line_length': int (longest H or W the CUDA kernel takes)}."""
     ext = _extension()
     if ext is None:
-        return {"cpu_kernel": False, "cuda_kernel": False, "cuda_architectures": ""}
+        return {"cpu_kernel": False, "cuda_kernel": False, "cuda_architectures": "",
+                "cuda_max_line_length": 0}
     return dict(ext.build_info())

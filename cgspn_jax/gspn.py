@@ -78,7 +78,10 @@ def gspn_scan(
                 f"built here ({_ffi.build_info()}); reinstall with a C++ compiler, or use "
                 "backend='reference'"
             )
-    return _gspn_scan_vjp(x, lam, w, config, backend == "ffi")
+    # The CUDA kernel holds whole lines on chip; "auto" leaves longer lines to the reference.
+    max_line = _ffi.build_info()["cuda_max_line_length"]
+    cuda_ok = backend == "ffi" or max(x.shape[1:3]) <= max_line
+    return _gspn_scan_vjp(x, lam, w, config, backend == "ffi", cuda_ok)
 
 
 # ----------------------------------------------------------------------------- validation
@@ -167,9 +170,9 @@ def _ffi_bwd(config):
     return bwd
 
 
-def _per_platform(make_ffi, make_reference, config, ffi_only):
+def _per_platform(make_ffi, make_reference, config, ffi_only, cuda_ok):
     """platform_dependent branches: the kernel where one is registered, else the reference."""
-    platforms = _ffi.registered_platforms()
+    platforms = _ffi.registered_platforms() - (set() if cuda_ok else {"cuda"})
     branches = {p: make_ffi(config) for p in ("cpu", "cuda") if p in platforms}
     default = None if ffi_only else make_reference(config)
 
@@ -181,27 +184,27 @@ def _per_platform(make_ffi, make_reference, config, ffi_only):
 
 
 @functools.cache
-def _partitioned(kind: str, config: ScanConfig, ffi_only: bool):
+def _partitioned(kind: str, config: ScanConfig, ffi_only: bool, cuda_ok: bool):
     """The forward or backward computation, split over batch / channel shards by the partitioner."""
     if kind == "fwd":
-        run = _per_platform(_ffi_fwd, _reference_fwd, config, ffi_only)
+        run = _per_platform(_ffi_fwd, _reference_fwd, config, ffi_only, cuda_ok)
     else:
-        run = _per_platform(_ffi_bwd, _reference_bwd, config, ffi_only)
+        run = _per_platform(_ffi_bwd, _reference_bwd, config, ffi_only, cuda_ok)
     return sharding.partition_per_shard(run, kind)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _gspn_scan_vjp(x, lam, w, config, ffi_only):
-    return _partitioned("fwd", config, ffi_only)(x, lam, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _gspn_scan_vjp(x, lam, w, config, ffi_only, cuda_ok):
+    return _partitioned("fwd", config, ffi_only, cuda_ok)(x, lam, w)
 
 
-def _gspn_scan_vjp_fwd(x, lam, w, config, ffi_only):
-    h = _partitioned("fwd", config, ffi_only)(x, lam, w)
+def _gspn_scan_vjp_fwd(x, lam, w, config, ffi_only, cuda_ok):
+    h = _partitioned("fwd", config, ffi_only, cuda_ok)(x, lam, w)
     return h, (x, lam, w, h)
 
 
-def _gspn_scan_vjp_bwd(config, ffi_only, residuals, dh):
-    return _partitioned("bwd", config, ffi_only)(*residuals, dh)
+def _gspn_scan_vjp_bwd(config, ffi_only, cuda_ok, residuals, dh):
+    return _partitioned("bwd", config, ffi_only, cuda_ok)(*residuals, dh)
 
 
 _gspn_scan_vjp.defvjp(_gspn_scan_vjp_fwd, _gspn_scan_vjp_bwd)

@@ -25,6 +25,10 @@ namespace cgspn {
 
 namespace ffi = xla::ffi;
 
+// The longest line (H or W) the CUDA kernels take, forward and backward (their blocks hold whole
+// lines on chip). build_info() reports it; gspn_scan's "auto" backend uses the reference beyond.
+constexpr int64_t kCudaMaxLineLength = 2048;
+
 enum Direction : int64_t { kTopBottom = 0, kBottomTop = 1, kLeftRight = 2, kRightLeft = 3 };
 
 #if defined(__CUDACC__)

@@ -59,6 +59,9 @@ namespace {
 constexpr int kFwdThreads = 512;
 constexpr int kBwdThreads = 256;
 constexpr int kMaxPositions = 8;
+static_assert(kFwdThreads * kMaxPositions >= kCudaMaxLineLength &&
+                  kBwdThreads * kMaxPositions >= kCudaMaxLineLength,
+              "the launch plans must cover the line length build_info() promises");
 
 // ------------------------------------------------------------------ storage <-> float32
 

@@ -37,9 +37,11 @@ NB_MODULE(_gspn_ffi, m) {
 #ifdef CGSPN_WITH_CUDA
     info["cuda_kernel"] = true;
     info["cuda_architectures"] = std::string(CGSPN_CUDA_ARCHITECTURES);
+    info["cuda_max_line_length"] = cgspn::kCudaMaxLineLength;
 #else
     info["cuda_kernel"] = false;
     info["cuda_architectures"] = std::string();
+    info["cuda_max_line_length"] = 0;
 #endif
     return info;
   });
