@@ -126,6 +126,8 @@ def bench_blocks(cfg, results):
                     row["ms"] = None
                     row["error"] = "out of memory"
                 rows.append(row)
+                results["blocks"] = rows
+                save_partial(results, cfg)
                 print(f"  {res:>5} px B{batch:<3} {mode:<17} {name:<18} "
                       f"{_fmt(row.get('ms'))} ms  {row.get('memory_gib', float('nan')):6.2f} GiB",
                       flush=True)
@@ -191,10 +193,17 @@ def bench_encoders(cfg, results):
                     raise
                 row["ms"], row["error"] = None, "out of memory"
             rows.append(row)
+            results["encoders"] = rows
+            save_partial(results, cfg)
             print(f"  encoder {kind:<7} {res:>5} px: {_fmt(row['ms'])} ms "
                   f"{row.get('memory_gib', float('nan')):6.2f} GiB", flush=True)
         del model, params
     results["encoders"] = rows
+
+
+def save_partial(results, cfg):
+    """Rows so far, so that a run stopped at its time limit still leaves its numbers."""
+    (cfg.out / f"bench_block_{cfg.part}.partial.json").write_text(json.dumps(results, indent=2))
 
 
 def _fmt(ms):
@@ -278,10 +287,11 @@ def main():
                             max_batch=4, encoder_resolutions=[64, 128])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    cfg.out, cfg.part = out, args.part
     device = jax.devices()[0].device_kind
     results = dict(device=device, date=datetime.date.today().isoformat(), jax=jax.__version__,
                    config={k: (jnp.dtype(v).name if k == "dtype" else v)
-                           for k, v in vars(cfg).items()})
+                           for k, v in vars(cfg).items() if k not in ("out", "part")})
     print(f"device: {device}, jax {jax.__version__}", flush=True)
     if args.part in ("blocks", "all"):
         bench_blocks(cfg, results)
