@@ -201,6 +201,60 @@ def bench_encoders(cfg, results):
     results["encoders"] = rows
 
 
+def bench_breakdown(cfg, results):
+    """Where the C-GSPN mixer sub-layer's time goes, piece by piece, forward, at the two high
+    resolutions: norm1 + down-projection; the lam / u / gate projections; the scan alone (per-
+    channel gates, and gates shared by groups of 16 channels); the u-gated merge + norm + up-
+    projection."""
+    from cgspn_jax import gspn_scan
+
+    block = build_blocks(cfg, nnx.Rngs(0))["mixer: C-GSPN"].block
+    mixer, prop = block.mixer, block.mixer.propagation
+    rng = np.random.default_rng(0)
+    rows = []
+    for res in [r for r in cfg.resolutions if r >= cfg.high_res // 2]:
+        batch = cfg.batch_high if res >= cfg.high_res else cfg.batch
+        grid = res // cfg.patch
+        x = jnp.asarray(rng.normal(size=(batch, grid, grid, cfg.width)), cfg.dtype)
+        n_dir, k = len(prop.directions), mixer.latent_dim
+        split = lambda a, *tail: jnp.moveaxis(a.reshape(batch, grid, grid, n_dir, *tail), 3, 0)
+
+        def projections(m, latent):
+            p = m.propagation
+            return (jax.nn.sigmoid(split(p.lam_proj(latent), k)).astype(cfg.dtype),
+                    split(p.u_proj(latent), k).astype(cfg.dtype),
+                    split(p.gate_proj(latent), p.gate_groups, 3).astype(cfg.dtype))
+
+        def merge_up(m, u, h):
+            return m.up(m.propagation.norm(jnp.sum(u * h, axis=0)))
+
+        pieces = {
+            "norm1 + down": (lambda b, x: b.mixer.down(b.norm1(x)), (x,)),
+        }
+        latent = jax.jit(pieces["norm1 + down"][0])(block, x)
+        lam, u, gates = jax.jit(lambda b, l: projections(b.mixer, l))(block, latent)
+        h = gspn_scan(latent, lam, gates)
+        g_shared = k // 16 if k % 16 == 0 else 1
+        shared = jnp.asarray(rng.normal(size=(*gates.shape[:4], g_shared, 3)), cfg.dtype)
+        pieces.update({
+            "lam/u/gate projections": (lambda b, l: projections(b.mixer, l), (latent,)),
+            f"scan, G = {k}": (lambda b, *a: gspn_scan(*a), (latent, lam, gates)),
+            f"scan, G = {g_shared}": (lambda b, *a: gspn_scan(*a), (latent, lam, shared)),
+            "merge + norm + up": (lambda b, u, h: merge_up(b.mixer, u, h), (u, h)),
+            "whole sub-layer": (lambda b, x: b.mixer_sublayer(x), (x,)),
+        })
+        graphdef, state = nnx.split(block)
+        for name, (fn, args) in pieces.items():
+            # jax.jit over the split state: nnx.jit's per-call graph traversal would swamp
+            # sub-millisecond pieces.
+            jitted = jax.jit(lambda st, *a, fn=fn: fn(nnx.merge(graphdef, st), *a))
+            ms = median_ms(jitted, [(state, *args)])
+            rows.append(dict(piece=name, resolution=res, batch=batch, ms=ms))
+            results["breakdown"] = rows
+            save_partial(results, cfg)
+            print(f"  breakdown {res:>5} px B{batch:<3} {name:<24} {ms:8.3f} ms", flush=True)
+
+
 def save_partial(results, cfg):
     """Rows so far, so that a run stopped at its time limit still leaves its numbers."""
     (cfg.out / f"bench_block_{cfg.part}.partial.json").write_text(json.dumps(results, indent=2))
@@ -239,6 +293,10 @@ def summarise(results, cfg):
     if "largest_batch" in results:
         for name, entry in results["largest_batch"].items():
             lines.append(f"largest forward batch at {cfg.high_res} px, {name}: {entry}")
+    if "breakdown" in results:
+        lines.append("C-GSPN mixer sub-layer, forward, by piece (median ms)")
+        for r in results["breakdown"]:
+            lines.append(f"  {r['resolution']:>5} px B{r['batch']:<3} {r['piece']:<24} {r['ms']:8.3f}")
     if "encoders" in results:
         lines.append(f"Whole encoders (depth {cfg.depth}, width {cfg.width}, patch {cfg.patch}), "
                      f"batch 1, forward, median ms / compiled GiB")
@@ -270,7 +328,9 @@ def plot_encoders(results, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--part", choices=["blocks", "encoders", "all"], default="all")
+    p.add_argument("--part", choices=["blocks", "encoders", "breakdown", "largest", "all"],
+                   default="all")
+    p.add_argument("--max-batch", type=int, default=None, help="cap of the largest-batch search")
     p.add_argument("--out", default="runs/bench_block")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke test)")
     args = p.parse_args()
@@ -295,6 +355,12 @@ def main():
     print(f"device: {device}, jax {jax.__version__}", flush=True)
     if args.part in ("blocks", "all"):
         bench_blocks(cfg, results)
+    if args.max_batch:
+        cfg.max_batch = args.max_batch
+    if args.part in ("breakdown", "all"):
+        bench_breakdown(cfg, results)
+    if args.part == "largest":
+        results["largest_batch"] = largest_batches(cfg, build_blocks(cfg, nnx.Rngs(0)))
     if args.part in ("encoders", "all"):
         bench_encoders(cfg, results)
         plot_encoders(results, out / "encoder_latency.png")
