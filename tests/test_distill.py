@@ -21,7 +21,8 @@ from cgspn_jax.distill.parallel import make_mesh
 from cgspn_jax.distill.run import main
 from cgspn_jax.distill.stages import Stage, make_stage2_objective, stage1_objective
 from cgspn_jax.distill.train import StageRunner
-from cgspn_jax.models import count_params, init_student_from_teacher
+from cgspn_jax import save_teacher
+from cgspn_jax.models import ViT, count_params, init_student_from_teacher
 from cgspn_jax.models.vit import resize_posemb
 
 TINY = dict(image_size=16, patch_size=4, width=16, depth=2, mlp_dim=32, num_heads=2,
@@ -294,6 +295,23 @@ def test_high_resolution_transfer_from_a_student(finished_run, tmp_path):
             np.testing.assert_array_equal(after[key], before[key], err_msg=key)
     np.testing.assert_array_equal(after["pos_emb"],
                                   resize_posemb(teacher.pos_emb[...], (8, 8)))
+
+
+def test_pretrained_teacher_without_head_gets_one_fitted(tmp_path):
+    """A teacher from `save_teacher` (the format `load_teacher` reads, as SigLIP checkpoints):
+    a "head" stage fits a classifier to it, leaving the teacher itself unchanged."""
+    vit = ViT("mu", width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, image_size=16,
+              rngs=nnx.Rngs(5))
+    save_teacher(vit, tmp_path / "vit")
+    summary = run(tiny_config(out=str(tmp_path / "run"), teacher=str(tmp_path / "vit"),
+                              teacher_steps=8, stage1_steps=2, stage2_steps=2))
+    assert set(summary["stages"]) == {"head", "stage1", "stage2", "eval"}
+    exported, classifier, _ = load_model(str(tmp_path / "run" / "teacher"))
+    assert params_of(classifier)["linear/kernel"].any()  # fitted (it starts at zero)
+    before, after = params_of(vit), params_of(exported)
+    assert before.keys() == after.keys()
+    for key in before:
+        np.testing.assert_array_equal(after[key], before[key], err_msg=key)
 
 
 # ----------------------------------------------------------------------------- bad inputs

@@ -24,6 +24,7 @@ import shutil
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -137,12 +138,15 @@ def read_model_meta(path: str) -> dict:
     return meta
 
 
-def load_model(path: str):
-    """(encoder, classifier, meta) saved by `save_model`; DistillError if the stored arrays do
-    not have the shapes model.json describes."""
+def load_model(path: str, dtype: str | None = None):
+    """(encoder, classifier, meta) saved by `save_model`, computing in ``dtype`` if given (else
+    as saved); DistillError if the stored arrays do not have the shapes model.json describes."""
     meta = read_model_meta(path)
+    spec = meta["encoder"]
+    if dtype is not None:
+        spec = {**spec, "overrides": {**spec["overrides"], "dtype": dtype}}
     try:
-        encoder = nnx.eval_shape(lambda: build_encoder(meta["encoder"], 0))
+        encoder = nnx.eval_shape(lambda: build_encoder(spec, 0))
         classifier = nnx.eval_shape(lambda: Classifier(
             encoder.config.width, meta["num_classes"], rngs=nnx.Rngs(0)))
     except (KeyError, TypeError, ValueError) as error:
@@ -171,16 +175,16 @@ def load_model(path: str):
     return encoder, classifier, meta
 
 
-def load_teacher_model(path: str):
-    """(encoder, classifier or None): a model saved by `save_model` (with its head), or a
-    pretrained ViT that `cgspn_jax.load_teacher` reads (Hugging Face SigLIP, big_vision .npz,
-    `save_teacher` folder; no head for this data)."""
+def load_teacher_model(path: str, dtype: str):
+    """(encoder, classifier or None) computing in ``dtype``: a model saved by `save_model` (with
+    its head), or a pretrained ViT that `cgspn_jax.load_teacher` reads (Hugging Face SigLIP,
+    big_vision .npz, `save_teacher` folder; no head for this data)."""
     if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_FILE)):
-        encoder, classifier, _ = load_model(path)
+        encoder, classifier, _ = load_model(path, dtype)
         return encoder, classifier
     from cgspn_jax.teachers import load_teacher
     try:
-        return load_teacher(path), None
+        return load_teacher(path, dtype=jnp.dtype(dtype)), None
     except (OSError, ValueError, KeyError, TypeError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DistillError(f"--teacher {path}: cannot load it: {message}") from None

@@ -267,6 +267,10 @@ def train_iterator(source, config: DistillConfig, *, local_batch: int, process_i
     ds = ds[process_index::process_count]
     ds = ds.batch(local_batch, drop_remainder=True).to_iter_dataset()
     if config.workers:
+        # Grain's workers read absl flags, which only an absl app parses: take their defaults.
+        from absl import flags
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.workers))
     return iter(ds)
 

@@ -19,7 +19,7 @@ from jax.experimental import multihost_utils
 from cgspn_jax.distill import data, losses, parallel
 from cgspn_jax.distill.config import DistillConfig
 from cgspn_jax.distill.modules import DistillModels
-from cgspn_jax.distill.stages import normalize, teacher_forward
+from cgspn_jax.distill.stages import normalize, teacher_input
 
 PROBE_TRAIN_MAX = 20_000
 
@@ -33,7 +33,7 @@ def make_embed_fn(models: DistillModels, mesh):
     @jax.jit
     def embed(state, batch):
         models = nnx.merge(graphdef, state)
-        teacher, _ = teacher_forward(models, batch["image"], (1, 1))
+        teacher = models.teacher(teacher_input(models, batch["image"]))
         student = models.student(normalize(batch["image"], models.student.config))
         return {"teacher": teacher.astype(jnp.float32), "student": student.astype(jnp.float32),
                 "teacher_logits": models.classifier(teacher),

@@ -14,7 +14,6 @@ of the global batch (`put_batch`) and `jax.jit` sees global arrays.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import jax
@@ -99,7 +98,3 @@ def put_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.A
 
 def local_batch_size(config: DistillConfig) -> int:
     return config.batch_size // jax.process_count()
-
-
-def num_devices(mesh: Mesh) -> int:
-    return math.prod(mesh.shape.values())

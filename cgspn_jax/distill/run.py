@@ -1,18 +1,29 @@
 """`run(config)`: a whole distillation run; `main()`: the `cgspn-distill` command.
 
-Order: check everything the user gave (config, data, teacher, mesh) before writing anything;
-then teacher pre-training (unless --teacher), stage 1, stage 2 (each resumed from its last
-checkpoint if the run directory has one), export of teacher and student, evaluation, plot and
-summary. A run directory that holds a run of other settings is refused, not overwritten.
+Order: check everything the user gave (config, data, teacher, mesh, run folder) before writing
+anything; then teacher pre-training (or fitting a head to a given teacher that has none), stage
+1, stage 2 (each resumed from its last checkpoint if the run folder has one), export of teacher
+and student, evaluation, plot and summary. A run folder that holds a run of other settings is
+refused, not overwritten.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
+import jax
+
+from cgspn_jax.distill import data, parallel
+from cgspn_jax.distill.checkpoint import load_teacher_model, save_model
 from cgspn_jax.distill.config import (DistillConfig, DistillError, config_json, parse_args,
                                       with_model_shape)
+from cgspn_jax.distill.evaluate import evaluate
+from cgspn_jax.distill.modules import DistillModels, build_models, copy_shared_parts
+from cgspn_jax.distill.report import Reporter, plot_losses, write_json
+from cgspn_jax.distill.train import StageRunner, make_stages
+from cgspn_jax.models import CGSPNEncoder, count_params
 
 RUN_CONFIG = "config.json"
 
@@ -20,7 +31,6 @@ RUN_CONFIG = "config.json"
 def _check_run_dir(config: DistillConfig) -> None:
     """Refuses an --out that is a file, or that holds a run of other result-changing settings
     (resuming it would mix two runs' checkpoints)."""
-    import json
     out = config.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise DistillError(f"--out {out}: exists and is not a directory")
@@ -44,10 +54,7 @@ def _check_run_dir(config: DistillConfig) -> None:
 
 def _load_teacher(config: DistillConfig, num_classes: int):
     """(encoder, classifier or None, config with the teacher's shape) of --teacher."""
-    from cgspn_jax.distill.checkpoint import load_teacher_model
-    from cgspn_jax.models import CGSPNEncoder
-
-    encoder, classifier = load_teacher_model(config.teacher)
+    encoder, classifier = load_teacher_model(config.teacher, dtype=config.dtype)
     config = with_model_shape(config, encoder.config,
                               teacher_is_student=isinstance(encoder, CGSPNEncoder))
     if classifier is not None and classifier.num_classes != num_classes:
@@ -56,26 +63,45 @@ def _load_teacher(config: DistillConfig, num_classes: int):
     return encoder, classifier, config
 
 
+def _train(models: DistillModels, dataset, config: DistillConfig, mesh, reporter,
+           teacher_mode: str) -> dict:
+    """Runs the stages in order, exporting the teacher after its stage and the student at the
+    end; returns per-stage timings."""
+    out, info = config.out, {}
+    for stage in make_stages(config, models, teacher=teacher_mode):
+        if stage.name == "stage1":
+            # The shared parts start as the teacher's, frozen through stage 1 (a student given
+            # as teacher passes on its mixers too: high-resolution transfer starts from them).
+            copy_shared_parts(models.teacher, models.student)
+        started = time.perf_counter()
+        if stage.steps:
+            info[stage.name] = StageRunner(stage, models, config, mesh).run(dataset.train, out,
+                                                                            reporter)
+        info.setdefault(stage.name, {})["wall_s"] = round(time.perf_counter() - started, 2)
+        if stage.name in ("teacher", "head"):
+            note = ("ViT teacher trained by cgspn-distill" if stage.name == "teacher" else
+                    f"{config.teacher} with a classification head fitted by cgspn-distill")
+            save_model(os.path.join(out, "teacher"), models.teacher, models.classifier,
+                       class_names=dataset.class_names, note=note)
+    save_model(os.path.join(out, "student"), models.student, models.classifier,
+               class_names=dataset.class_names,
+               note="C-GSPN student distilled by cgspn-distill; the classifier is its teacher's "
+                    "head")
+    return info
+
+
 def run(config: DistillConfig) -> dict:
     """Runs (or resumes) the distillation of ``config``; returns the summary it writes."""
     started = time.perf_counter()
-    import jax
-
-    from cgspn_jax.distill import data, parallel
     if config.distributed:
         parallel.initialize_distributed()
-    from cgspn_jax.distill.checkpoint import save_model
-    from cgspn_jax.distill.evaluate import evaluate
-    from cgspn_jax.distill.modules import build_models, copy_shared_parts
-    from cgspn_jax.distill.report import Reporter, plot_losses, write_json
-    from cgspn_jax.distill.train import StageRunner, make_stages
-    from cgspn_jax.models import count_params
-
     dataset = data.load_dataset(config)
     if config.teacher:
         teacher, classifier, config = _load_teacher(config, dataset.num_classes)
+        teacher_mode = "head" if classifier is None else "given"
     else:
         teacher, classifier, config = None, None, with_model_shape(config)
+        teacher_mode = "train"
     mesh = parallel.make_mesh(config)
     _check_run_dir(config)
 
@@ -83,52 +109,28 @@ def run(config: DistillConfig) -> dict:
     writer = jax.process_index() == 0
     if writer:
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, RUN_CONFIG), "w") as f:
-            f.write(config_json(config))
+        write_json(os.path.join(out, RUN_CONFIG), json.loads(config_json(config)))
     reporter = Reporter(out, progress=config.progress, enabled=writer)
     reporter.message(f"data: {dataset.description}; {len(dataset.train)} train, "
                      f"{len(dataset.heldout)} held-out; mesh {dict(mesh.shape)} of "
                      f"{jax.device_count()} {jax.devices()[0].platform} device(s)")
-
     models = build_models(config, dataset.num_classes, teacher, classifier)
-    stages = make_stages(config, models, teacher="train" if teacher is None else
-                         "head" if classifier is None else "given")
-    stage_info = {}
-    for stage in stages:
-        if stage.name == "stage1":
-            # The shared parts start as the teacher's, frozen through stage 1 (a student given
-            # as teacher passes on its mixers too: high-resolution transfer starts from them).
-            copy_shared_parts(models.teacher, models.student)
-        stage_started = time.perf_counter()
-        if stage.steps:
-            stage_info[stage.name] = StageRunner(stage, models, config, mesh).run(
-                dataset.train, out, reporter)
-        stage_info.setdefault(stage.name, {})["wall_s"] = round(
-            time.perf_counter() - stage_started, 2)
-        if stage.name in ("teacher", "head"):
-            save_model(os.path.join(out, "teacher"), models.teacher, models.classifier,
-                       class_names=dataset.class_names,
-                       note="ViT teacher trained by cgspn-distill" if stage.name == "teacher"
-                       else f"{config.teacher} with a classification head fitted by "
-                            f"cgspn-distill")
-    save_model(os.path.join(out, "student"), models.student, models.classifier,
-               class_names=dataset.class_names,
-               note="C-GSPN student distilled by cgspn-distill; the classifier is its teacher's "
-                    "head")
+    stages = _train(models, dataset, config, mesh, reporter, teacher_mode)
 
     reporter.message("evaluating on the held-out split")
     eval_started = time.perf_counter()
     results = evaluate(models, dataset, config, mesh)
-    stage_info["eval"] = {"wall_s": round(time.perf_counter() - eval_started, 2)}
+    stages["eval"] = {"wall_s": round(time.perf_counter() - eval_started, 2)}
+    ratio = (results["student_accuracy"] / results["teacher_accuracy"]
+             if results["teacher_accuracy"] else float("nan"))
     summary = {
         **results,
-        "student_over_teacher": (results["student_accuracy"] / results["teacher_accuracy"]
-                                 if results["teacher_accuracy"] else None),
+        "student_over_teacher": ratio,
         "teacher_params": count_params(models.teacher),
         "student_params": count_params(models.student),
         "classifier_params": count_params(models.classifier),
         "wall_time_s": round(time.perf_counter() - started, 2),
-        "stages": stage_info,
+        "stages": stages,
         "data": dataset.description,
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "mesh": dict(mesh.shape),
@@ -139,9 +141,9 @@ def run(config: DistillConfig) -> dict:
         write_json(os.path.join(out, "summary.json"), summary)
         reporter.message(
             f"teacher accuracy {summary['teacher_accuracy']:.4f}, student accuracy "
-            f"{summary['student_accuracy']:.4f} ({summary['student_over_teacher']:.1%} of the "
-            f"teacher), feature cosine {summary['feature_cosine']:.4f}, "
-            f"{summary['wall_time_s']:.0f} s; {os.path.join(out, 'summary.json')}")
+            f"{summary['student_accuracy']:.4f} ({ratio:.1%} of the teacher), feature cosine "
+            f"{summary['feature_cosine']:.4f}, {summary['wall_time_s']:.0f} s; "
+            f"{os.path.join(out, 'summary.json')}")
     return summary
 
 

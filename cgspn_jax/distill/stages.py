@@ -50,15 +50,20 @@ def resize_grid(x: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
                             antialias=False)
 
 
-def teacher_forward(models: DistillModels, images: jax.Array, grid_hw: tuple[int, int]):
-    """The frozen teacher on ``images`` at its own resolution: (embedding, taps resized to
-    ``grid_hw``), all constants for the gradient."""
+def teacher_input(models: DistillModels, images: jax.Array) -> jax.Array:
+    """uint8 images -> the teacher's input, at the resolution it was trained at."""
     config = models.teacher.config
     x = normalize(images, config)
     if tuple(x.shape[1:3]) != config.image_hw:
         x = jax.image.resize(x, (x.shape[0], *config.image_hw, x.shape[3]), method="bilinear",
                              antialias=True)
-    embedding, taps = models.teacher(x, return_intermediates=True)
+    return x
+
+
+def teacher_forward(models: DistillModels, images: jax.Array, grid_hw: tuple[int, int]):
+    """The frozen teacher on ``images`` at its own resolution: (embedding, taps resized to
+    ``grid_hw``), all constants for the gradient."""
+    embedding, taps = models.teacher(teacher_input(models, images), return_intermediates=True)
     taps = {name: [jax.lax.stop_gradient(resize_grid(t, grid_hw)) for t in grids]
             for name, grids in taps.items() if name != "features"}
     return jax.lax.stop_gradient(embedding), taps
@@ -70,8 +75,7 @@ def student_grid(models: DistillModels, images: jax.Array) -> tuple[int, int]:
 
 
 def teacher_objective(models: DistillModels, batch) -> tuple[jax.Array, dict]:
-    x = normalize(batch["image"], models.teacher.config)
-    logits = models.classifier(models.teacher(x))
+    logits = models.classifier(models.teacher(teacher_input(models, batch["image"])))
     loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]))
     accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"accuracy": accuracy}
