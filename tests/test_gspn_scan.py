@@ -168,9 +168,10 @@ def test_deterministic(backend):
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices (see conftest)")
 @pytest.mark.parametrize("backend", ["auto", "ffi"] if HAS_FFI else ["auto"])
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
-def test_sharded_equals_unsharded_without_collectives(backend, axis_type):
+@pytest.mark.parametrize("G", [8, 4, 2])  # per-channel gates, whole groups per shard, ...
+def test_sharded_equals_unsharded_without_collectives(backend, axis_type, G):
     mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(axis_type,) * 2)
-    B, H, W, C, G = 8, 5, 6, 8, 4  # 2 channel shards hold 2 whole gate groups each
+    B, H, W, C = 8, 5, 6, 8  # 2 channel shards hold G / 2 whole gate groups each
     x, lam, w = random_inputs(B, H, W, C, G, ALL)
     put = lambda a, *spec: jax.device_put(a, NamedSharding(mesh, P(*spec)))
     xs = put(x, "data", None, None, "model")
@@ -194,13 +195,19 @@ def test_sharded_equals_unsharded_without_collectives(backend, axis_type):
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 host devices (see conftest)")
-def test_channel_shards_that_split_a_gate_group_still_compute_the_right_result():
+@pytest.mark.parametrize("G", [2, 1])  # 8 channel shards split the groups: must gather
+def test_channel_shards_that_split_a_gate_group_still_compute_the_right_result(G):
     mesh = jax.make_mesh((8,), ("model",), axis_types=(AxisType.Auto,))
-    x, lam, w = random_inputs(2, 4, 5, 16, 2, ("tb", "lr"))  # 8 shards, 2 groups: must gather
+    x, lam, w = random_inputs(2, 4, 5, 16, G, ("tb", "lr"))
     xs = jax.device_put(x, NamedSharding(mesh, P(None, None, None, "model")))
-    h = jax.jit(lambda *a: gspn_scan(*a, directions=("tb", "lr")))(xs, lam, w)
+    lams = jax.device_put(lam, NamedSharding(mesh, P(None, None, None, None, "model")))
+    fn = lambda *a: gspn_scan(*a, directions=("tb", "lr"))
+    h = jax.jit(fn)(xs, lams, w)
     np.testing.assert_allclose(h, gspn_scan(x, lam, w, directions=("tb", "lr"),
                                             backend="reference"), rtol=1e-6, atol=1e-6)
+    dx = jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a) ** 2)))(xs, lams, w)
+    np.testing.assert_allclose(dx, jax.grad(lambda *a: jnp.sum(gspn_scan(
+        *a, directions=("tb", "lr"), backend="reference") ** 2))(x, lam, w), rtol=1e-5, atol=1e-5)
 
 
 def test_auto_backend_uses_the_cpu_kernel_when_built():
