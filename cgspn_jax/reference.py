@@ -27,6 +27,9 @@ _FROM_CANONICAL = {
 }
 
 
+LOGIT_FLOOR = -80.0
+
+
 def neighbour_weights(w: jax.Array, normalize: bool) -> jax.Array:
     """Weights a[..., L, G, 3] of one line from gate values w[..., L, G, 3] (float32).
 
@@ -40,8 +43,11 @@ def neighbour_weights(w: jax.Array, normalize: bool) -> jax.Array:
     )[:, None, :]  # [L, 1, 3]
     if not normalize:
         return jnp.where(valid, w, 0.0)
-    s = jnp.where(valid, jax.nn.sigmoid(w), 0.0)
-    return s / jnp.sum(s, axis=-1, keepdims=True)
+    # sigmoid(w_k) / sum_valid sigmoid(w_k') as a softmax of log-sigmoids: the same weights,
+    # but the gradient never forms the square of a sum of tiny sigmoids. Logits are clamped at
+    # -80 (sigmoid < 2e-35) as in the kernels, which compute s / sum(s) directly.
+    log_s = jax.nn.log_sigmoid(jnp.maximum(w, LOGIT_FLOOR))
+    return jax.nn.softmax(jnp.where(valid, log_s, -jnp.inf), axis=-1)
 
 
 def _scan_canonical(x, lam, w, chunk, normalize):

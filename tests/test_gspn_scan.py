@@ -137,6 +137,17 @@ def test_gradients_match_finite_differences(backend, normalize):
         assert abs(float(np.sum(np.asarray(g, np.float64) * v)) - fd) < 1e-4 * max(1.0, abs(fd)), i
 
 
+def test_very_negative_gate_logits_stay_finite_and_agree():
+    x, lam, w = random_inputs(2, 5, 6, 4, 2, ALL)
+    w = w - 150.0  # every sigmoid underflows float32 without the clamp at -80
+    outs = [gspn_scan(x, lam, w, backend=b) for b in BACKENDS]
+    grads = [jax.grad(loss_fn(b), argnums=(0, 1, 2))(x, lam, w) for b in BACKENDS]
+    for h, g in zip(outs, grads):
+        assert np.isfinite(np.asarray(h)).all()
+        assert all(np.isfinite(np.asarray(a)).all() for a in g)
+        np.testing.assert_allclose(h, outs[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jit_and_vmap_equal_a_loop(backend):
     directions = ("lr", "bt")

@@ -6,6 +6,7 @@
 // transposed or flipped in memory: a direction is a base offset and two strides.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 
@@ -96,6 +97,24 @@ inline ffi::Error CheckCall(const ffi::AnyBuffer& x, const ffi::AnyBuffer& lam,
   if (chunk < 0) return ffi::Error::InvalidArgument("gspn_scan: chunk must be >= 0");
   if (x.element_type() != lam.element_type() || x.element_type() != w.element_type())
     return ffi::Error::InvalidArgument("gspn_scan: x, lam, w must share one dtype");
+  return ffi::Error::Success();
+}
+
+// The backward's extra operands and its results must have the layout of what they stand for:
+// h and dh that of lam; dx, dlam, dw those of x, lam, w; all one dtype.
+inline ffi::Error CheckBackwardCall(const ffi::AnyBuffer& x, const ffi::AnyBuffer& lam,
+                                    const ffi::AnyBuffer& w, const ffi::AnyBuffer& h,
+                                    const ffi::AnyBuffer& dh, const ffi::AnyBuffer& dx,
+                                    const ffi::AnyBuffer& dlam, const ffi::AnyBuffer& dw) {
+  auto same = [](const ffi::AnyBuffer& a, const ffi::AnyBuffer& b) {
+    auto da = a.dimensions(), db = b.dimensions();
+    return a.element_type() == b.element_type() &&
+           std::equal(da.begin(), da.end(), db.begin(), db.end());
+  };
+  if (!same(h, lam) || !same(dh, lam) || !same(dx, x) || !same(dlam, lam) || !same(dw, w))
+    return ffi::Error::InvalidArgument(
+        "gspn_scan backward: h and dh must match lam, and dx, dlam, dw match x, lam, w "
+        "(shape and dtype)");
   return ffi::Error::Success();
 }
 

@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <exception>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -94,8 +96,10 @@ inline float ExpNonPositive(float x) {
 }
 
 // sigmoid(x) = 1 / (1 + exp(-x)) for x >= 0, exp(x) / (1 + exp(x)) below: exp of a
-// non-positive argument either way, so nothing overflows.
+// non-positive argument either way, so nothing overflows. Logits are clamped at -80 (sigmoid
+// < 2e-35), as in the reference and the CUDA kernel, so a normalising sum never underflows to 0.
 inline float Sigmoid(float x) {
+  x = x < -80.f ? -80.f : x;
   const float e = ExpNonPositive(x >= 0.f ? -x : x);
   return x >= 0.f ? 1.f / (1.f + e) : e / (1.f + e);
 }
@@ -335,15 +339,22 @@ void Backward(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk, 
   });
 }
 
-// Calls fn.template operator()<IO>() for the element type of the call.
+// Calls fn.template operator()<IO>() for the element type of the call. Exceptions (a thread
+// that cannot start, memory for the line buffers) come back as FFI errors: none may unwind
+// into XLA and end the process.
 template <typename Fn>
 ffi::Error DispatchDtype(ffi::DataType dtype, Fn&& fn) {
-  switch (dtype) {
-    case ffi::DataType::F32: fn.template operator()<F32>(); return ffi::Error::Success();
-    case ffi::DataType::BF16: fn.template operator()<BF16>(); return ffi::Error::Success();
-    case ffi::DataType::F16: fn.template operator()<F16>(); return ffi::Error::Success();
-    default:
-      return ffi::Error::InvalidArgument("gspn_scan: dtype must be float32, bfloat16 or float16");
+  try {
+    switch (dtype) {
+      case ffi::DataType::F32: fn.template operator()<F32>(); return ffi::Error::Success();
+      case ffi::DataType::BF16: fn.template operator()<BF16>(); return ffi::Error::Success();
+      case ffi::DataType::F16: fn.template operator()<F16>(); return ffi::Error::Success();
+      default:
+        return ffi::Error::InvalidArgument(
+            "gspn_scan: dtype must be float32, bfloat16 or float16");
+    }
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("gspn_scan (CPU): ") + e.what());
   }
 }
 
@@ -363,6 +374,7 @@ ffi::Error BwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer lam, ffi::AnyBuffer w, ffi::
                    ffi::Span<const int64_t> directions, int64_t chunk, bool normalize) {
   ScanShape s;
   if (auto err = CheckCall(x, lam, w, directions, chunk, &s); err.failure()) return err;
+  if (auto err = CheckBackwardCall(x, lam, w, h, dh, *dx, *dlam, *dw); err.failure()) return err;
   return DispatchDtype(x.element_type(), [&]<typename IO>() {
     Backward<IO>(s, directions, chunk, normalize, x, lam, w, h, dh, dx, dlam, dw);
   });
