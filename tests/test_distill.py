@@ -1,6 +1,7 @@
 """Distillation (cgspn_jax.distill) on CPU: losses, frozen parts, training, resume, sharding,
 high-resolution transfer and bad inputs. Tiny models (width 16, 2 blocks, 16 px) keep it fast."""
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -251,7 +252,8 @@ def test_sharded_step_equals_single_device_step(scan_backend):
     assert jax.device_count() == 8  # conftest forces 8 host CPU devices
     results = {}
     for mesh_data, mesh_fsdp in ((1, 1), (4, 2)):
-        config = tiny_config(mesh_data=mesh_data, mesh_fsdp=mesh_fsdp, scan_backend=scan_backend)
+        config = tiny_config(mesh_data=mesh_data, mesh_fsdp=mesh_fsdp, scan_backend=scan_backend,
+                             depth=1)
         models = build_models(config, num_classes=10)
         init_student_from_teacher(models.teacher, models.student)
         stage = Stage("stage2", 10, 1e-2, stage2_trainable, make_stage2_objective(config),
@@ -300,11 +302,11 @@ def test_high_resolution_transfer_from_a_student(finished_run, tmp_path):
 def test_pretrained_teacher_without_head_gets_one_fitted(tmp_path):
     """A teacher from `save_teacher` (the format `load_teacher` reads, as SigLIP checkpoints):
     a "head" stage fits a classifier to it, leaving the teacher itself unchanged."""
-    vit = ViT("mu", width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, image_size=16,
+    vit = ViT("mu", width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=16,
               rngs=nnx.Rngs(5))
     save_teacher(vit, tmp_path / "vit")
     summary = run(tiny_config(out=str(tmp_path / "run"), teacher=str(tmp_path / "vit"),
-                              teacher_steps=8, stage1_steps=2, stage2_steps=2))
+                              depth=1, teacher_steps=8, stage1_steps=2, stage2_steps=2))
     assert set(summary["stages"]) == {"head", "stage1", "stage2", "eval"}
     exported, classifier, _ = load_model(str(tmp_path / "run" / "teacher"))
     assert params_of(classifier)["linear/kernel"].any()  # fitted (it starts at zero)
@@ -366,17 +368,19 @@ def test_bad_inputs_are_one_line_errors_and_leave_checkpoints_alone(finished_run
 
 def test_unreadable_image_mid_run_stops_with_one_line(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    for label in ("a", "b"):
-        folder = tmp_path / "imgs" / label
+    for split, label in itertools.product(("train", "val"), ("a", "b")):
+        folder = tmp_path / "imgs" / split / label
         folder.mkdir(parents=True)
         for i in range(8):
             Image.fromarray((rng.random((8, 8, 3)) * 255).astype(np.uint8)).save(
                 folder / f"{i}.png")
-    (tmp_path / "imgs" / "b" / "5.png").write_bytes(b"truncated")
-    tiny = tiny_flags()
-    line = one_error_line(capsys, ["--out", str(tmp_path / "run"), *tiny, "--batch-size", "4",
-                                   "--data", str(tmp_path / "imgs"), "--teacher-steps", "8"])
+    # Not the first training image (that one is read before the run starts).
+    (tmp_path / "imgs" / "train" / "b" / "5.png").write_bytes(b"truncated")
+    line = one_error_line(capsys, ["--out", str(tmp_path / "run"), *tiny_flags(),
+                                   "--batch-size", "4", "--data", str(tmp_path / "imgs"),
+                                   "--teacher-steps", "8", "--depth", "1", "--image-size", "8"])
     assert "cannot read image" in line and "5.png" in line
+    assert not os.path.exists(tmp_path / "run" / "teacher")  # it stopped in the first stage
 
 
 def test_config_file_and_flag_precedence(tmp_path):
