@@ -100,7 +100,8 @@ class DistillConfig:
                                kind=str)
     latent_dim: int | None = option(None, "cgspn: channels of the latent space the scan runs "
                                     "in", low=1, group="model", kind=int)
-    directions: tuple[str, ...] | None = option(None, "scan directions of the student mixers",
+    directions: tuple[str, ...] | None = option(None, "scan directions of the student mixers, "
+                                                "some of: tb bt lr rl",
                                                 choices=DIRECTIONS, group="model", kind=tuple)
     student_posemb: str = option("learn", "student position embedding: 'learn' (starts as a "
                                  "copy of the teacher's, so stage 2 starts from the teacher's "

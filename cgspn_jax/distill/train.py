@@ -145,6 +145,6 @@ class StageRunner:
                 checkpoints.save(done, self.trainable, self.opt_state, iterator)
         reporter.end_stage()
         end, steady_steps = time.perf_counter(), stage.steps - start - 1
-        return {"compile_s": round(compile_s, 2), "train_s": round(end - began, 2),
+        return {"first_step_s": round(compile_s, 2), "train_s": round(end - began, 2),
                 "images_per_s": round(steady_steps * config.batch_size
                                       / max(end - steady_start, 1e-9), 1)}
