@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from cgspn_jax import save_teacher
 from cgspn_jax.distill import data, losses, make_config, parse_args, run
 from cgspn_jax.distill.checkpoint import load_model
 from cgspn_jax.distill.config import with_model_shape
@@ -22,7 +23,6 @@ from cgspn_jax.distill.parallel import make_mesh
 from cgspn_jax.distill.run import main
 from cgspn_jax.distill.stages import Stage, make_stage2_objective, stage1_objective
 from cgspn_jax.distill.train import StageRunner
-from cgspn_jax import save_teacher
 from cgspn_jax.models import ViT, count_params, init_student_from_teacher
 from cgspn_jax.models.vit import resize_posemb
 
