@@ -13,7 +13,11 @@ BWD_TARGET = "cgspn_gspn_bwd"
 def _extension():
     try:
         from cgspn_jax import _gspn_ffi
-    except ImportError:  # a source checkout without a build: the reference backend still works
+    except ModuleNotFoundError as err:
+        # A source checkout without a build: the reference backend still works. An extension
+        # that exists but fails to load (a broken build) is an error, never silently skipped.
+        if err.name != "cgspn_jax._gspn_ffi":
+            raise
         return None
     return _gspn_ffi
 

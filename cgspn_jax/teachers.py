@@ -77,13 +77,23 @@ def _dotted(key_path) -> str:
     return ".".join(parts)
 
 
+# Config fields a checkpoint's parameters fix: overriding them would mismatch its tensors.
+_SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size",
+                 "in_channels", "posemb", "pool")
+
+
+def _check_overrides(overrides: dict) -> None:
+    clash = sorted(set(_SHAPE_FIELDS) & set(overrides))
+    if clash:
+        raise ValueError(f"overrides {clash} would change the parameter shapes the checkpoint "
+                         f"defines; only other fields (e.g. attention_implementation, remat) "
+                         f"may be overridden")
+
+
 def _build(config: dict, dtype, overrides: dict, read: Callable[[str], np.ndarray],
            available: set[str], rules: Rules, ignored: Callable[[str], bool]) -> ViT:
     """A ViT of ``config`` whose every parameter comes from ``read(rules[path][0])``."""
-    shape_fields = set(config)
-    clash = sorted(shape_fields & set(overrides))
-    if clash:
-        raise ValueError(f"overrides {clash} would change the shapes the checkpoint defines")
+    _check_overrides(overrides)
     model = _abstract_vit(config, dtype, overrides)
     wanted = _param_paths(model)
     missing = sorted(src for path, (src, _) in rules.items() if path in wanted and src not in available)
@@ -118,12 +128,6 @@ def _abstract_vit(config: dict, dtype, overrides: dict) -> ViT:
     shape-defining field is given; ``config["variant"]`` (a label) defaults to "custom"."""
     config = dict(config)
     label = config.pop("variant", "custom")
-    fields = {f.name for f in dataclasses.fields(ViTConfig)}
-    eps = config.pop("layer_norm_eps", 1e-6)
-    if "layer_norm_eps" in fields:
-        config["layer_norm_eps"] = eps
-    elif abs(eps - 1e-6) > 1e-12:
-        raise ValueError(f"layer_norm_eps {eps} is not supported (ViT uses 1e-6)")
     # The variant's own sizes are all overridden; "B" only seeds the config.
     model = nnx.eval_shape(lambda: ViT("B", rngs=nnx.Rngs(0), dtype=dtype, **config, **overrides))
     model.config = dataclasses.replace(model.config, variant=label)
@@ -411,12 +415,11 @@ def _load_native(directory: Path, dtype, overrides) -> ViT:
     if metadata.get("format") != NATIVE_FORMAT:
         raise ValueError(f"path: {directory / NATIVE_METADATA} is not a cgspn_jax teacher "
                          f"(format {metadata.get('format')!r})")
+    _check_overrides(overrides)
     config = dict(metadata["config"])
     config.pop("dtype", None)
-    for name in ("image_size", "pixel_mean", "pixel_std"):  # JSON lists back to tuples
-        if isinstance(config.get(name), list):
-            config[name] = tuple(config[name])
-    model = _abstract_vit(config, dtype, overrides)
+    config.update(overrides)
+    model = _abstract_vit(config, dtype, {})
     graphdef, abstract, rest = nnx.split(model, nnx.Param, ...)
     with ocp.StandardCheckpointer() as checkpointer:
         params = checkpointer.restore(directory / "params", abstract)

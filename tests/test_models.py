@@ -10,7 +10,7 @@ from flax import nnx
 import cgspn_jax
 from cgspn_jax.models import (CGSPNEncoder, CGSPNMixer, GSPNMixer, ViT, count_params,
                               decode_variant, encode, init_student_from_teacher)
-from cgspn_jax.models import inference
+from cgspn_jax.models import inference, vit_config
 
 # float32 matmuls run as TF32 on a GPU unless told otherwise; these tests are for the CPU, where
 # the same computation in another batch shape agrees to float32 rounding.
@@ -330,6 +330,27 @@ def test_bad_images_raise_clear_errors():
         encode(model, pixels[..., :2])
     with pytest.raises(ValueError, match="token grid"):
         model.blocks[0].mixer_sublayer(images(18))
+    with pytest.raises(ValueError, match="at least one image"):
+        encode(model, pixels[:0])
+
+
+def test_config_values_are_checked_and_normalised():
+    for bad in (224.0, (224.5, 224), (0, 224), "224"):
+        with pytest.raises(ValueError, match="image_size"):
+            vit_config("mu/8", image_size=bad)
+    # numpy integers and JSON lists (a config read back from a file) are accepted as such.
+    config = vit_config("mu/8", width=np.int64(32), image_size=[np.int64(32), 16],
+                        pixel_mean=[0.5, 0.5, 0.5])
+    assert config.width == 32 and type(config.width) is int
+    assert config.image_size == (32, 16) and config.pixel_mean == (0.5, 0.5, 0.5)
+    hash(config)  # a jit static
+
+
+def test_hybrid_students_need_the_teachers_head_count():
+    teacher = small_vit(pool="gap")
+    student = small_cgspn(pool="gap", num_heads=4, attention_blocks=(0,))
+    with pytest.raises(ValueError, match="num_heads"):
+        init_student_from_teacher(teacher, student)
 
 
 def test_exports():

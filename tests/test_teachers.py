@@ -187,6 +187,10 @@ def test_save_and_load_teacher_round_trip(tmp_path):
     images = jnp.asarray(RNG.normal(size=(2, 32, 32, 3)), jnp.float32)
     np.testing.assert_array_equal(loaded(images), model(images))
     assert loaded.config == model.config
+    remat = load_teacher(target, remat=True)  # fields that keep the shapes may be overridden
+    assert remat.config.remat and remat.config.width == model.config.width
+    with pytest.raises(ValueError, match="would change the parameter shapes"):
+        load_teacher(target, width=64)
     with pytest.raises(FileExistsError, match="overwrite=True"):
         save_teacher(model, target)
     other = random_vit(depth=2)

@@ -103,7 +103,9 @@ def init_student_from_teacher(teacher: VisionEncoder, student: VisionEncoder) ->
     shape_fields = ("width", "depth", "mlp_dim", "patch_size", "in_channels", "pool")
     mismatched = {f: (getattr(t, f), getattr(s, f)) for f in shape_fields
                   if getattr(t, f) != getattr(s, f)}
-    if s.pool == "map" and t.num_heads != s.num_heads:
+    # Attention weights mean something only for the head count they were trained with: the MAP
+    # head's, and the attention of hybrid blocks.
+    if (s.pool == "map" or s.attention_block_set) and t.num_heads != s.num_heads:
         mismatched["num_heads"] = (t.num_heads, s.num_heads)
     if mismatched:
         raise ValueError(f"init_student_from_teacher: teacher and student must have the same "

@@ -86,6 +86,9 @@ def encode(model: VisionEncoder, images, *, resize_to=None, batch_size: int = 32
     if images.ndim != 4 or images.shape[-1] != config.in_channels:
         raise ValueError(f"images must have shape [N, H, W, {config.in_channels}] or "
                          f"[H, W, {config.in_channels}], got {tuple(images.shape)}")
+    if images.shape[0] < 1:
+        raise ValueError(f"images: expected at least one image [N >= 1, H, W, C], got shape "
+                         f"{tuple(images.shape)}")
     if images.dtype != np.uint8 and not jnp.issubdtype(images.dtype, jnp.floating):
         raise TypeError(f"images must be uint8 or floating point, got {images.dtype}")
     if images.dtype == np.uint8 and not normalize:

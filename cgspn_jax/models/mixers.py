@@ -25,13 +25,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from cgspn_jax.gspn import DIRECTIONS, gspn_scan
-from cgspn_jax.models.vit import _dense, _layer_norm, check_grid
+from cgspn_jax.models.vit import _dense, _layer_norm, check_grid, is_positive_int
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not is_positive_int(value):
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return value
+    return int(value)
 
 
 class DirectionalPropagation(nnx.Module):

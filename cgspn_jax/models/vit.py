@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -100,15 +101,16 @@ class ViTConfig:
 
     def validate(self) -> None:
         for name in ("width", "depth", "mlp_dim", "num_heads", "patch_size", "in_channels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            if not is_positive_int(getattr(self, name)):
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.width % self.num_heads:
             raise ValueError(f"width = {self.width} must be divisible by num_heads = "
                              f"{self.num_heads}")
-        if len(self.image_hw) != 2 or min(self.image_hw) < 1:
-            raise ValueError(f"image_size must be a positive int or (height, width), got "
-                             f"{self.image_size!r}")
+        size = self.image_size
+        sides = (size,) if is_positive_int(size) else size if isinstance(size, tuple) else ()
+        if len(sides) not in (1, 2) or not all(is_positive_int(s) for s in sides):
+            raise ValueError(f"image_size must be a positive int or (height, width) of positive "
+                             f"ints, got {size!r}")
         if self.posemb not in ("learn", "none"):
             raise ValueError(f"posemb must be 'learn' or 'none', got {self.posemb!r}")
         if self.pool not in ("map", "gap"):
@@ -128,6 +130,11 @@ class ViTConfig:
                                  f"got {getattr(self, name)!r}")
 
 
+def is_positive_int(value) -> bool:
+    """True for positive Python or numpy integers (not bools)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
 def make_config(config_class, variant: str, overrides: dict):
     """``config_class`` filled from the variant name, then from ``overrides`` (any field)."""
     fields = {f.name for f in dataclasses.fields(config_class)}
@@ -139,8 +146,14 @@ def make_config(config_class, variant: str, overrides: dict):
     values.update(overrides)
     if "dtype" in values:
         values["dtype"] = jnp.dtype(values["dtype"]).type
-    if isinstance(values.get("image_size"), (list, tuple)):
-        values["image_size"] = tuple(values["image_size"])
+    # Sequences become tuples (configs are hashable jit statics; JSON gives lists), numpy
+    # integers Python ints.
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    values = {k: int(v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else v
+              for k, v in values.items()}
+    if isinstance(values.get("image_size"), tuple):
+        values["image_size"] = tuple(int(s) if isinstance(s, numbers.Integral) else s
+                                     for s in values["image_size"])
     config = config_class(**values)
     config.validate()
     return config
