@@ -150,7 +150,7 @@ def _reference_fwd(config):
 def _ffi_fwd(config):
     def fwd(x, lam, w):
         out = jax.ShapeDtypeStruct(lam.shape, lam.dtype)
-        return jax.ffi.ffi_call(_ffi.FWD_TARGET, out, vmap_method="sequential")(
+        return jax.ffi.ffi_call(_ffi.FWD_TARGET, out)(
             x, lam, w, **config.ffi_attributes())
     return fwd
 
@@ -165,7 +165,7 @@ def _reference_bwd(config):
 def _ffi_bwd(config):
     def bwd(x, lam, w, h, dh):
         outs = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in (x, lam, w))
-        return jax.ffi.ffi_call(_ffi.BWD_TARGET, outs, vmap_method="sequential")(
+        return jax.ffi.ffi_call(_ffi.BWD_TARGET, outs)(
             x, lam, w, h, dh, **config.ffi_attributes())
     return bwd
 
