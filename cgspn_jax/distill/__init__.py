@@ -7,7 +7,8 @@ each mixer matches the teacher's attention sub-layer from the teacher's block in
 end-to-end with per-block taps), and evaluates both. Modules: `config` (options, --help, config
 files), `data` (grain pipelines), `modules` (head, adapters), `losses`, `stages` (objectives,
 optimizer), `train` (sharded step and loop), `parallel` (mesh), `checkpoint` (orbax),
-`evaluate`, `report` (progress, metrics, plot), `run` (the job). See docs/distillation.md.
+`files` (write beside, then swap in), `evaluate`, `report` (progress, metrics, plot), `run`
+(the job). See docs/distillation.md.
 """
 from cgspn_jax.distill.config import (ConfigError, DistillConfig, DistillError, make_config,
                                       parse_args)

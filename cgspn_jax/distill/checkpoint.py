@@ -13,14 +13,14 @@ a save that fails or is killed leaves the last good checkpoint as it was; its le
 removed when the next run opens the folder.
 
 Exported models, RUN/teacher/ and RUN/student/: ``model.json`` (the encoder class and config,
-the classes) and ``params/`` (encoder and classification head). `load_model` checks the stored
-shapes against model.json before restoring. A later run takes one as ``--teacher``.
+the classes) and ``params/`` (encoder and classification head), written beside the old export
+and swapped in (`files`). `load_model` checks the stored shapes against model.json before
+restoring. A later run takes one as ``--teacher``.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import grain
 import jax
@@ -31,6 +31,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from cgspn_jax.distill import files
 from cgspn_jax.distill.config import DistillError
 from cgspn_jax.distill.modules import Classifier, build_encoder, encoder_spec
 
@@ -64,7 +65,8 @@ class StageCheckpoints:
             # Synchronous: the step after a save must not race a half-written checkpoint, and
             # these states are small; an asynchronous save would only hide milliseconds.
             enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options)
+        self.directory = os.path.abspath(directory)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -94,32 +96,28 @@ class StageCheckpoints:
 
 def save_model(path: str, encoder, classifier: Classifier, *, class_names: list[str],
                note: str = "") -> None:
-    """Writes an encoder and its head to ``path`` (replacing it whole: the new one is written
-    beside it and swapped in, so an interrupted export leaves the old one readable). Every
-    process of a multi-process run calls it (orbax writes the arrays together); process 0
-    alone touches the folders."""
+    """Writes an encoder and its head to ``path``, replacing it whole: the new one is written
+    beside it and swapped in (`files.swap_in`), so an interrupted export leaves the old one
+    readable (by `load_model`, which also finds it where a crash between the swap's two renames
+    left it). Every process of a multi-process run calls it (orbax writes the arrays together);
+    process 0 alone touches the folders."""
     path = os.path.abspath(path)
-    staging, old = path + ".writing", path + ".old"
+    staging = path + files.STAGING_SUFFIX
     primary = jax.process_index() == 0
     if primary:
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
+        files.staging_path(path, directory=True)
     multihost_utils.sync_global_devices("cgspn-distill: export staging ready")
     params = {"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
               "classifier": nnx.to_pure_dict(nnx.state(classifier, nnx.Param))}
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(staging, "params"), params)
-    checkpointer.wait_until_finished()
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(staging, "params"), params)
+        checkpointer.wait_until_finished()
     if primary:
         meta = {"format": FORMAT, "encoder": encoder_spec(encoder), "class_names": class_names,
                 "num_classes": classifier.num_classes, "note": note}
         with open(os.path.join(staging, MODEL_FILE), "w") as f:
             json.dump(meta, f, indent=2)
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(staging, path)
-        shutil.rmtree(old, ignore_errors=True)
+        files.swap_in(staging, path)
     multihost_utils.sync_global_devices("cgspn-distill: export done")
 
 
@@ -141,6 +139,7 @@ def read_model_meta(path: str) -> dict:
 def load_model(path: str, dtype: str | None = None):
     """(encoder, classifier, meta) saved by `save_model`, computing in ``dtype`` if given (else
     as saved); DistillError if the stored arrays do not have the shapes model.json describes."""
+    path = files.existing_version(path)
     meta = read_model_meta(path)
     spec = meta["encoder"]
     if dtype is not None:
@@ -153,21 +152,21 @@ def load_model(path: str, dtype: str | None = None):
         raise DistillError(f"{path}/{MODEL_FILE}: cannot build its model: {error}") from None
     target = {"encoder": nnx.to_pure_dict(nnx.state(encoder, nnx.Param)),
               "classifier": nnx.to_pure_dict(nnx.state(classifier, nnx.Param))}
-    checkpointer = ocp.StandardCheckpointer()
     params_path = os.path.join(os.path.abspath(path), "params")
-    try:
-        stored = checkpointer.metadata(params_path).item_metadata
-    except (FileNotFoundError, ValueError, OSError) as error:
-        raise DistillError(f"{path}: cannot read its parameters: {error}") from None
-    expected, found = _flat_shapes(target), _flat_shapes(dict(stored))
-    if expected != found:
-        differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
-        raise DistillError(f"{path}: stored parameters do not match the model in {MODEL_FILE} "
-                           f"(e.g. {differing})")
-    sharding = _replicated_everywhere()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding),
-                            target)
-    restored = checkpointer.restore(params_path, abstract)
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            stored = checkpointer.metadata(params_path).item_metadata
+        except (FileNotFoundError, ValueError, OSError) as error:
+            raise DistillError(f"{path}: cannot read its parameters: {error}") from None
+        expected, found = _flat_shapes(target), _flat_shapes(dict(stored))
+        if expected != found:
+            differing = sorted(set(expected.items()) ^ set(found.items()))[:3]
+            raise DistillError(f"{path}: stored parameters do not match the model in "
+                               f"{MODEL_FILE} (e.g. {differing})")
+        sharding = _replicated_everywhere()
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), target)
+        restored = checkpointer.restore(params_path, abstract)
     for module, key in ((encoder, "encoder"), (classifier, "classifier")):
         state = nnx.state(module, nnx.Param)
         nnx.replace_by_pure_dict(state, restored[key])
@@ -179,8 +178,9 @@ def load_teacher_model(path: str, dtype: str):
     """(encoder, classifier or None) computing in ``dtype``: a model saved by `save_model` (with
     its head), or a pretrained ViT that `cgspn_jax.load_teacher` reads (Hugging Face SigLIP,
     big_vision .npz, `save_teacher` folder; no head for this data)."""
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, MODEL_FILE)):
-        encoder, classifier, _ = load_model(path, dtype)
+    saved = files.existing_version(path)
+    if os.path.isdir(saved) and os.path.exists(os.path.join(saved, MODEL_FILE)):
+        encoder, classifier, _ = load_model(saved, dtype)
         return encoder, classifier
     from cgspn_jax.teachers import load_teacher
     try:

@@ -18,7 +18,8 @@ from typing import Any
 
 import yaml
 
-DIRECTIONS = ("tb", "bt", "lr", "rl")
+from cgspn_jax.gspn import DIRECTIONS
+
 # The shape a teacher and its student share, and the student's mixer: unset, they are the
 # teacher's (the mixer's only if the teacher is a C-GSPN student), or these.
 SHAPE_FIELDS = ("width", "depth", "mlp_dim", "num_heads", "patch_size", "pool")

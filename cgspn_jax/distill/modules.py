@@ -5,15 +5,13 @@ path filter over one state (`stage1_trainable`, ...) and everything else stays f
 """
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from cgspn_jax.distill.config import DistillConfig
 from cgspn_jax.models import CGSPNEncoder, ViT, init_student_from_teacher
-from cgspn_jax.models.vit import VisionEncoder, resize_posemb
+from cgspn_jax.models.vit import VisionEncoder, config_to_json, resize_posemb
 
 ENCODER_CLASSES = {"ViT": ViT, "CGSPNEncoder": CGSPNEncoder}
 
@@ -92,14 +90,16 @@ def stage2_trainable(path, value) -> bool:
 
 
 def encoder_spec(encoder: VisionEncoder) -> dict:
-    """JSON-able description that `build_encoder` rebuilds the encoder from."""
-    values = dataclasses.asdict(encoder.config)
-    values["dtype"] = jnp.dtype(values["dtype"]).name
+    """JSON-able description that `build_encoder` rebuilds the encoder from: its class, and its
+    config (`config_to_json`) as a variant name and overrides."""
+    values = config_to_json(encoder.config)
     return {"class": type(encoder).__name__, "variant": values.pop("variant"),
             "overrides": values}
 
 
 def build_encoder(spec: dict, seed: int) -> VisionEncoder:
+    """The encoder of an `encoder_spec` (or `teacher_spec`, `student_spec`): its class builds
+    the config from the variant and overrides (`make_config`: JSON lists become tuples)."""
     cls = ENCODER_CLASSES[spec["class"]]
     return cls(spec["variant"], rngs=nnx.Rngs(seed), **spec["overrides"])
 

@@ -11,6 +11,8 @@ import os
 import numpy as np
 from tqdm.auto import tqdm
 
+from cgspn_jax.distill.files import replacing
+
 STAGE_ORDER = ("teacher", "head", "stage1", "stage2")
 STAGE_TITLES = {"teacher": "teacher pre-training (cross-entropy)",
                 "head": "classification head on the teacher (cross-entropy)",
@@ -32,15 +34,6 @@ def read_metrics(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def write_json(path: str, value) -> None:
-    """Written beside and renamed into place: a reader never sees half a file."""
-    staging = path + ".writing"
-    with open(staging, "w") as f:
-        json.dump(value, f, indent=2)
-        f.write("\n")
-    os.replace(staging, path)
-
-
 class Reporter:
     def __init__(self, run_dir: str, *, progress: bool, enabled: bool = True):
         self.metrics_path = os.path.join(run_dir, "metrics.jsonl")
@@ -57,10 +50,8 @@ class Reporter:
         kept = [r for r in read_metrics(self.metrics_path)
                 if STAGE_ORDER.index(r["stage"]) < order
                 or (r["stage"] == stage and r["step"] <= start)]
-        staging = self.metrics_path + ".writing"
-        with open(staging, "w") as f:
+        with replacing(self.metrics_path) as staging, open(staging, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(staging, self.metrics_path)
         self.bar = tqdm(total=total, initial=start, desc=stage, unit="step",
                         disable=not self.progress, dynamic_ncols=True)
 

@@ -20,8 +20,9 @@ from cgspn_jax.distill.checkpoint import load_teacher_model, save_model
 from cgspn_jax.distill.config import (DistillConfig, DistillError, config_json, parse_args,
                                       with_model_shape)
 from cgspn_jax.distill.evaluate import evaluate
+from cgspn_jax.distill.files import write_json
 from cgspn_jax.distill.modules import DistillModels, build_models, copy_shared_parts
-from cgspn_jax.distill.report import Reporter, plot_losses, write_json
+from cgspn_jax.distill.report import Reporter, plot_losses
 from cgspn_jax.distill.train import StageRunner, make_stages
 from cgspn_jax.models import CGSPNEncoder, count_params
 

@@ -23,6 +23,8 @@ import optax
 from cgspn_jax.distill import losses
 from cgspn_jax.distill.config import DistillConfig
 from cgspn_jax.distill.modules import DistillModels
+from cgspn_jax.models.inference import preprocess
+from cgspn_jax.models.vit import resize_grid
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,27 +39,15 @@ class Stage:
 
 def normalize(images: jax.Array, encoder_config) -> jax.Array:
     """uint8 [B, H, W, 3] -> the encoder's normalised float input, in its dtype."""
-    x = images.astype(jnp.float32) / 255.0
-    mean = jnp.asarray(encoder_config.pixel_mean, jnp.float32)
-    std = jnp.asarray(encoder_config.pixel_std, jnp.float32)
-    return ((x - mean) / std).astype(encoder_config.dtype)
-
-
-def resize_grid(x: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
-    if tuple(x.shape[1:3]) == tuple(grid_hw):
-        return x
-    return jax.image.resize(x, (x.shape[0], *grid_hw, x.shape[3]), method="bilinear",
-                            antialias=False)
+    return preprocess(images, mean=encoder_config.pixel_mean, std=encoder_config.pixel_std,
+                      resize_to=None, dtype=encoder_config.dtype)
 
 
 def teacher_input(models: DistillModels, images: jax.Array) -> jax.Array:
     """uint8 images -> the teacher's input, at the resolution it was trained at."""
     config = models.teacher.config
-    x = normalize(images, config)
-    if tuple(x.shape[1:3]) != config.image_hw:
-        x = jax.image.resize(x, (x.shape[0], *config.image_hw, x.shape[3]), method="bilinear",
-                             antialias=True)
-    return x
+    return preprocess(images, mean=config.pixel_mean, std=config.pixel_std,
+                      resize_to=config.image_hw, dtype=config.dtype)
 
 
 def teacher_forward(models: DistillModels, images: jax.Array, grid_hw: tuple[int, int]):

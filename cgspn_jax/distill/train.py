@@ -101,18 +101,21 @@ class StageRunner:
         stage, config = self.stage, self.config
         checkpoints = StageCheckpoints(os.path.join(run_dir, "checkpoints", stage.name),
                                        keep=config.keep_checkpoints)
-        iterator = self.iterator(source)
-        start = checkpoints.latest_step() or 0
-        if start > stage.steps:
-            raise DistillError(f"{run_dir}: {stage.name} has a checkpoint at step {start} but "
-                               f"the config asks for {stage.steps} steps")
-        if start:
-            self.trainable, self.opt_state = checkpoints.restore(
-                start, self.trainable, self.opt_state, iterator if start < stage.steps else None)
-        info = {"resumed_from": start, "steps_run": stage.steps - start}
-        if start < stage.steps:
-            info.update(self._loop(iterator, start, checkpoints, reporter))
-        checkpoints.close()
+        try:
+            iterator = self.iterator(source)
+            start = checkpoints.latest_step() or 0
+            if start > stage.steps:
+                raise DistillError(f"{run_dir}: {stage.name} has a checkpoint at step {start} "
+                                   f"but the config asks for {stage.steps} steps")
+            if start:
+                self.trainable, self.opt_state = checkpoints.restore(
+                    start, self.trainable, self.opt_state,
+                    iterator if start < stage.steps else None)
+            info = {"resumed_from": start, "steps_run": stage.steps - start}
+            if start < stage.steps:
+                info.update(self._loop(iterator, start, checkpoints, reporter))
+        finally:
+            checkpoints.close()
         nnx.update(self.models, self.trainable)
         return info
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # big_vision's decoding of variant names: "So400m/14" = width 1152, depth 27, MLP 4304, 16 heads,
@@ -162,6 +163,21 @@ def make_config(config_class, variant: str, overrides: dict):
 def vit_config(variant: str = "B/16", **overrides) -> ViTConfig:
     """The `ViTConfig` of a variant name with overrides, e.g. vit_config("S/16", depth=6)."""
     return make_config(ViTConfig, variant, overrides)
+
+
+def config_to_json(config) -> dict:
+    """Every field of a `ViTConfig` (or subclass) as JSON values: the dtype by name, tuples as
+    lists, numpy scalars as Python numbers. ``make_config(type(config), d.pop("variant"), d)``
+    (or the encoder class with ``variant`` and the rest as overrides) rebuilds the config."""
+
+    def plain(value):
+        if isinstance(value, (tuple, list)):
+            return [plain(v) for v in value]
+        return value.item() if isinstance(value, np.generic) else value
+
+    values = {k: plain(v) for k, v in dataclasses.asdict(config).items()}
+    values["dtype"] = jnp.dtype(config.dtype).name
+    return values
 
 
 # ----------------------------------------------------------------------------- layers
@@ -349,12 +365,17 @@ class GlobalAveragePool(nnx.Module):
         return jnp.mean(x, axis=(1, 2))
 
 
+def resize_grid(x: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
+    """Bilinear resize (no antialiasing) of token grids [B, h, w, C] to [B, *grid_hw, C]."""
+    if tuple(x.shape[1:3]) == tuple(grid_hw):
+        return x
+    return jax.image.resize(x, (x.shape[0], *grid_hw, x.shape[-1]), method="bilinear",
+                            antialias=False)
+
+
 def resize_posemb(posemb: jax.Array, grid_hw: tuple[int, int]) -> jax.Array:
     """Bilinear resize of a position embedding [1, h, w, C] to the grid [1, *grid_hw, C]."""
-    if tuple(posemb.shape[1:3]) == tuple(grid_hw):
-        return posemb
-    return jax.image.resize(posemb, (1, *grid_hw, posemb.shape[-1]), method="bilinear",
-                            antialias=False)
+    return resize_grid(posemb, grid_hw)
 
 
 # ----------------------------------------------------------------------------- encoders
