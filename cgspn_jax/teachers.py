@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cgspn_jax.models.vit import ViT, ViTConfig
+from cgspn_jax.models.vit import ViT, config_to_json
 
 NATIVE_METADATA = "cgspn_teacher.json"
 NATIVE_FORMAT = "cgspn_jax.ViT"
@@ -366,12 +366,6 @@ def _load_big_vision(path: Path, dtype, overrides) -> ViT:
 # ----------------------------------------------------------------------------- native format
 
 
-def _config_to_json(config: ViTConfig) -> dict:
-    fields = dataclasses.asdict(config)
-    fields["dtype"] = jnp.dtype(config.dtype).name
-    return fields
-
-
 def save_teacher(model: ViT, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Writes ``model`` (parameters and config) to the directory ``path``, in orbax format.
 
@@ -391,7 +385,7 @@ def save_teacher(model: ViT, path: str | os.PathLike, *, overwrite: bool = False
         _, params, _ = nnx.split(model, nnx.Param, ...)
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(staging / "params", params)
-        metadata = {"format": NATIVE_FORMAT, "version": 1, "config": _config_to_json(model.config)}
+        metadata = {"format": NATIVE_FORMAT, "version": 1, "config": config_to_json(model.config)}
         with open(staging / NATIVE_METADATA, "w") as f:
             json.dump(metadata, f, indent=2)
         if path.exists():
