@@ -1,6 +1,6 @@
 """Benchmark of the CUDA gspn_scan kernel: time, byte floor, bandwidth, speedups, targets.
 
-    python experiments/bench_kernel.py [--out DIR] [--quick] [--sweep]
+    python experiments/bench_kernel.py [--out DIR] [--quick] [--no-reference]
 
 For each case (shapes B x C x H x W of ../shared/ANCHORS.md, G = C and C / 16, float32 and
 bfloat16, D = 1 and 4) it times, in one process on one GPU:
@@ -243,44 +243,10 @@ def table(rows, copy_bw):
     return "\n".join(lines)
 
 
-SWEEP_SETTINGS = [{}, {"CGSPN_CUDA_K": "2"}, {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_VS_BWD": "2"},
-                  {"CGSPN_CUDA_VS_FWD": "8", "CGSPN_CUDA_VS_BWD": "8"}]
-
-
-def sweep(copy_bw):
-    """Times the kernel under forced tuning knobs (staging depth K, slab width Vs)."""
-    rows = []
-    for (B, C, H, W), G, dtype in [((32, 1152, 64, 64), 1152, "float32"),
-                                   ((32, 1152, 64, 64), 72, "bfloat16"),
-                                   ((8, 1152, 128, 128), 1152, "bfloat16"),
-                                   ((8, 192, 128, 128), 12, "float32")]:
-        sets = make_sets(B, C, H, W, G, 1, jnp.dtype(dtype), 1)
-        fwd_floor, bwd_floor = byte_floor(B, C, H, W, G, 1, jnp.dtype(dtype).itemsize)
-        kfwd = jax.jit(functools.partial(gspn_scan, directions=("tb",), backend="ffi"))
-        kbwd = ffi_backward(("tb",))
-        h = kfwd(*sets[0][:3])
-        for setting in SWEEP_SETTINGS:
-            os.environ.update(setting)  # read by the handler at every call
-            tf, _ = time_calls(kfwd, [sets[0][:3]], reps=5)
-            tb, _ = time_calls(kbwd, [(*sets[0][:3], h, sets[0][3])], reps=5)
-            for key in setting:
-                os.environ.pop(key)
-            rows.append(dict(B=B, C=C, H=H, W=W, G=G, dtype=dtype, setting=setting,
-                             fwd_ms=1e3 * tf, bwd_ms=1e3 * tb,
-                             fwd_pct=100 * fwd_floor / tf / copy_bw,
-                             bwd_pct=100 * bwd_floor / tb / copy_bw))
-            print(f"sweep {B}x{C}x{H}x{W} G={G} {dtype} {setting or 'default'}: fwd "
-                  f"{1e3 * tf:.3f} ms ({rows[-1]['fwd_pct']:.1f}%), bwd {1e3 * tb:.3f} ms "
-                  f"({rows[-1]['bwd_pct']:.1f}%)", flush=True)
-        del sets, h
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="output folder (default runs/bench_kernel-<time>)")
     ap.add_argument("--quick", action="store_true", help="D = 1 only, no reference")
-    ap.add_argument("--sweep", action="store_true", help="also sweep the slab width knob")
     ap.add_argument("--no-reference", action="store_true")
     args = ap.parse_args()
     out = Path(args.out or f"runs/bench_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -296,8 +262,6 @@ def main():
     result = dict(device=dev.device_kind, jax=jax.__version__, build=build_info(),
                   copy_bandwidth=copy_bw, copy_method=copy_how, xla_elementwise_bandwidth=xla_bw,
                   targets=TARGETS, rows=[])
-    if args.sweep:
-        result["sweep"] = sweep(copy_bw)
     for (B, C, H, W) in SHAPES:
         for G in (C, C // 16):
             for dtype in ("float32", "bfloat16"):

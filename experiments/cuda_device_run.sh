@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # On a GPU machine, from the repository root: builds the extension (sm_90) and runs the steps
 # named as arguments, in order:
-#   quick    - D = 1 kernel timings and the slab-width sweep (no reference)
-#   test     - the GPU tests (tests/test_cuda_kernel.py)
+#   quick    - D = 1 kernel timings (no reference)
+#   tune     - the launch-plan sweep (experiments/tune_kernel.py)
+#   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py)
+#   ncu      - Nsight Compute (speed of light, stalls, memory) of the kernels of NCU_CASES,
+#              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
 # Logs and results go under $OUT (default runs/device).
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -20,8 +23,10 @@ rc=0
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
-    quick) timeout 150 python3 experiments/bench_kernel.py --quick --sweep --out "$OUT/quick" || rc=1 ;;
-    test) timeout 400 python3 -m pytest -q -x -p no:cacheprovider --durations=12 tests/test_cuda_kernel.py \
+    quick) timeout 150 python3 experiments/bench_kernel.py --quick --out "$OUT/quick" || rc=1 ;;
+    tune) timeout 200 python3 experiments/tune_kernel.py sweep --out "$OUT/tune" >"$OUT/tune.log" 2>&1 || rc=1
+          grep -A14 "^| case" "$OUT/tune.log" ;;
+    test) timeout 520 python3 -m pytest -q -x -p no:cacheprovider --durations=12 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
     sanitize)
       for tool in memcheck racecheck; do
@@ -29,6 +34,18 @@ for step in "$@"; do
         timeout 240 compute-sanitizer --tool $tool --kernel-name kns=Gspn --error-exitcode 9 \
           python3 experiments/sanitize_case.py >"$OUT/sanitize_$tool.log" 2>&1
         echo "compute-sanitizer $tool: exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_case done" "$OUT/sanitize_$tool.log"
+      done ;;
+    ncu)
+      IFS=';' read -ra cases <<<"${NCU_CASES:-bwd 32,1152,64,64 1152 float32 1}"
+      for c in "${cases[@]}"; do
+        set -- $c
+        name="ncu_$1_${2//,/x}_$3_$4_$5"
+        timeout 120 ncu --clock-control none -k regex:Gspn --launch-skip 2 --launch-count 1 \
+          --section SpeedOfLight --section Occupancy --section LaunchStats \
+          --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          python3 experiments/tune_kernel.py one "$@" >"$OUT/$name.txt" 2>&1
+        echo "$name: exit $?"
+        grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc Active)" "$OUT/$name.txt"
       done ;;
     bench) timeout 560 python3 experiments/bench_kernel.py --out "$OUT/bench" || rc=1 ;;
   esac

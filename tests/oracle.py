@@ -41,7 +41,8 @@ def gspn_scan_numpy(x, lam, w, directions=("tb", "bt", "lr", "rl"), chunk=None, 
                     valid = [0 <= ni < H and 0 <= nj < W for ni, nj in nbrs]
                     gate = w[d, b, i, j, g]
                     if normalize:
-                        s = np.where(valid, 1.0 / (1.0 + np.exp(-gate)), 0.0)
+                        # The contract clamps logits at -80 (sigmoid > 0 in float32).
+                        s = np.where(valid, 1.0 / (1.0 + np.exp(-np.maximum(gate, -80.0))), 0.0)
                         a = s / s.sum()
                     else:
                         a = np.where(valid, gate, 0.0)

@@ -41,16 +41,21 @@ def _gpu():
 _COUNTER = itertools.count()
 
 
-def make_inputs(shape, directions, dtype, normalize, seed=None):
-    """Fresh random x, lam, w and a cotangent dh on the GPU, for [B, H, W, C] and G."""
+def make_inputs(shape, directions, dtype, normalize, seed=None, extreme=False):
+    """Fresh random x, lam, w and a cotangent dh on the GPU, for [B, H, W, C] and G. With
+    `extreme`, a fifth of the gate logits lie in [-100, -20] and a tenth in [20, 100]."""
     (B, H, W, C), G = shape
     D = len(directions)
     key = jax.random.PRNGKey(next(_COUNTER) if seed is None else seed)
-    kx, kl, kw, kd = jax.random.split(key, 4)
+    kx, kl, kw, kd, ke, ku = jax.random.split(key, 6)
     x = jax.random.normal(kx, (B, H, W, C), jnp.float32)
     lam = jax.random.uniform(kl, (D, B, H, W, C), jnp.float32, 0.5, 1.5)
     if normalize:
         w = 2.0 * jax.random.normal(kw, (D, B, H, W, G, 3), jnp.float32)
+        if extreme:
+            u = jax.random.uniform(ku, w.shape)
+            mag = jax.random.uniform(ke, w.shape, jnp.float32, 20.0, 100.0)
+            w = jnp.where(u < 0.2, -mag, jnp.where(u > 0.9, mag, w))
     else:  # weights taken as given: keep the recurrence contracting
         w = jax.random.uniform(kw, (D, B, H, W, G, 3), jnp.float32, -0.3, 0.3)
     dh = jax.random.normal(kd, (D, B, H, W, C), jnp.float32)
@@ -80,8 +85,9 @@ def _functions(directions, chunk, normalize, backend):
     return jax.jit(scan), jax.jit(value_and_grads)
 
 
-def check(shape, directions, dtype="float32", chunk=None, normalize=True, oracle=False):
-    x, lam, w, dh = make_inputs(shape, directions, dtype, normalize)
+def check(shape, directions, dtype="float32", chunk=None, normalize=True, oracle=False,
+          extreme=False):
+    x, lam, w, dh = make_inputs(shape, directions, dtype, normalize, extreme=extreme)
     _, grads_ffi = _functions(directions, chunk, normalize, "ffi")
     _, grads_ref = _functions(directions, chunk, normalize, "reference")
     got = grads_ffi(x, lam, w, dh)
@@ -170,6 +176,31 @@ def test_long_lines(shape, dtype):
 @pytest.mark.parametrize("chunk", [None, 8])
 def test_large(shape, dtype, chunk):
     check(shape, ("tb", "bt", "lr", "rl"), dtype, chunk=chunk)
+
+
+@pytest.mark.parametrize("name", ["odd_G=C", "S=2", "S=16", "G=C_64", "odd_C"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_extreme_gate_logits(name, dtype):
+    """Logits far below -25 take the kernel's direct form of the normalisation (products of
+    1 + exp(-g) would overflow), far above it saturate: both still match the reference."""
+    check(SMALL_SHAPES[name], ("tb", "bt", "lr", "rl"), dtype, extreme=True, oracle=True)
+    check(((2, 24, 20, 64), 64), ("lr", "tb"), dtype, extreme=True)
+
+
+# The handler reads its tuning knobs at every call: each forced launch plan (positions per
+# thread, slab width) must compute the same function.
+@pytest.mark.parametrize("knobs", [{"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2"},
+                                   {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_VS_BWD": "2"}],
+                         ids=["P1", "P2", "Vs2"])
+@pytest.mark.parametrize("shape", [((2, 9, 11, 32), 2), ((1, 5, 6, 24), 12),
+                                   ((2, 37, 130, 16), 1), ((3, 7, 5, 64), 64)],
+                         ids=["S16", "S2", "37x130_G1", "GC64"])
+def test_forced_plans(knobs, shape, monkeypatch):
+    for key, value in knobs.items():
+        monkeypatch.setenv(key, value)
+    for dtype in ("float32", "bfloat16"):
+        check(shape, ("tb", "bt", "lr", "rl"), dtype)
+        check(shape, ("rl",), dtype, chunk=3)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

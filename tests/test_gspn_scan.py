@@ -139,15 +139,27 @@ def test_gradients_match_finite_differences(backend, normalize):
         assert abs(float(np.sum(np.asarray(g, np.float64) * v)) - fd) < 1e-4 * max(1.0, abs(fd)), i
 
 
-def test_very_negative_gate_logits_stay_finite_and_agree():
+@pytest.mark.parametrize("shift", ["all_below_clamp", "mixed"])
+def test_extreme_gate_logits_stay_finite_and_agree(shift):
+    """Logits far below the clamp at -80 (every sigmoid underflows float32 without it), or a mix
+    of very negative, very positive and ordinary ones: values and gradients agree across
+    backends, and the gradient of a clamped logit is 0."""
     x, lam, w = random_inputs(2, 5, 6, 4, 2, ALL)
-    w = w - 150.0  # every sigmoid underflows float32 without the clamp at -80
+    if shift == "all_below_clamp":
+        w = w - 150.0
+    else:
+        u = jax.random.uniform(jax.random.PRNGKey(7), w.shape)
+        mag = jax.random.uniform(jax.random.PRNGKey(8), w.shape, jnp.float32, 20.0, 120.0)
+        w = jnp.where(u < 0.3, -mag, jnp.where(u > 0.85, mag, w))
     outs = [gspn_scan(x, lam, w, backend=b) for b in BACKENDS]
     grads = [jax.grad(loss_fn(b), argnums=(0, 1, 2))(x, lam, w) for b in BACKENDS]
     for h, g in zip(outs, grads):
         assert np.isfinite(np.asarray(h)).all()
         assert all(np.isfinite(np.asarray(a)).all() for a in g)
-        np.testing.assert_allclose(h, outs[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(h, outs[0], rtol=1e-5, atol=1e-5)
+        for a, ref in zip(g, grads[0]):
+            np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-5)
+        assert np.all(np.asarray(g[2])[np.asarray(w) < -80.0] == 0.0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
 
 #include "xla/ffi/api/ffi.h"
 
@@ -116,6 +117,38 @@ inline ffi::Error CheckBackwardCall(const ffi::AnyBuffer& x, const ffi::AnyBuffe
         "gspn_scan backward: h and dh must match lam, and dx, dlam, dw match x, lam, w "
         "(shape and dtype)");
   return ffi::Error::Success();
+}
+
+// The operands and attributes of the two handlers, bound after each platform's context (the
+// CUDA stream and scratch allocator; nothing on the CPU), so that every kernel takes the same
+// call: forward (x, lam, w) -> h, backward (x, lam, w, h, dh) -> (dx, dlam, dw).
+template <typename Binding>
+auto BindAttrs(Binding b) {
+  return std::move(b).template Attr<ffi::Span<const int64_t>>("directions")
+      .template Attr<int64_t>("chunk")
+      .template Attr<bool>("normalize");
+}
+
+template <typename Binding>
+auto BindForward(Binding b) {
+  return BindAttrs(std::move(b).template Arg<ffi::AnyBuffer>()  // x
+                       .template Arg<ffi::AnyBuffer>()  // lam
+                       .template Arg<ffi::AnyBuffer>()  // w
+                       .template Ret<ffi::AnyBuffer>()  // h
+  );
+}
+
+template <typename Binding>
+auto BindBackward(Binding b) {
+  return BindAttrs(std::move(b).template Arg<ffi::AnyBuffer>()  // x
+                       .template Arg<ffi::AnyBuffer>()  // lam
+                       .template Arg<ffi::AnyBuffer>()  // w
+                       .template Arg<ffi::AnyBuffer>()  // h (forward output)
+                       .template Arg<ffi::AnyBuffer>()  // dh
+                       .template Ret<ffi::AnyBuffer>()  // dx
+                       .template Ret<ffi::AnyBuffer>()  // dlam
+                       .template Ret<ffi::AnyBuffer>()  // dw
+  );
 }
 
 }  // namespace cgspn

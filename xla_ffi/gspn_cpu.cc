@@ -112,7 +112,7 @@ class RowWeights {
  public:
   RowWeights(int64_t G, int64_t C) : G_(G), per_(C / G) {
     for (int k = 0; k < 3; ++k) {
-      a[k].resize(G), s[k].resize(G), A[k].resize(C);
+      a[k].resize(G), s[k].resize(G), ds[k].resize(G), A[k].resize(C);
     }
     sum_.resize(G);
   }
@@ -127,8 +127,15 @@ class RowWeights {
         continue;
       }
       for (int64_t g = 0; g < G_; ++g) sk[g] = IO::Load(gates[g * 3 + k]);
-      if (normalize)
-        for (int64_t g = 0; g < G_; ++g) sk[g] = Sigmoid(sk[g]);
+      if (normalize) {
+        // ds/dw = s (1 - s), and 0 below the clamp, where s does not depend on the logit.
+        float* dk = ds[k].data();
+        for (int64_t g = 0; g < G_; ++g) {
+          const float v = Sigmoid(sk[g]);
+          dk[g] = sk[g] >= -80.f ? v * (1.f - v) : 0.f;
+          sk[g] = v;
+        }
+      }
     }
     if (normalize) {
       for (int64_t g = 0; g < G_; ++g) sum_[g] = s[0][g] + s[1][g] + s[2][g];
@@ -155,13 +162,13 @@ class RowWeights {
       for (int k = 0; k < 3; ++k) {
         float v = 0.f;
         if (valid[k])
-          v = normalize ? (da[k][g] - mean) / sum_[g] * s[k][g] * (1.f - s[k][g]) : da[k][g];
+          v = normalize ? (da[k][g] - mean) / sum_[g] * ds[k][g] : da[k][g];
         dw[g * 3 + k] = v;
       }
     }
   }
 
-  std::vector<float> a[3], s[3], A[3];
+  std::vector<float> a[3], s[3], ds[3], A[3];
 
  private:
   int64_t G_, per_;
@@ -384,25 +391,7 @@ ffi::Error BwdImpl(ffi::AnyBuffer x, ffi::AnyBuffer lam, ffi::AnyBuffer w, ffi::
 }  // namespace cgspn
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GspnFwdCpu, cgspn::FwdImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // lam
-                                  .Arg<xla::ffi::AnyBuffer>()  // w
-                                  .Ret<xla::ffi::AnyBuffer>()  // h
-                                  .Attr<xla::ffi::Span<const int64_t>>("directions")
-                                  .Attr<int64_t>("chunk")
-                                  .Attr<bool>("normalize"));
+                              cgspn::BindForward(xla::ffi::Ffi::Bind()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GspnBwdCpu, cgspn::BwdImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // lam
-                                  .Arg<xla::ffi::AnyBuffer>()  // w
-                                  .Arg<xla::ffi::AnyBuffer>()  // h (forward output)
-                                  .Arg<xla::ffi::AnyBuffer>()  // dh
-                                  .Ret<xla::ffi::AnyBuffer>()  // dx
-                                  .Ret<xla::ffi::AnyBuffer>()  // dlam
-                                  .Ret<xla::ffi::AnyBuffer>()  // dw
-                                  .Attr<xla::ffi::Span<const int64_t>>("directions")
-                                  .Attr<int64_t>("chunk")
-                                  .Attr<bool>("normalize"));
+                              cgspn::BindBackward(xla::ffi::Ffi::Bind()));

@@ -42,7 +42,9 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -144,14 +146,18 @@ __device__ __forceinline__ float Sigmoid(float v) {
 
 // Weights a[k] of one (position, group) from its gates, and for the backward the factors
 // c[k] = s_k (1 - s_k) / sum(s) of the normalisation's chain rule. has0 / has2: whether
-// neighbours 0 / 2 lie inside the line.
+// neighbours 0 / 2 lie inside the line. (A form with 3 exponentials and 1 reciprocal instead of
+// 3 + 4 was measured in v5: no faster forward, and spills in the 16-bit backward.)
 __device__ __forceinline__ void Weights(const float* g, bool has0, bool has2, bool normalize,
                                         float* a, float* c) {
   if (normalize) {
     float s0 = has0 ? Sigmoid(g[0]) : 0.f, s1 = Sigmoid(g[1]), s2 = has2 ? Sigmoid(g[2]) : 0.f;
     float inv = 1.f / (s0 + s1 + s2);
     a[0] = s0 * inv; a[1] = s1 * inv; a[2] = s2 * inv;
-    c[0] = s0 * (1.f - s0) * inv; c[1] = s1 * (1.f - s1) * inv; c[2] = s2 * (1.f - s2) * inv;
+    // Below the clamp the weights do not depend on the logit: its gradient is 0 there.
+    c[0] = g[0] >= -80.f ? s0 * (1.f - s0) * inv : 0.f;
+    c[1] = g[1] >= -80.f ? s1 * (1.f - s1) * inv : 0.f;
+    c[2] = g[2] >= -80.f ? s2 * (1.f - s2) * inv : 0.f;
   } else {
     a[0] = has0 ? g[0] : 0.f; a[1] = g[1]; a[2] = has2 ? g[2] : 0.f;
     c[0] = c[1] = c[2] = 0.f;  // unused: dw = da
@@ -258,16 +264,16 @@ __global__ void __launch_bounds__(kFwdThreads)
     }
   };
 
-  FwdIn<T, V, NG> cur[P], nxt[P];
   float hown[P][V];  // this thread's h of the previous line
 #pragma unroll
   for (int j = 0; j < P; ++j)
 #pragma unroll
     for (int i = 0; i < V; ++i) hown[j][i] = 0.f;
-  load(cur, 0);
 
-  for (int t = 0; t < T_steps; ++t) {
-    if (t + 1 < T_steps) load(nxt, t + 1);
+  // One line: issue the loads of line t + 1 into `ahead` (the set line t - 1 used), then scan
+  // line t from `cur`.
+  auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
+    if (t + 1 < T_steps) load(ahead, t + 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
     float* now = tile + (t & 1) * tile_size;
@@ -306,8 +312,17 @@ __global__ void __launch_bounds__(kFwdThreads)
       for (int i = 0; i < V; ++i) hown[j][i] = hv[i];
     }
     __syncthreads();
-#pragma unroll
-    for (int j = 0; j < P; ++j) cur[j] = nxt[j];
+  };
+
+  // The two register sets swap roles by unrolling, never by copying: a copy of a set whose loads
+  // are in flight would wait for them there. (Measured: this also let ptxas allocate the
+  // backward better than v3's copy did. A third set, two lines ahead, gained nothing in v5:
+  // docs/kernel_notes.md.)
+  FwdIn<T, V, NG> r0[P], r1[P];
+  load(r0, 0);
+  for (int t = 0; t < T_steps; t += 2) {
+    step(t, r0, r1);
+    if (t + 1 < T_steps) step(t + 1, r1, r0);
   }
 }
 
@@ -399,7 +414,6 @@ __global__ void __launch_bounds__(kBwdThreads)
       GateGrad(da, wa, wc, a.normalize, out + 3 * g);
     };
 
-    BwdIn<T, V, NG, kAcc> cur[P], nxt[P];
     // State of line t + 1 at this thread's positions: its adjoint z, a_1 z and its gates. (The
     // saved h of line t at p, loaded with line t + 1, is read back from the shared tile: fewer
     // registers.)
@@ -409,10 +423,11 @@ __global__ void __launch_bounds__(kBwdThreads)
     for (int j = 0; j < P; ++j)
 #pragma unroll
       for (int i = 0; i < V; ++i) zold[j][i] = u1[j][i] = 0.f;
-    load(cur, T_steps - 1);
 
-    for (int t = T_steps - 1; t >= 0; --t) {
-      if (t > 0) load(nxt, t - 1);
+    // One line of the reverse scan: issue the loads of line t - 1 into `ahead` (the set line
+    // t + 1 used), then process line t from `cur`.
+    auto step = [&](int t, const BwdIn<T, V, NG, kAcc>(&cur)[P], BwdIn<T, V, NG, kAcc>(&ahead)[P]) {
+      if (t > 0) load(ahead, t - 1);
       // Line t + 1 fed line t unless it restarted (or does not exist).
       const bool has_next = t + 1 < T_steps;
       const bool coupled = has_next && !LineGeometry::Restarts(t + 1, a.chunk);
@@ -555,8 +570,14 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
       }
       __syncthreads();
-#pragma unroll
-      for (int j = 0; j < P; ++j) cur[j] = nxt[j];
+    };
+
+    // The two register sets swap roles by unrolling, never by copying (see the forward).
+    BwdIn<T, V, NG, kAcc> r0[P], r1[P];
+    load(r0, T_steps - 1);
+    for (int t = T_steps - 1; t >= 0; t -= 2) {
+      step(t, r0, r1);
+      if (t > 0) step(t - 1, r1, r0);
     }
     // Line 0 always restarts: its gate gradient is zero (partial sums too: the second launch
     // skips restarting lines, but every partial it might read is then defined).
@@ -612,22 +633,101 @@ __global__ void GspnDwReduceKernel(const float* __restrict__ part, const T* __re
 
 // ------------------------------------------------------------------ host side
 
+template <int N> using Int = std::integral_constant<int, N>;
+
+// Calls f(Int<V>(), Int<NG>()) for a vector width and groups per vector.
+template <typename T, typename F>
+auto DispatchVNG(int V, int NG, F&& f) {
+  constexpr int vec = 16 / int(sizeof(T));
+  if (V == 1) return f(Int<1>(), Int<1>());
+  switch (NG) {
+    case 1: return f(Int<vec>(), Int<1>());
+    case 2: return f(Int<vec>(), Int<2>());
+    case 4: return f(Int<vec>(), Int<4>());
+    default:
+      if constexpr (vec == 8) return f(Int<vec>(), Int<8>());
+      return f(Int<vec>(), Int<4>());  // unreachable: NG = V / S <= vec
+  }
+}
+
+template <int V, typename F>
+const void* ForP(int P, F&& pick) {
+  if constexpr (V == 1) {
+    switch (P) {
+      case 1: return pick(Int<1>());
+      case 2: return pick(Int<2>());
+      case 4: return pick(Int<4>());
+      default: return pick(Int<8>());
+    }
+  } else {
+    return P == 1 ? pick(Int<1>()) : pick(Int<2>());
+  }
+}
+
+// The kernel instance for (V, NG, P[, kAcc]). The scalar path (V = 1: odd channel counts,
+// unaligned buffers) is compiled for 1 to 8 positions per thread, the vector path for 1 or 2.
+template <typename T, int V, int NG>
+const void* FwdKernelP(int P) {
+  return ForP<V>(P, [](auto p) {
+    return reinterpret_cast<const void*>(GspnFwdKernel<T, V, NG, decltype(p)::value>);
+  });
+}
+
+template <typename T, int V, int NG, bool kAcc>
+const void* BwdKernelP(int P) {
+  return ForP<V>(P, [](auto p) {
+    return reinterpret_cast<const void*>(GspnBwdKernel<T, V, NG, decltype(p)::value, kAcc>);
+  });
+}
+
+// kind 0: forward; 1: backward (acc: the running dx sum, when D > 1).
+template <typename T>
+const void* KernelFor(int kind, int V, int NG, int P, bool acc) {
+  return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
+    constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
+    if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
+    return acc ? BwdKernelP<T, kV, kNG, true>(P) : BwdKernelP<T, kV, kNG, false>(P);
+  });
+}
+
+// Whether ptxas spilled registers of a kernel instance to local memory (the 16-bit backward with
+// several gate groups per vector, two positions per thread and D > 1 does: 300 bytes, and ran
+// 17% slower than one position per thread).
+bool Spills(const void* kernel) {
+  cudaFuncAttributes attr{};
+  return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.localSizeBytes > 0;
+}
+
 struct Plan {
   Launch a;
+  const void* kernel;
   int V, NG, P, threads;
   size_t smem;
   int64_t blocks;
 };
 
-int EnvInt(const char* name) {  // tuning knobs for experiments/bench_kernel.py; 0 = unset
+int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 0 = unset
   const char* v = std::getenv(name);
   return v ? std::atoi(v) : 0;
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
-// Chooses the vector width, positions per thread and slab width of one call.
-// kind: 0 forward (2 shared tiles), 1 backward (6 tiles).
+// Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
+// (2 shared tiles), 1 backward (6 tiles). The rules come from the sweep of
+// experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4):
+//  - the slab width (bytes of a pixel that one block streams) matters most: at the same
+//    occupancy, 32-byte slabs ran at ~75% of the copy bandwidth, 64-byte at ~87%, 128-byte at
+//    ~91%. Wider than 128 bytes is not tried.
+//  - forward: one position per thread (two spilled registers), then the slab (>= 64 bytes if
+//    possible) that keeps the most threads resident per multiprocessor, the wider on ties.
+//  - backward: the group reduction in one launch first, then an instance that does not spill,
+//    then the widest slab; two positions per thread where that widens it (the backward holds
+//    ~170-250 registers, so one 256-thread block per multiprocessor: width is what is left to
+//    gain).
+//  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
+//    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
+//    least one block per multiprocessor where the problem allows.
 template <typename T>
 ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
                     bool normalize, bool aligned, int kind, Plan* plan) {
@@ -644,145 +744,115 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         "gspn_scan (CUDA): lines longer than " + std::to_string(max_threads * kMaxPositions) +
         " positions (H or W) are not supported by the " + (kind == 0 ? "forward" : "backward") +
         " kernel; use backend='reference'");
-  // Positions per thread the vector path may hold (registers); longer lines take the scalar
-  // path.
-  const int vec_max_p = 2;
-  const int V = vector_ok && Lmax <= int64_t(vec_max_p) * max_threads ? vec : 1;
+  // The vector path holds at most 2 positions per thread (registers); longer lines take the
+  // scalar path.
+  const int V = vector_ok && Lmax <= 2 * int64_t(max_threads) ? vec : 1;
   const int NG = S < V ? int(V / S) : 1;
   const int64_t lanes = S >= V ? S / V : 1;  // vector lanes of one group
   int full_sub = 1;  // the largest power of 2 (<= 32) dividing the group's lanes
   while (full_sub < 32 && lanes % (2 * full_sub) == 0) full_sub *= 2;
+  const bool acc = kind == 1 && s.D > 1;
 
-  // Positions per thread: as few as fit (registers; the vector path holds at most 2), but
-  // enough that a block spans whole shuffle groups of full_sub lanes when possible.
-  const int max_p = V > 1 ? vec_max_p : kMaxPositions;
-  auto pt_for = [&](int p) { return int((Lmax + p - 1) / p); };
-  int P = 1;
-  while (P < max_p && int64_t(pt_for(P)) * full_sub > max_threads) P *= 2;
-  if (int forced = EnvInt("CGSPN_CUDA_P");
-      forced >= 1 && forced <= max_p && (forced & (forced - 1)) == 0)
-    P = std::max(P, forced);
-  const int Pt = pt_for(P);
-  if (Pt > max_threads) return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits");
-  int nsub = full_sub;  // lanes reduced in-warp; the rest (npart) by the second launch
-  while (int64_t(nsub) * Pt > max_threads) nsub /= 2;
-  const int64_t npart = lanes / nsub;
-
-  // Slab width: grow the vector lanes while the block fits (512 / 256 threads), the slab stays
-  // <= 128 bytes per pixel (a full coalesced line of memory), and the grid keeps >= 4 blocks per
-  // SM. (Measured: the forward at 64 x 64 x 1152 float32 ran 1.30 ms with 512 threads, 1.36 ms
-  // with 256.)
   int device = 0, sms = 132, smem_optin = 48 << 10;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  const int64_t vtot = s.C / V;
+  const int64_t vtot = s.C / V;  // vectors per pixel
   const int64_t grid_lines = kind == 0 ? s.D * s.B : s.B;
   const int tiles = kind == 0 ? 2 : 6;
-  auto blocks_for = [&](int vs) { return grid_lines * ((vtot + vs - 1) / vs); };
-  auto smem_for = [&](int vs) { return size_t(tiles) * Lmax * vs * V * sizeof(float); };
-  auto can_grow = [&](int vs) {
-    return vs * 2 <= ((vtot + nsub - 1) / nsub) * nsub && vs * 2 * Pt <= max_threads &&
-           smem_for(vs * 2) <= size_t(smem_optin);
-  };
-  // At least one 32-byte sector per pixel and block where the channels and threads allow it:
-  // narrower slabs would fetch sectors that are only half used.
-  int Vs = nsub;
-  while (Vs * V * int(sizeof(T)) < 32 && can_grow(Vs)) Vs *= 2;
-  while (can_grow(Vs) && Vs * 2 * V * int(sizeof(T)) <= 128 && blocks_for(Vs * 2) >= 4 * sms)
-    Vs *= 2;
-  if (int forced = EnvInt(kind == 0 ? "CGSPN_CUDA_VS_FWD" : "CGSPN_CUDA_VS_BWD");
-      forced >= nsub && forced % nsub == 0 && int64_t(forced) * Pt <= max_threads &&
-      smem_for(forced) <= size_t(smem_optin))
-    Vs = forced;
-  if (smem_for(Vs) > size_t(smem_optin))
-    return ffi::Error::Internal("gspn_scan (CUDA): line too long for shared memory");
+  const int forced_p = EnvInt(kind == 0 ? "CGSPN_CUDA_P_FWD" : "CGSPN_CUDA_P_BWD");
+  const int forced_vs = EnvInt(kind == 0 ? "CGSPN_CUDA_VS_FWD" : "CGSPN_CUDA_VS_BWD");
 
-  Launch& a = plan->a;
-  a = {};
-  a.B = s.B; a.H = s.H; a.W = s.W; a.C = s.C; a.G = s.G; a.S = S;
-  a.D = int(s.D);
-  for (int64_t i = 0; i < s.D; ++i) {
-    a.dir_bits |= int(dirs[i]) << (2 * i);
+  // Candidates (P, Vs), each scored by a tuple compared lexicographically (larger is better).
+  using Key = std::array<int64_t, 6>;
+  bool found = false;
+  Key best_key{};
+  const int max_p = V > 1 ? 2 : kMaxPositions;
+  int min_p = 1;  // fewest positions per thread whose line fits one block
+  while ((Lmax + min_p - 1) / min_p > max_threads) min_p *= 2;
+  for (int P = min_p; P <= max_p; P *= 2) {
+    // Forward: the fewest positions per thread (more spill registers), unless forced.
+    if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
+    const int Pt = int((Lmax + P - 1) / P);
+    const bool spills = Spills(KernelFor<T>(kind, V, NG, P, acc));
+    // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
+    // has no reduction.
+    int nsub = kind == 1 ? full_sub : 1;
+    while (int64_t(nsub) * Pt > max_threads) nsub /= 2;
+    const int64_t npart = kind == 1 ? lanes / nsub : 1;
+    const int64_t vs_cap = (vtot + nsub - 1) / nsub * nsub;
+    for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= max_threads; Vs += nsub) {
+      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float);
+      if (smem > size_t(smem_optin)) break;
+      const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
+      if (bytes > 128 && Vs > nsub) break;
+      // Slabs that start mid-sector share that sector with the neighbouring block.
+      if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub) continue;
+      if (forced_vs && Vs != forced_vs) continue;
+      const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
+      const int64_t blocks = grid_lines * ((vtot + Vs - 1) / Vs);
+      Key key;
+      if (kind == 0) {
+        int per_sm = 0;
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, KernelFor<T>(kind, V, NG, P, acc), threads, smem);
+        key = {bytes >= 32, std::min<int64_t>(blocks, sms), bytes >= 64,
+               int64_t(per_sm) * threads, bytes, -P};
+      } else if (V > 1) {
+        key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms),
+               std::min<int64_t>(bytes, 128), -P};
+      } else {  // scalar path: registers grow with P fastest
+        key = {npart == 1, std::min<int64_t>(blocks, sms), -P, std::min<int64_t>(bytes, 128),
+               -Vs, 0};
+      }
+      if (found && key <= best_key) continue;
+      found = true;
+      best_key = key;
+      Launch& a = plan->a;
+      a = {};
+      a.B = s.B; a.H = s.H; a.W = s.W; a.C = s.C; a.G = s.G; a.S = S;
+      a.D = int(s.D);
+      for (int64_t i = 0; i < s.D; ++i) a.dir_bits |= int(dirs[i]) << (2 * i);
+      a.chunk = chunk;
+      a.normalize = normalize;
+      a.Vs = Vs; a.Pt = Pt; a.Lmax = int(Lmax);
+      a.nslab = int((vtot + Vs - 1) / Vs);
+      a.nsub = nsub; a.npart = int(npart);
+      plan->V = V; plan->NG = NG; plan->P = P;
+      plan->threads = threads;
+      plan->smem = smem;
+      plan->blocks = blocks;
+    }
   }
-  a.chunk = chunk;
-  a.normalize = normalize;
-  a.Vs = Vs; a.Pt = Pt; a.Lmax = int(Lmax);
-  a.nslab = int((vtot + Vs - 1) / Vs);
-  a.nsub = nsub; a.npart = int(npart);
-  plan->V = V; plan->NG = NG; plan->P = P;
-  plan->threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
-  plan->smem = smem_for(Vs);
-  plan->blocks = blocks_for(Vs);
+  if (!found)
+    return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
+  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc);
   return ffi::Error::Success();
 }
 
-template <typename Kernel>
-cudaError_t Prepare(Kernel kernel, size_t smem) {
-  if (smem <= (48 << 10)) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
-}
-
-// Instantiates the kernels for the (V, NG, P) of a plan.
-template <typename T, int V, int NG>
-cudaError_t LaunchFwdVNG(cudaStream_t st, const Plan& pl, const T* x, const T* lam, const T* w,
-                         T* h) {
-  auto go = [&](auto kernel) {
-    if (cudaError_t e = Prepare(kernel, pl.smem)) return e;
-    kernel<<<unsigned(pl.blocks), pl.threads, pl.smem, st>>>(x, lam, w, h, pl.a);
-    return cudaGetLastError();
-  };
-  switch (pl.P) {
-    case 1: return go(GspnFwdKernel<T, V, NG, 1>);
-    case 2: return go(GspnFwdKernel<T, V, NG, 2>);
-    default:
-      if constexpr (V == 1) {
-        if (pl.P == 4) return go(GspnFwdKernel<T, V, NG, 4>);
-        return go(GspnFwdKernel<T, V, NG, 8>);
-      }
-      return cudaErrorInvalidConfiguration;
+// Launches a plan's kernel on the stream. With CGSPN_CUDA_VERBOSE=1 it also prints the plan, the
+// kernel's registers and how many of its blocks fit one multiprocessor (tuning experiments).
+cudaError_t LaunchPlan(cudaStream_t st, const Plan& pl, void** args, const char* what) {
+  if (pl.smem > (48 << 10))
+    if (cudaError_t e = cudaFuncSetAttribute(
+            pl.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem)))
+      return e;
+  if (EnvInt("CGSPN_CUDA_VERBOSE")) {
+    cudaFuncAttributes attr{};
+    int per_sm = 0;
+    cudaFuncGetAttributes(&attr, pl.kernel);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, pl.kernel, pl.threads, pl.smem);
+    std::fprintf(stderr,
+                 "gspn_scan CUDA %s: V=%d NG=%d P=%d Vs=%d Pt=%d threads=%d blocks=%lld smem=%zu "
+                 "nsub=%d npart=%d regs=%d local=%zu blocks/SM=%d\n",
+                 what, pl.V, pl.NG, pl.P, pl.a.Vs, pl.a.Pt, pl.threads,
+                 static_cast<long long>(pl.blocks), pl.smem, pl.a.nsub, pl.a.npart,
+                 attr.numRegs, attr.localSizeBytes, per_sm);
   }
-}
-
-template <typename T, int V, int NG>
-cudaError_t LaunchBwdVNG(cudaStream_t st, const Plan& pl, const T* x, const T* lam, const T* w,
-                         const T* h, const T* dh, T* dx, T* dlam, T* dw, float* acc,
-                         float* part) {
-  auto go = [&](auto kernel) {
-    if (cudaError_t e = Prepare(kernel, pl.smem)) return e;
-    kernel<<<unsigned(pl.blocks), pl.threads, pl.smem, st>>>(x, lam, w, h, dh, dx, dlam, dw, acc,
-                                                             part, pl.a);
-    return cudaGetLastError();
-  };
-  const bool acc_on = pl.a.D > 1;
-  switch (pl.P) {
-    case 1: return acc_on ? go(GspnBwdKernel<T, V, NG, 1, true>) : go(GspnBwdKernel<T, V, NG, 1, false>);
-    case 2: return acc_on ? go(GspnBwdKernel<T, V, NG, 2, true>) : go(GspnBwdKernel<T, V, NG, 2, false>);
-    default:
-      if constexpr (V == 1) {
-        if (pl.P == 4)
-          return acc_on ? go(GspnBwdKernel<T, V, NG, 4, true>) : go(GspnBwdKernel<T, V, NG, 4, false>);
-        return acc_on ? go(GspnBwdKernel<T, V, NG, 8, true>) : go(GspnBwdKernel<T, V, NG, 8, false>);
-      }
-      return cudaErrorInvalidConfiguration;
-  }
-}
-
-template <int N> using Int = std::integral_constant<int, N>;
-
-// Calls f(Int<V>, Int<NG>) for the plan's vector width and groups per vector.
-template <typename T, typename F>
-cudaError_t DispatchVNG(const Plan& pl, F&& f) {
-  constexpr int vec = 16 / int(sizeof(T));
-  if (pl.V == 1) return f(Int<1>(), Int<1>());
-  switch (pl.NG) {
-    case 1: return f(Int<vec>(), Int<1>());
-    case 2: return f(Int<vec>(), Int<2>());
-    case 4: return f(Int<vec>(), Int<4>());
-    default:
-      if constexpr (vec == 8) return f(Int<vec>(), Int<8>());
-      return cudaErrorInvalidConfiguration;
-  }
+  if (cudaError_t e = cudaLaunchKernel(pl.kernel, dim3(unsigned(pl.blocks)), dim3(pl.threads),
+                                       args, pl.smem, st))
+    return e;
+  return cudaGetLastError();
 }
 
 ffi::Error CudaError(cudaError_t e, const char* what) {
@@ -802,10 +872,8 @@ ffi::Error Forward(cudaStream_t st, const ScanShape& s, ffi::AnyBuffer x, ffi::A
   const bool aligned = Aligned16(xp) && Aligned16(lp) && Aligned16(wp) && Aligned16(hp);
   Plan pl;
   if (ffi::Error e = MakePlan<T>(s, dirs, chunk, normalize, aligned, 0, &pl); e.failure()) return e;
-  cudaError_t e = DispatchVNG<T>(pl, [&](auto v, auto ng) {
-    return LaunchFwdVNG<T, decltype(v)::value, decltype(ng)::value>(st, pl, xp, lp, wp, hp);
-  });
-  return CudaError(e, "forward launch");
+  void* args[] = {&xp, &lp, &wp, &hp, &pl.a};
+  return CudaError(LaunchPlan(st, pl, args, "forward"), "forward launch");
 }
 
 template <typename T>
@@ -842,11 +910,8 @@ ffi::Error Backward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanS
     if (!mem) return ffi::Error::Internal("gspn_scan (CUDA): no scratch for dw");
     part = static_cast<float*>(*mem);
   }
-  cudaError_t e = DispatchVNG<T>(pl, [&](auto v, auto ng) {
-    return LaunchBwdVNG<T, decltype(v)::value, decltype(ng)::value>(st, pl, xp, lp, wp, hp, dhp,
-                                                                     dxp, dlp, dwp, acc, part);
-  });
-  if (e != cudaSuccess) return CudaError(e, "backward launch");
+  void* args[] = {&xp, &lp, &wp, &hp, &dhp, &dxp, &dlp, &dwp, &acc, &part, &pl.a};
+  if (cudaError_t e = LaunchPlan(st, pl, args, "backward")) return CudaError(e, "backward launch");
   if (part != nullptr) {
     const int64_t n = s.D * s.pixels() * s.G;
     const int threads = 256;
@@ -888,11 +953,8 @@ ffi::Error BwdImpl(cudaStream_t st, ffi::ScratchAllocator scratch, ffi::AnyBuffe
                    int64_t chunk, bool normalize) {
   ScanShape s;
   if (ffi::Error e = CheckCall(x, lam, w, directions, chunk, &s); e.failure()) return e;
-  const auto dt = x.element_type();
-  if (h.element_type() != dt || dh.element_type() != dt || dx->element_type() != dt ||
-      dlam->element_type() != dt || dw->element_type() != dt)
-    return ffi::Error::InvalidArgument("gspn_scan: backward operands must share the dtype of x");
-  return DispatchDtype(dt, [&](auto tag) {
+  if (ffi::Error e = CheckBackwardCall(x, lam, w, h, dh, *dx, *dlam, *dw); e.failure()) return e;
+  return DispatchDtype(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
     return Backward<T>(st, scratch, s, x, lam, w, h, dh, dx, dlam, dw, directions, chunk,
                        normalize);
@@ -902,29 +964,12 @@ ffi::Error BwdImpl(cudaStream_t st, ffi::ScratchAllocator scratch, ffi::AnyBuffe
 }  // namespace
 }  // namespace cgspn
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GspnFwdCuda, cgspn::FwdImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // lam
-                                  .Arg<xla::ffi::AnyBuffer>()  // w
-                                  .Ret<xla::ffi::AnyBuffer>()  // h
-                                  .Attr<xla::ffi::Span<const int64_t>>("directions")
-                                  .Attr<int64_t>("chunk")
-                                  .Attr<bool>("normalize"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    GspnFwdCuda, cgspn::FwdImpl,
+    cgspn::BindForward(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GspnBwdCuda, cgspn::BwdImpl,
-                              xla::ffi::Ffi::Bind()
-                                  .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
-                                  .Ctx<xla::ffi::ScratchAllocator>()
-                                  .Arg<xla::ffi::AnyBuffer>()  // x
-                                  .Arg<xla::ffi::AnyBuffer>()  // lam
-                                  .Arg<xla::ffi::AnyBuffer>()  // w
-                                  .Arg<xla::ffi::AnyBuffer>()  // h (forward output)
-                                  .Arg<xla::ffi::AnyBuffer>()  // dh
-                                  .Ret<xla::ffi::AnyBuffer>()  // dx
-                                  .Ret<xla::ffi::AnyBuffer>()  // dlam
-                                  .Ret<xla::ffi::AnyBuffer>()  // dw
-                                  .Attr<xla::ffi::Span<const int64_t>>("directions")
-                                  .Attr<int64_t>("chunk")
-                                  .Attr<bool>("normalize"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    GspnBwdCuda, cgspn::BwdImpl,
+    cgspn::BindBackward(xla::ffi::Ffi::Bind()
+                            .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                            .Ctx<xla::ffi::ScratchAllocator>()));

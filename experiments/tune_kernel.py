@@ -1,0 +1,160 @@
+"""Launch-plan experiments for the CUDA gspn_scan kernel (a GPU is required).
+
+    python experiments/tune_kernel.py sweep [--out DIR]     # time every knob setting per case
+    python experiments/tune_kernel.py one bwd 32,1152,64,64 1152 float32 1   # for ncu
+
+`sweep` times the forward and the backward FFI targets (D = 1 and 4 at the two large shapes of
+the benchmark) under the handler's tuning knobs, which it reads at every call:
+CGSPN_CUDA_VS_FWD / CGSPN_CUDA_VS_BWD (vector lanes per block: the slab width) and
+CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread). A knob the plan cannot
+honour is ignored, so each row also records the plan the handler actually chose (printed by the
+handler with CGSPN_CUDA_VERBOSE=1: registers and blocks per multiprocessor included). The
+numbers choose the defaults of MakePlan in xla_ffi/gspn_cuda.cu; docs/kernel_notes.md has them.
+
+`one` runs a few calls of one case, for `ncu -k regex:Gspn --launch-skip 2 --launch-count 1`.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernel import (DIRECTIONS, byte_floor, copy_bandwidth, ffi_backward,  # noqa: E402
+                          make_sets, time_calls)
+
+from cgspn_jax import gspn_scan  # noqa: E402
+
+CASES = [((32, 1152, 64, 64), G, dt, 1) for G in (1152, 72) for dt in ("float32", "bfloat16")]
+CASES += [((8, 1152, 128, 128), G, dt, 1) for G in (1152, 72) for dt in ("float32", "bfloat16")]
+CASES += [((32, 1152, 64, 64), 1152, "bfloat16", 4), ((8, 1152, 128, 128), 1152, "float32", 4)]
+SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "4"},
+            {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "8"}, {"CGSPN_CUDA_VS_FWD": "2"},
+            {"CGSPN_CUDA_VS_FWD": "4"}, {"CGSPN_CUDA_VS_FWD": "8"}]
+KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
+         "CGSPN_CUDA_VERBOSE")
+
+
+def knob_name(setting):
+    return " ".join(f"{k.removeprefix('CGSPN_CUDA_')}={v}" for k, v in setting.items())
+
+
+@contextlib.contextmanager
+def knobs(setting):
+    for key in KNOBS:
+        os.environ.pop(key, None)
+    os.environ.update(setting)
+    try:
+        yield
+    finally:
+        for key in KNOBS:
+            os.environ.pop(key, None)
+
+
+def plan_lines(fn, args):
+    """Runs fn(*args) once with CGSPN_CUDA_VERBOSE=1 and returns what the handler printed."""
+    os.environ["CGSPN_CUDA_VERBOSE"] = "1"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            jax.block_until_ready(fn(*args))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.environ.pop("CGSPN_CUDA_VERBOSE")
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    return [ln.split(": ", 1)[1] for ln in text.splitlines() if ln.startswith("gspn_scan CUDA")]
+
+
+def case_fns(shape, G, dtype, D):
+    B, C, H, W = shape
+    sets = make_sets(B, C, H, W, G, D, jnp.dtype(dtype), 1)
+    directions = DIRECTIONS[D]
+    kfwd = jax.jit(functools.partial(gspn_scan, directions=directions, backend="ffi"))
+    h = kfwd(*sets[0][:3])
+    kbwd = ffi_backward(directions)
+    return (kfwd, sets[0][:3]), (kbwd, (*sets[0][:3], h, sets[0][3]))
+
+
+def sweep(out: Path):
+    copy_bw, _ = copy_bandwidth()
+    print(f"device {jax.devices()[0].device_kind}; copy {copy_bw / 1e12:.3f} TB/s", flush=True)
+    rows = []
+    for shape, G, dtype, D in CASES:
+        (kfwd, fargs), (kbwd, bargs) = case_fns(shape, G, dtype, D)
+        floors = byte_floor(*shape, G, D, jnp.dtype(dtype).itemsize)
+        for setting in SETTINGS:
+            with knobs(setting):
+                row = dict(shape=shape, G=G, dtype=dtype, D=D, setting=setting)
+                for kind, fn, args, floor in (("fwd", kfwd, fargs, floors[0]),
+                                              ("bwd", kbwd, bargs, floors[1])):
+                    row[kind + "_plan"] = plan_lines(fn, args)
+                    t, _ = time_calls(fn, [args], min_batch_s=0.02, reps=5)
+                    row[kind + "_ms"] = 1e3 * t
+                    row[kind + "_pct"] = 100 * floor / t / copy_bw
+                rows.append(row)
+                knob = knob_name(setting)
+                print(f"{'x'.join(map(str, shape))} G={G} {dtype} D={D} [{knob}] "
+                      f"fwd {row['fwd_ms']:.3f} ms {row['fwd_pct']:.1f}% | "
+                      f"bwd {row['bwd_ms']:.3f} ms {row['bwd_pct']:.1f}% | "
+                      f"{row['fwd_plan'][-1:]} {row['bwd_plan'][-1:]}", flush=True)
+        del kfwd, kbwd, fargs, bargs
+        (out / "tune.json").write_text(json.dumps(dict(copy_bw=copy_bw, rows=rows), indent=1))
+    # Best setting per case and direction of the scan.
+    print("\n| case | best fwd ms (%copy) | setting | best bwd ms (%copy) | setting |")
+    print("|---|---|---|---|---|")
+    for shape, G, dtype, D in CASES:
+        mine = [r for r in rows if (r["shape"], r["G"], r["dtype"], r["D"]) == (shape, G, dtype, D)]
+        bf = min(mine, key=lambda r: r["fwd_ms"])
+        bb = min(mine, key=lambda r: r["bwd_ms"])
+        name = lambda r: knob_name(r["setting"]) or "default"  # noqa: E731
+        print(f"| {'×'.join(map(str, shape))} G={G} {dtype} D={D} | {bf['fwd_ms']:.3f} "
+              f"({bf['fwd_pct']:.1f}) | {name(bf)} | {bb['bwd_ms']:.3f} ({bb['bwd_pct']:.1f}) | "
+              f"{name(bb)} |")
+
+
+def one(kind, shape, G, dtype, D, calls=4):
+    (kfwd, fargs), (kbwd, bargs) = case_fns(shape, G, dtype, D)
+    fn, args = (kfwd, fargs) if kind == "fwd" else (kbwd, bargs)
+    print(plan_lines(fn, args), flush=True)
+    for _ in range(calls):
+        jax.block_until_ready(fn(*args))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("sweep")
+    s.add_argument("--out", default=None)
+    o = sub.add_parser("one")
+    o.add_argument("kind", choices=("fwd", "bwd"))
+    o.add_argument("shape", help="B,C,H,W")
+    o.add_argument("G", type=int)
+    o.add_argument("dtype")
+    o.add_argument("D", type=int, choices=(1, 4))
+    args = ap.parse_args()
+    if args.cmd == "sweep":
+        out = Path(args.out or f"runs/tune_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.mkdir(parents=True, exist_ok=True)
+        sweep(out)
+    else:
+        one(args.kind, tuple(int(v) for v in args.shape.split(",")), args.G, args.dtype, args.D)
+
+
+if __name__ == "__main__":
+    main()
