@@ -2,10 +2,11 @@
 # On a GPU machine, from the repository root: builds the extension (sm_90) and runs the steps
 # named as arguments, in order:
 #   quick    - D = 1 kernel timings (no reference)
-#   tune     - the launch-plan sweep (experiments/tune_kernel.py)
+#   tune     - the launch-plan sweep (experiments/tune_kernel.py; TUNE_FAMILY=plans|slabs)
+#   batches  - one case at several batch sizes: the cost of a partial last wave
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
-#   bench    - the full benchmark (experiments/bench_kernel.py)
+#   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
 #   ncu      - Nsight Compute (speed of light, stalls, memory) of the kernels of NCU_CASES,
 #              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
 # Logs and results go under $OUT (default runs/device).
@@ -24,8 +25,10 @@ for step in "$@"; do
   t0=$(date +%s)
   case $step in
     quick) timeout 150 python3 experiments/bench_kernel.py --quick --out "$OUT/quick" || rc=1 ;;
-    tune) timeout 200 python3 experiments/tune_kernel.py sweep --out "$OUT/tune" >"$OUT/tune.log" 2>&1 || rc=1
+    tune) timeout 200 python3 experiments/tune_kernel.py sweep --family "${TUNE_FAMILY:-plans}" \
+            --out "$OUT/tune" >"$OUT/tune.log" 2>&1 || rc=1
           grep -A14 "^| case" "$OUT/tune.log" ;;
+    batches) timeout 200 python3 experiments/tune_kernel.py batches --out "$OUT/batches" || rc=1 ;;
     test) timeout 520 python3 -m pytest -q -x -p no:cacheprovider --durations=12 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
     sanitize)
@@ -47,7 +50,7 @@ for step in "$@"; do
         echo "$name: exit $?"
         grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc Active)" "$OUT/$name.txt"
       done ;;
-    bench) timeout 560 python3 experiments/bench_kernel.py --out "$OUT/bench" || rc=1 ;;
+    bench) timeout 560 python3 experiments/bench_kernel.py ${BENCH_ARGS:-} --out "$OUT/bench" || rc=1 ;;
   esac
   echo "step $step: $(( $(date +%s) - t0 )) s"
 done

@@ -43,6 +43,11 @@ CASES += [((32, 1152, 64, 64), 1152, "bfloat16", 4), ((8, 1152, 128, 128), 1152,
 SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "4"},
             {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "8"}, {"CGSPN_CUDA_VS_FWD": "2"},
             {"CGSPN_CUDA_VS_FWD": "4"}, {"CGSPN_CUDA_VS_FWD": "8"}]
+# Slab widths (vector lanes per block) forced alone: with one block per multiprocessor, the
+# number of blocks decides how full the last wave is.
+SLAB_SETTINGS = [{}] + [{"CGSPN_CUDA_VS_FWD": str(v), "CGSPN_CUDA_VS_BWD": str(v)}
+                        for v in (2, 4, 6, 8)]
+FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_VERBOSE")
 
@@ -91,14 +96,14 @@ def case_fns(shape, G, dtype, D):
     return (kfwd, sets[0][:3]), (kbwd, (*sets[0][:3], h, sets[0][3]))
 
 
-def sweep(out: Path):
+def sweep(out: Path, settings=SETTINGS):
     copy_bw, _ = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; copy {copy_bw / 1e12:.3f} TB/s", flush=True)
     rows = []
     for shape, G, dtype, D in CASES:
         (kfwd, fargs), (kbwd, bargs) = case_fns(shape, G, dtype, D)
         floors = byte_floor(*shape, G, D, jnp.dtype(dtype).itemsize)
-        for setting in SETTINGS:
+        for setting in settings:
             with knobs(setting):
                 row = dict(shape=shape, G=G, dtype=dtype, D=D, setting=setting)
                 for kind, fn, args, floor in (("fwd", kfwd, fargs, floors[0]),
@@ -128,6 +133,39 @@ def sweep(out: Path):
               f"{name(bb)} |")
 
 
+def waves_of(plan_line):
+    """Blocks over resident blocks (SMs x blocks per SM) of one printed plan."""
+    fields = dict(f.split("=") for f in plan_line.split())
+    sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
+    return int(fields["blocks"]) / (sms * max(1, int(fields["blocks/SM"])))
+
+
+def batches(out: Path):
+    """The same case at several batch sizes: if the partial last wave costs what a full one
+    does, the time per image steps with ceil(waves), not with the batch."""
+    copy_bw, _ = copy_bandwidth()
+    rows = []
+    for (C, H, W), G, dtype in [((1152, 64, 64), 1152, "bfloat16"), ((1152, 64, 64), 72, "float32"),
+                                ((1152, 128, 128), 1152, "bfloat16")]:
+        for B in ((28, 29, 30, 31, 32, 33, 34, 36) if H == 64 else (6, 7, 8, 9, 11, 12)):
+            (kfwd, fargs), (kbwd, bargs) = case_fns((B, C, H, W), G, dtype, 1)
+            floors = byte_floor(B, C, H, W, G, 1, jnp.dtype(dtype).itemsize)
+            row = dict(shape=(B, C, H, W), G=G, dtype=dtype)
+            for kind, fn, args, floor in (("fwd", kfwd, fargs, floors[0]),
+                                          ("bwd", kbwd, bargs, floors[1])):
+                plan = plan_lines(fn, args)[-1]
+                t, _ = time_calls(fn, [args], min_batch_s=0.02, reps=5)
+                row.update({kind + "_plan": plan, kind + "_ms": 1e3 * t,
+                            kind + "_pct": 100 * floor / t / copy_bw,
+                            kind + "_waves": waves_of(plan)})
+            rows.append(row)
+            print(f"{B}x{C}x{H}x{W} G={G} {dtype}: fwd {row['fwd_ms']:.3f} ms "
+                  f"{row['fwd_pct']:.1f}% waves {row['fwd_waves']:.2f} | bwd {row['bwd_ms']:.3f} ms "
+                  f"{row['bwd_pct']:.1f}% waves {row['bwd_waves']:.2f}", flush=True)
+            del kfwd, kbwd, fargs, bargs
+    (out / "batches.json").write_text(json.dumps(dict(copy_bw=copy_bw, rows=rows), indent=1))
+
+
 def one(kind, shape, G, dtype, D, calls=4):
     (kfwd, fargs), (kbwd, bargs) = case_fns(shape, G, dtype, D)
     fn, args = (kfwd, fargs) if kind == "fwd" else (kbwd, bargs)
@@ -141,6 +179,10 @@ def main():
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("sweep")
     s.add_argument("--out", default=None)
+    s.add_argument("--family", choices=sorted(FAMILIES), default="plans",
+                   help="plans: positions per thread and slab widths; slabs: slab widths alone")
+    b = sub.add_parser("batches")
+    b.add_argument("--out", default=None)
     o = sub.add_parser("one")
     o.add_argument("kind", choices=("fwd", "bwd"))
     o.add_argument("shape", help="B,C,H,W")
@@ -148,10 +190,13 @@ def main():
     o.add_argument("dtype")
     o.add_argument("D", type=int, choices=(1, 4))
     args = ap.parse_args()
-    if args.cmd == "sweep":
+    if args.cmd in ("sweep", "batches"):
         out = Path(args.out or f"runs/tune_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
         out.mkdir(parents=True, exist_ok=True)
-        sweep(out)
+        if args.cmd == "sweep":
+            sweep(out, FAMILIES[args.family])
+        else:
+            batches(out)
     else:
         one(args.kind, tuple(int(v) for v in args.shape.split(",")), args.G, args.dtype, args.D)
 

@@ -1,0 +1,633 @@
+// The CUDA kernels of gspn_scan (device code): the forward, the backward and the backward's small
+// second launch. Part of gspn_cuda.cu's translation unit, which includes it once and holds the
+// launch plans and the FFI handlers.
+//
+// Layout of the work. A thread block owns whole lines: for one image b and one slab of Cs
+// consecutive channels it scans all T lines of a direction, and on each line all L positions.
+// Threads are laid out as Vs "vector lanes" (fastest) by Pt "position lanes"; a thread owns one
+// vector of V consecutive channels (16 bytes: 4 float32 or 8 bfloat16/float16, or a single
+// channel on the scalar path) at P positions p = pl, pl + Pt, ... of every line. Because the
+// arrays are channels-last, the lanes of a warp read consecutive 16-byte pieces of each pixel:
+// every load and store is coalesced whatever the direction; a direction is only a base offset
+// and two strides (cgspn::LineGeometry), nothing is ever transposed in memory.
+//
+// Neighbour exchange. The state of line t-1 lives in registers (each thread keeps its own
+// positions) and in a double-buffered shared-memory copy of the whole line tile, from which a
+// thread reads positions p - 1 and p + 1. One __syncthreads per line orders it.
+//
+// Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
+// of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
+// held as raw bits in registers until line t + 1 uses them; converting them earlier would make
+// the thread wait for them at the end of line t.
+//
+// Gates. Channel c uses group c / S (S = C / G). When S < V a vector spans NG = V / S groups
+// whose 3 * NG gates are contiguous; otherwise the whole vector uses one group's 3 gates. The
+// sigmoid normalisation is computed in registers (forward and backward); weights never reach
+// device memory.
+//
+// Backward. One reverse scan per direction. The adjoint z_t needs a_{t+1} z_{t+1} at p-1, p,
+// p+1: each thread publishes u0 = a_0 z and u2 = a_2 z of its positions in shared memory. The
+// gate gradient of line t+1 needs h_t at p-1, p, p+1 (from the saved forward output), exchanged
+// the same way, so it is formed one line late, after the same barrier. Its reduction over the
+// channels of a group runs over the vector, then over the S / V lanes of the group by warp
+// shuffles (butterfly: a fixed order, so deterministic). dx sums the D directions: the block
+// (b, slab) runs the directions one after the other and carries the running float32 sum through
+// memory it alone touches (dx itself for float32, a scratch buffer otherwise), in a fixed order,
+// so no floating-point atomics and bitwise-deterministic results.
+//
+// Group sizes whose lane count is not a power of two dividing 32 (e.g. C / G = 72 with float32
+// vectors of 4) cannot finish the group reduction inside a warp: the kernel then writes per-warp
+// partial sums to a scratch buffer and a second small launch adds them in a fixed order and
+// applies the normalisation's chain rule. The common cases (G = C, G = C / 16, ...) never take it.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "gspn.h"
+
+namespace cgspn {
+namespace {
+
+// Threads per block (__launch_bounds__): the forward holds less state per thread, so it may use
+// 512 threads (<= 128 registers); the backward keeps <= 256 so that it may use up to 255
+// registers without spilling. With at most 8 positions per thread, these bound the line length.
+constexpr int kFwdThreads = 512;
+constexpr int kBwdThreads = 256;
+constexpr int kMaxPositions = 8;
+static_assert(kFwdThreads * kMaxPositions >= kCudaMaxLineLength &&
+                  kBwdThreads * kMaxPositions >= kCudaMaxLineLength,
+              "the launch plans must cover the line length build_info() promises");
+
+// ------------------------------------------------------------------ storage <-> float32
+
+template <typename T> __device__ __forceinline__ float ToF(T v);
+template <> __device__ __forceinline__ float ToF<float>(float v) { return v; }
+template <> __device__ __forceinline__ float ToF<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+template <> __device__ __forceinline__ float ToF<__half>(__half v) { return __half2float(v); }
+
+template <typename T> __device__ __forceinline__ T FromF(float v);
+template <> __device__ __forceinline__ float FromF<float>(float v) { return v; }
+template <> __device__ __forceinline__ __nv_bfloat16 FromF<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <> __device__ __forceinline__ __half FromF<__half>(float v) { return __float2half_rn(v); }
+
+// The register type that holds kBytes of raw storage (one load or store instruction).
+template <int kBytes> struct Raw;
+template <> struct Raw<2> { using type = unsigned short; };
+template <> struct Raw<4> { using type = unsigned int; };
+template <> struct Raw<8> { using type = uint2; };
+template <> struct Raw<16> { using type = uint4; };
+
+// N elements of T as raw bits: loaded by one instruction, converted only where used.
+template <typename T, int N>
+struct Pack {
+  using R = typename Raw<N * sizeof(T)>::type;
+  R r;
+  __device__ __forceinline__ void Load(const T* p) { r = __ldg(reinterpret_cast<const R*>(p)); }
+  __device__ __forceinline__ void Unpack(float* out) const {
+    T e[N];
+    memcpy(e, &r, sizeof(R));
+#pragma unroll
+    for (int i = 0; i < N; ++i) out[i] = ToF<T>(e[i]);
+  }
+  __device__ __forceinline__ static void Store(T* p, const float* in) {
+    T e[N];
+#pragma unroll
+    for (int i = 0; i < N; ++i) e[i] = FromF<T>(in[i]);
+    R r;
+    memcpy(&r, e, sizeof(R));
+    *reinterpret_cast<R*>(p) = r;
+  }
+};
+
+// V float32 values in shared or global memory (16-byte pieces where V allows).
+template <int V>
+__device__ __forceinline__ void LoadF(const float* p, float* out) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4) {
+      float4 v = *reinterpret_cast<const float4*>(p + i);
+      out[i] = v.x; out[i + 1] = v.y; out[i + 2] = v.z; out[i + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) out[i] = p[i];
+  }
+}
+template <int V>
+__device__ __forceinline__ void StoreF(float* p, const float* in) {
+  if constexpr (V % 4 == 0) {
+#pragma unroll
+    for (int i = 0; i < V; i += 4)
+      *reinterpret_cast<float4*>(p + i) = make_float4(in[i], in[i + 1], in[i + 2], in[i + 3]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) p[i] = in[i];
+  }
+}
+
+// ------------------------------------------------------------------ gates
+
+// The clamp keeps exp finite so that the normalising sum never underflows to 0 (which would turn
+// three very negative logits into 0/0); it only changes gates below -80, where sigmoid < 2e-35.
+__device__ __forceinline__ float Sigmoid(float v) {
+  return 1.f / (1.f + __expf(-fmaxf(v, -80.f)));
+}
+
+// Weights a[k] of one (position, group) from its gates, and for the backward the factors
+// c[k] = s_k (1 - s_k) / sum(s) of the normalisation's chain rule. has0 / has2: whether
+// neighbours 0 / 2 lie inside the line. (A form with 3 exponentials and 1 reciprocal instead of
+// 3 + 4 was measured in v5: no faster forward, and spills in the 16-bit backward.)
+__device__ __forceinline__ void Weights(const float* g, bool has0, bool has2, bool normalize,
+                                        float* a, float* c) {
+  if (normalize) {
+    float s0 = has0 ? Sigmoid(g[0]) : 0.f, s1 = Sigmoid(g[1]), s2 = has2 ? Sigmoid(g[2]) : 0.f;
+    float inv = 1.f / (s0 + s1 + s2);
+    a[0] = s0 * inv; a[1] = s1 * inv; a[2] = s2 * inv;
+    // Below the clamp the weights do not depend on the logit: its gradient is 0 there.
+    c[0] = g[0] >= -80.f ? s0 * (1.f - s0) * inv : 0.f;
+    c[1] = g[1] >= -80.f ? s1 * (1.f - s1) * inv : 0.f;
+    c[2] = g[2] >= -80.f ? s2 * (1.f - s2) * inv : 0.f;
+  } else {
+    a[0] = has0 ? g[0] : 0.f; a[1] = g[1]; a[2] = has2 ? g[2] : 0.f;
+    c[0] = c[1] = c[2] = 0.f;  // unused: dw = da
+  }
+}
+
+// Gate gradient from the weight gradient da (da[k] = 0 for invalid k).
+__device__ __forceinline__ void GateGrad(const float* da, const float* a, const float* c,
+                                         bool normalize, float* dw) {
+  if (normalize) {
+    float dot = a[0] * da[0] + a[1] * da[1] + a[2] * da[2];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) dw[k] = c[k] * (da[k] - dot);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) dw[k] = da[k];
+  }
+}
+
+// ------------------------------------------------------------------ launch parameters
+
+struct Launch {
+  int64_t B, H, W, C, G, S;  // S = C / G channels per group
+  int D;
+  int dir_bits;              // 2 bits per direction, direction d at bits 2d
+  __host__ __device__ int Direction(int d) const { return (dir_bits >> (2 * d)) & 3; }
+  int64_t chunk;             // 0 = global
+  bool normalize;
+  int Vs;                    // vector lanes per block (a multiple of nsub)
+  int Pt;                    // position lanes per block
+  int nslab;                 // channel slabs: ceil(C / (Vs * V))
+  int Lmax;                  // longest line over the call's directions (rows of the smem tiles)
+  int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
+  int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
+};
+
+// ------------------------------------------------------------------ forward
+
+// The P positions of a line that one thread owns, p = pl + j * Pt: whether each lies in the
+// line (and the thread in the channels), and its pixel offset from the line's first position.
+template <int P>
+struct Positions {
+  int pos[P];
+  bool act[P];
+  int64_t poff[P];
+  __device__ __forceinline__ Positions(int pl, int Pt, bool lane_ok, int L, int64_t pos_stride) {
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      pos[j] = pl + j * Pt;
+      act[j] = lane_ok && pos[j] < L;
+      poff[j] = int64_t(pos[j]) * pos_stride;
+    }
+  }
+};
+
+template <typename T, int V, int NG>
+struct FwdIn {
+  Pack<T, V> x, lam;
+  Pack<T, NG> g[3];  // 3 * NG consecutive gates: group-major, neighbour-minor
+};
+
+template <typename T, int V, int NG, int P>
+__global__ void __launch_bounds__(kFwdThreads)
+    GspnFwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
+                  T* __restrict__ h, const Launch a) {
+  extern __shared__ float4 smem_raw[];
+  float* tile = reinterpret_cast<float*>(smem_raw);  // [2][Lmax][Cs]
+  const int Cs = a.Vs * V;
+  const int64_t tile_size = int64_t(a.Lmax) * Cs;
+
+  int blk = blockIdx.x;
+  const int slab = blk % a.nslab;
+  blk /= a.nslab;
+  const int64_t b = blk % a.B;
+  const int d = blk / int(a.B);
+  const LineGeometry geo = LineGeometry::Make(a.Direction(d), a.H, a.W);
+  const int L = int(geo.length), T_steps = int(geo.steps);
+  const int vl = threadIdx.x % a.Vs, pl = threadIdx.x / a.Vs;
+  const int64_t c0 = int64_t(slab) * Cs + int64_t(vl) * V;
+  const bool lane_ok = pl < a.Pt && c0 < a.C;
+  const int64_t bhw = a.B * a.H * a.W;
+  const int64_t C = a.C, G3 = a.G * 3;
+
+  const T* xd = x + c0;
+  const T* lamd = lam + d * bhw * C + c0;
+  const T* wd = w + (d * bhw * a.G + c0 / a.S) * 3;
+  T* hd = h + d * bhw * C + c0;
+
+  const Positions<P> ps(pl, a.Pt, lane_ok, L, geo.pos_stride);
+  const auto& pos = ps.pos;
+  const auto& act = ps.act;
+  const auto& poff = ps.poff;
+
+  auto load = [&](FwdIn<T, V, NG>(&in)[P], int t) {
+    const int64_t line = b * geo.image + geo.base + int64_t(t) * geo.step_stride;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      if (!act[j]) continue;
+      const int64_t pix = line + poff[j];
+      in[j].x.Load(xd + pix * C);
+      in[j].lam.Load(lamd + pix * C);
+#pragma unroll
+      for (int k = 0; k < 3; ++k) in[j].g[k].Load(wd + pix * G3 + k * NG);
+    }
+  };
+
+  float hown[P][V];  // this thread's h of the previous line
+#pragma unroll
+  for (int j = 0; j < P; ++j)
+#pragma unroll
+    for (int i = 0; i < V; ++i) hown[j][i] = 0.f;
+
+  // One line: issue the loads of line t + 1 into `ahead` (the set line t - 1 used), then scan
+  // line t from `cur`.
+  auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
+    if (t + 1 < T_steps) load(ahead, t + 1);
+    const bool restart = LineGeometry::Restarts(t, a.chunk);
+    const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
+    float* now = tile + (t & 1) * tile_size;
+    const int64_t line = b * geo.image + geo.base + int64_t(t) * geo.step_stride;
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      if (!act[j]) continue;
+      const int p = pos[j];
+      float xv[V], lv[V], gv[3 * NG], hv[V];
+      cur[j].x.Unpack(xv);
+      cur[j].lam.Unpack(lv);
+#pragma unroll
+      for (int k = 0; k < 3; ++k) cur[j].g[k].Unpack(gv + k * NG);
+#pragma unroll
+      for (int i = 0; i < V; ++i) hv[i] = lv[i] * xv[i];
+      if (!restart) {
+        float left[V], right[V];
+        if (p > 0) LoadF<V>(prev + (p - 1) * Cs + vl * V, left);
+        if (p + 1 < L) LoadF<V>(prev + (p + 1) * Cs + vl * V, right);
+#pragma unroll
+        for (int g = 0; g < NG; ++g) {
+          float wa[3], wc[3];
+          Weights(gv + 3 * g, p > 0, p + 1 < L, a.normalize, wa, wc);
+#pragma unroll
+          for (int i = g * (V / NG); i < (g + 1) * (V / NG); ++i) {
+            float acc = hv[i] + wa[1] * hown[j][i];
+            if (p > 0) acc += wa[0] * left[i];
+            if (p + 1 < L) acc += wa[2] * right[i];
+            hv[i] = acc;
+          }
+        }
+      }
+      Pack<T, V>::Store(hd + (line + poff[j]) * C, hv);
+      StoreF<V>(now + p * Cs + vl * V, hv);
+#pragma unroll
+      for (int i = 0; i < V; ++i) hown[j][i] = hv[i];
+    }
+    __syncthreads();
+  };
+
+  // The two register sets swap roles by unrolling, never by copying: a copy of a set whose loads
+  // are in flight would wait for them there. (Measured: this also let ptxas allocate the
+  // backward better than v3's copy did. A third set, two lines ahead, gained nothing in v5:
+  // docs/kernel_notes.md.)
+  FwdIn<T, V, NG> r0[P], r1[P];
+  load(r0, 0);
+  for (int t = 0; t < T_steps; t += 2) {
+    step(t, r0, r1);
+    if (t + 1 < T_steps) step(t + 1, r1, r0);
+  }
+}
+
+// ------------------------------------------------------------------ backward
+
+// kAcc: D > 1, the directions' dx contributions are summed through the running float32 sum
+// (without it, those registers would be held for nothing).
+template <typename T, int V, int NG, bool kAcc>
+struct BwdIn {
+  Pack<T, V> x, lam, dh, hm;  // hm: the saved h of line t - 1 at this position
+  Pack<T, NG> g[3];
+  float acc[kAcc ? V : 1];    // running float32 dx sum of the earlier directions
+};
+
+template <typename T, int V, int NG, int P, bool kAcc>
+__global__ void __launch_bounds__(kBwdThreads)
+    GspnBwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
+                  const T* __restrict__ h, const T* __restrict__ dh, T* __restrict__ dx,
+                  T* __restrict__ dlam, T* __restrict__ dw, float* acc, float* __restrict__ part,
+                  const Launch a) {
+  extern __shared__ float4 smem_raw[];
+  float* smem = reinterpret_cast<float*>(smem_raw);  // [3 kinds][2 parities][Lmax][Cs]
+  const int Cs = a.Vs * V;
+  const int64_t tile_size = int64_t(a.Lmax) * Cs;
+  auto tile = [&](int kind, int parity) { return smem + (2 * kind + parity) * tile_size; };
+  enum { kU0 = 0, kU2 = 1, kH = 2 };
+
+  const int slab = blockIdx.x % a.nslab;
+  const int64_t b = blockIdx.x / a.nslab;
+  const int vl = threadIdx.x % a.Vs, pl = threadIdx.x / a.Vs;
+  const int64_t c0 = int64_t(slab) * Cs + int64_t(vl) * V;
+  const bool lane_ok = pl < a.Pt && c0 < a.C;
+  const int64_t bhw = a.B * a.H * a.W;
+  const int64_t C = a.C, G3 = a.G * 3;
+  const int64_t g0 = c0 / a.S;                    // first group of this thread's vector
+  const bool leader = (vl % a.nsub) == 0;         // stores the group's reduced gate gradient
+  const int64_t sub = ((c0 % a.S) / V) / a.nsub;  // which partial sum, when npart > 1
+
+  const T* xd = x + c0;
+  T* dxd = dx + c0;
+  float* accd = acc != nullptr ? acc + c0 : nullptr;  // null when D == 1 and not float32
+
+  for (int d = 0; d < a.D; ++d) {
+    const LineGeometry geo = LineGeometry::Make(a.Direction(d), a.H, a.W);
+    const int L = int(geo.length), T_steps = int(geo.steps);
+    const bool first_dir = d == 0, last_dir = d == a.D - 1;
+    const T* lamd = lam + d * bhw * C + c0;
+    const T* hd = h + d * bhw * C + c0;
+    const T* dhd = dh + d * bhw * C + c0;
+    T* dlamd = dlam + d * bhw * C + c0;
+    const T* wd = w + (d * bhw * a.G + g0) * 3;
+    T* dwd = dw + (d * bhw * a.G + g0) * 3;
+    float* partd = part + ((sub * a.D + d) * bhw * a.G + g0) * 3;
+
+    const Positions<P> ps(pl, a.Pt, lane_ok, L, geo.pos_stride);
+    const auto& pos = ps.pos;
+    const auto& act = ps.act;
+    const auto& poff = ps.poff;
+    auto line_of = [&](int t) { return b * geo.image + geo.base + int64_t(t) * geo.step_stride; };
+
+    auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
+      const int64_t line = line_of(t);
+      const bool need_h = !LineGeometry::Restarts(t, a.chunk);
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        if (!act[j]) continue;
+        const int64_t pix = line + poff[j];
+        in[j].x.Load(xd + pix * C);
+        in[j].lam.Load(lamd + pix * C);
+        in[j].dh.Load(dhd + pix * C);
+        if (need_h) in[j].hm.Load(hd + (pix - geo.step_stride) * C);
+#pragma unroll
+        for (int k = 0; k < 3; ++k) in[j].g[k].Load(wd + pix * G3 + k * NG);
+        // Written by this block's previous direction (other threads, before a barrier): an
+        // ordinary coherent load, not the read-only path.
+        if constexpr (kAcc)
+          if (!first_dir) LoadF<V>(accd + pix * C, in[j].acc);
+      }
+    };
+
+    // One group's gate gradient (into out) from its weight gradient da, at position p of a line
+    // whose gates are graw (group g of the vector).
+    auto finish_dw = [&](int p, const Pack<T, NG> (&graw)[3], int g,
+                         const float (&da)[3], float* out) {
+      float gv[3 * NG], wa[3], wc[3];
+#pragma unroll
+      for (int k = 0; k < 3; ++k) graw[k].Unpack(gv + k * NG);
+      Weights(gv + 3 * g, p > 0, p + 1 < L, a.normalize, wa, wc);
+      GateGrad(da, wa, wc, a.normalize, out + 3 * g);
+    };
+
+    // State of line t + 1 at this thread's positions: its adjoint z, a_1 z and its gates. (The
+    // saved h of line t at p, loaded with line t + 1, is read back from the shared tile: fewer
+    // registers.)
+    float zold[P][V], u1[P][V];
+    Pack<T, NG> gold[P][3];
+#pragma unroll
+    for (int j = 0; j < P; ++j)
+#pragma unroll
+      for (int i = 0; i < V; ++i) zold[j][i] = u1[j][i] = 0.f;
+
+    // One line of the reverse scan: issue the loads of line t - 1 into `ahead` (the set line
+    // t + 1 used), then process line t from `cur`.
+    auto step = [&](int t, const BwdIn<T, V, NG, kAcc>(&cur)[P], BwdIn<T, V, NG, kAcc>(&ahead)[P]) {
+      if (t > 0) load(ahead, t - 1);
+      // Line t + 1 fed line t unless it restarted (or does not exist).
+      const bool has_next = t + 1 < T_steps;
+      const bool coupled = has_next && !LineGeometry::Restarts(t + 1, a.chunk);
+      const bool restart = LineGeometry::Restarts(t, a.chunk);
+      const int q = (t + 1) & 1, now = t & 1;
+      const float* u0_in = tile(kU0, q);
+      const float* u2_in = tile(kU2, q);
+      const float* h_in = tile(kH, q);
+      const int64_t line = line_of(t), next_line = line_of(t + 1);
+
+      float z[P][V];
+      float da1[P][3];  // NG == 1: the group's weight gradient, before the lane reduction
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        da1[j][0] = da1[j][1] = da1[j][2] = 0.f;
+        if (!act[j]) continue;
+        const int p = pos[j];
+        cur[j].dh.Unpack(z[j]);
+        if (!coupled) continue;
+        float r[V], l[V], hl[V], hr[V], hown[V];
+#pragma unroll
+        for (int i = 0; i < V; ++i) l[i] = r[i] = hl[i] = hr[i] = 0.f;
+        LoadF<V>(h_in + p * Cs + vl * V, hown);
+        if (p + 1 < L) {
+          LoadF<V>(u0_in + (p + 1) * Cs + vl * V, r);
+          LoadF<V>(h_in + (p + 1) * Cs + vl * V, hr);
+        }
+        if (p > 0) {
+          LoadF<V>(u2_in + (p - 1) * Cs + vl * V, l);
+          LoadF<V>(h_in + (p - 1) * Cs + vl * V, hl);
+        }
+#pragma unroll
+        for (int i = 0; i < V; ++i) z[j][i] += u1[j][i] + r[i] + l[i];
+        // Weight gradient of line t + 1: da_k = sum over the group of z_{t+1} h_t[p + k - 1].
+        if constexpr (NG == 1) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            da1[j][0] += zold[j][i] * hl[i];
+            da1[j][1] += zold[j][i] * hown[i];
+            da1[j][2] += zold[j][i] * hr[i];
+          }
+        } else {  // several groups per vector: no lane reduction, finish here
+          float out[3 * NG];
+#pragma unroll
+          for (int g = 0; g < NG; ++g) {
+            float da[3] = {0.f, 0.f, 0.f};
+#pragma unroll
+            for (int i = g * (V / NG); i < (g + 1) * (V / NG); ++i) {
+              da[0] += zold[j][i] * hl[i];
+              da[1] += zold[j][i] * hown[i];
+              da[2] += zold[j][i] * hr[i];
+            }
+            finish_dw(p, gold[j], g, da, out);
+          }
+          const int64_t pix = next_line + poff[j];
+#pragma unroll
+          for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, out + k * NG);
+        }
+      }
+      if constexpr (NG == 1) {
+        // Reduce over the group's lanes (uniform across the block: all lanes take part) and
+        // store, or hand partial sums to the second launch. Lines that restart get da = 0.
+        if (has_next) {
+#pragma unroll
+          for (int j = 0; j < P; ++j) {
+#pragma unroll
+            for (int k = 0; k < 3; ++k)
+              for (int off = a.nsub >> 1; off > 0; off >>= 1)
+                da1[j][k] += __shfl_xor_sync(0xffffffffu, da1[j][k], off);
+            if (!act[j] || !leader) continue;
+            const int64_t pix = next_line + poff[j];
+            if (a.npart > 1) {
+#pragma unroll
+              for (int k = 0; k < 3; ++k) partd[pix * G3 + k] = da1[j][k];
+            } else {
+              float out[3] = {0.f, 0.f, 0.f};
+              if (coupled) finish_dw(pos[j], gold[j], 0, da1[j], out);
+              Pack<T, 1>::Store(dwd + pix * G3 + 0, out + 0);
+              Pack<T, 1>::Store(dwd + pix * G3 + 1, out + 1);
+              Pack<T, 1>::Store(dwd + pix * G3 + 2, out + 2);
+            }
+          }
+        }
+      } else if (has_next && !coupled) {  // line t + 1 restarted: zero gate gradient
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          if (!act[j]) continue;
+          const float zero[3 * NG] = {};
+          const int64_t pix = next_line + poff[j];
+#pragma unroll
+          for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, zero + k * NG);
+        }
+      }
+
+#pragma unroll
+      for (int j = 0; j < P; ++j) {
+        if (!act[j]) continue;
+        const int p = pos[j];
+        const int64_t pix = line + poff[j];
+        float xv[V], lv[V], out[V];
+        cur[j].x.Unpack(xv);
+        cur[j].lam.Unpack(lv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) out[i] = z[j][i] * xv[i];
+        Pack<T, V>::Store(dlamd + pix * C, out);
+#pragma unroll
+        for (int i = 0; i < V; ++i) out[i] = z[j][i] * lv[i];
+        if constexpr (kAcc)
+          if (!first_dir)
+#pragma unroll
+            for (int i = 0; i < V; ++i) out[i] += cur[j].acc[i];
+        if (last_dir)
+          Pack<T, V>::Store(dxd + pix * C, out);
+        else
+          StoreF<V>(accd + pix * C, out);
+
+        if (!restart) {  // publish a_0 z, a_2 z and h_{t-1} for line t - 1
+          float gv[3 * NG], hm[V], u0[V], u2[V];
+#pragma unroll
+          for (int k = 0; k < 3; ++k) cur[j].g[k].Unpack(gv + k * NG);
+          cur[j].hm.Unpack(hm);
+#pragma unroll
+          for (int g = 0; g < NG; ++g) {
+            float wa[3], wc[3];
+            Weights(gv + 3 * g, p > 0, p + 1 < L, a.normalize, wa, wc);
+#pragma unroll
+            for (int i = g * (V / NG); i < (g + 1) * (V / NG); ++i) {
+              u0[i] = wa[0] * z[j][i];
+              u1[j][i] = wa[1] * z[j][i];
+              u2[i] = wa[2] * z[j][i];
+            }
+          }
+          StoreF<V>(tile(kU0, now) + p * Cs + vl * V, u0);
+          StoreF<V>(tile(kU2, now) + p * Cs + vl * V, u2);
+          StoreF<V>(tile(kH, now) + p * Cs + vl * V, hm);
+#pragma unroll
+          for (int i = 0; i < V; ++i) zold[j][i] = z[j][i];
+#pragma unroll
+          for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
+        }
+      }
+      __syncthreads();
+    };
+
+    // The two register sets swap roles by unrolling, never by copying (see the forward).
+    BwdIn<T, V, NG, kAcc> r0[P], r1[P];
+    load(r0, T_steps - 1);
+    for (int t = T_steps - 1; t >= 0; t -= 2) {
+      step(t, r0, r1);
+      if (t > 0) step(t - 1, r1, r0);
+    }
+    // Line 0 always restarts: its gate gradient is zero (partial sums too: the second launch
+    // skips restarting lines, but every partial it might read is then defined).
+#pragma unroll
+    for (int j = 0; j < P; ++j) {
+      if (!act[j] || !leader) continue;
+      const int64_t pix = line_of(0) + poff[j];
+      if (a.npart > 1) {
+#pragma unroll
+        for (int k = 0; k < 3; ++k) partd[pix * G3 + k] = 0.f;
+      } else {
+        const float zero[3 * NG] = {};
+#pragma unroll
+        for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, zero + k * NG);
+      }
+    }
+    // The next direction reuses the shared tiles and reads this one's running dx sum.
+    __syncthreads();
+  }
+}
+
+// Second launch of the uncommon group sizes: adds the npart partial weight gradients of each
+// (direction, pixel, group) in a fixed order and applies the normalisation's chain rule.
+template <typename T>
+__global__ void GspnDwReduceKernel(const float* __restrict__ part, const T* __restrict__ w,
+                                   T* __restrict__ dw, const Launch a) {
+  const int64_t bhw = a.B * a.H * a.W;
+  const int64_t n = a.D * bhw * a.G;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < n;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int d = int(idx / (bhw * a.G));
+    const int64_t pix = (idx / a.G) % bhw;
+    const int64_t i = (pix / a.W) % a.H, jj = pix % a.W;
+    int64_t t, p, L;
+    switch (a.Direction(d)) {
+      case kTopBottom: t = i; p = jj; L = a.W; break;
+      case kBottomTop: t = a.H - 1 - i; p = jj; L = a.W; break;
+      case kLeftRight: t = jj; p = i; L = a.H; break;
+      default: t = a.W - 1 - jj; p = i; L = a.H; break;
+    }
+    float out[3] = {0.f, 0.f, 0.f};
+    if (!LineGeometry::Restarts(t, a.chunk)) {
+      float da[3] = {0.f, 0.f, 0.f}, g[3], wa[3], wc[3];
+      for (int r = 0; r < a.npart; ++r)
+        for (int k = 0; k < 3; ++k) da[k] += part[(r * n + idx) * 3 + k];
+      for (int k = 0; k < 3; ++k) g[k] = ToF<T>(w[idx * 3 + k]);
+      Weights(g, p > 0, p + 1 < L, a.normalize, wa, wc);
+      GateGrad(da, wa, wc, a.normalize, out);
+    }
+    for (int k = 0; k < 3; ++k) dw[idx * 3 + k] = FromF<T>(out[k]);
+  }
+}
+
+}  // namespace
+}  // namespace cgspn
