@@ -98,13 +98,24 @@ struct Pack {
 #pragma unroll
     for (int i = 0; i < N; ++i) out[i] = ToF<T>(e[i]);
   }
+  // One store instruction of the whole pack. (A plain `*reinterpret_cast<R*>(p) = r` let NVVM
+  // split the copy into N scalar stores: the forward's h and the backward's dx and dlam went out
+  // as 4-byte pieces, 4 store instructions and L2 requests per 16 bytes instead of 1.)
   __device__ __forceinline__ static void Store(T* p, const float* in) {
     T e[N];
 #pragma unroll
     for (int i = 0; i < N; ++i) e[i] = FromF<T>(in[i]);
     R r;
     memcpy(&r, e, sizeof(R));
-    *reinterpret_cast<R*>(p) = r;
+    if constexpr (sizeof(R) == 16) {
+      asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(r.x), "r"(r.y),
+                   "r"(r.z), "r"(r.w)
+                   : "memory");
+    } else if constexpr (sizeof(R) == 8) {
+      asm volatile("st.global.v2.b32 [%0], {%1, %2};" ::"l"(p), "r"(r.x), "r"(r.y) : "memory");
+    } else {
+      *reinterpret_cast<R*>(p) = r;
+    }
   }
 };
 
