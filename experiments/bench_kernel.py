@@ -27,6 +27,8 @@ import functools  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -118,6 +120,36 @@ def xla_elementwise_bandwidth(nbytes=4 << 30):
     return 2 * nbytes / t
 
 
+# ----------------------------------------------------------------------------- launch plans
+
+
+def plan_lines(fn, args):
+    """Runs fn(*args) once with CGSPN_CUDA_VERBOSE=1 and returns what the handler printed: the
+    launch plan of each kernel call, with its registers and blocks per multiprocessor."""
+    os.environ["CGSPN_CUDA_VERBOSE"] = "1"
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as f:
+        os.dup2(f.fileno(), 2)
+        try:
+            jax.block_until_ready(fn(*args))
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            os.environ.pop("CGSPN_CUDA_VERBOSE")
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    return [ln.split(": ", 1)[1] for ln in text.splitlines() if ln.startswith("gspn_scan CUDA")]
+
+
+def waves_of(plan_line):
+    """Blocks over resident blocks (SMs x blocks per SM) of one printed plan: a grid of 4.36
+    waves takes about as long as one of 5 (docs/kernel_notes.md, v5)."""
+    fields = dict(f.split("=") for f in plan_line.split())
+    sms = getattr(jax.devices()[0], "core_count", None) or 132
+    return int(fields["blocks"]) / (sms * max(1, int(fields["blocks/SM"])))
+
+
 # ----------------------------------------------------------------------------- cases
 
 
@@ -176,6 +208,13 @@ def run_case(B, C, H, W, G, D, dtype_name, do_reference=True):
     kbwd = ffi_backward(directions)
     row["kernel_bwd_s"], row["kernel_bwd_all_s"] = time_calls(
         kbwd, [(s[0], s[1], s[2], h, s[3]) for s, h in zip(sets, hs)])
+    bwd_args = (*sets[0][:3], hs[0], sets[0][3])
+    for kind, fn, args in (("fwd", kfwd, sets[0][:3]), ("bwd", kbwd, bwd_args)):
+        try:  # the plan the handler chose (a record only: never fails the benchmark)
+            plan = plan_lines(fn, args)[0]
+            row[kind + "_plan"], row[kind + "_waves"] = plan, waves_of(plan)
+        except Exception as e:  # noqa: BLE001
+            row[kind + "_plan"], row[kind + "_waves"] = repr(e)[:200], None
     del hs
     row["kernel_fwdbwd_s"], _ = time_calls(fb("ffi"), sets)
     if do_reference:
@@ -218,7 +257,8 @@ def fmt(v, spec):
 def table(rows, copy_bw):
     head = ("| B×C×H×W | G | dtype | D | floor fwd GB | fwd ms | fwd TB/s | fwd %copy (≥90) | "
             "floor bwd GB | bwd ms | bwd TB/s | bwd %copy (≥85) | f+b ms | ref fwd ms | "
-            "ref f+b ms | ×ref fwd (≥2) | ×ref f+b (≥2) | ×orig fwd | ×orig bwd |")
+            "ref f+b ms | ×ref fwd (≥2) | ×ref f+b (≥2) | ×orig fwd | ×orig bwd | "
+            "waves fwd / bwd |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         big = (r["B"], r["C"], r["H"], r["W"]) in LARGE
@@ -235,11 +275,13 @@ def table(rows, copy_bw):
             f"{fmt(r.get('reference_fwdbwd_s') and 1e3 * r['reference_fwdbwd_s'], '.3f')} | "
             f"{fmt(r.get('speedup_fwd'), '.2f')} | {fmt(r.get('speedup_fwdbwd'), '.2f')} | "
             f"{fmt(r.get('vs_original_fwd'), '.1f')} (≥{tgt_o_f:.0f}) | "
-            f"{fmt(r.get('vs_original_bwd'), '.1f')} (≥{tgt_o_b:.0f}) |")
+            f"{fmt(r.get('vs_original_bwd'), '.1f')} (≥{tgt_o_b:.0f}) | "
+            f"{fmt(r.get('fwd_waves'), '.2f')} / {fmt(r.get('bwd_waves'), '.2f')} |")
     lines.append(f"\nCopy bandwidth (read + write): {copy_bw / 1e12:.3f} TB/s. "
                  "* = not a large shape (the bandwidth targets apply to the two large ones). "
                  "×orig: original GSPN kernel time (ANCHORS.md, G = C, D = 1) / ours; its targets "
-                 "are doubled for G = C/16, whose byte floor is about half.")
+                 "are doubled for G = C/16, whose byte floor is about half. Waves: blocks over "
+                 "resident blocks of the launch (time steps with the waves rounded up).")
     return "\n".join(lines)
 
 

@@ -24,7 +24,6 @@ import contextlib  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernel import (DIRECTIONS, byte_floor, copy_bandwidth, ffi_backward,  # noqa: E402
-                          make_sets, time_calls)
+                          make_sets, plan_lines, time_calls, waves_of)
 
 from cgspn_jax import gspn_scan  # noqa: E402
 
@@ -66,24 +65,6 @@ def knobs(setting):
     finally:
         for key in KNOBS:
             os.environ.pop(key, None)
-
-
-def plan_lines(fn, args):
-    """Runs fn(*args) once with CGSPN_CUDA_VERBOSE=1 and returns what the handler printed."""
-    os.environ["CGSPN_CUDA_VERBOSE"] = "1"
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as f:
-        os.dup2(f.fileno(), 2)
-        try:
-            jax.block_until_ready(fn(*args))
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            os.environ.pop("CGSPN_CUDA_VERBOSE")
-        f.seek(0)
-        text = f.read().decode(errors="replace")
-    return [ln.split(": ", 1)[1] for ln in text.splitlines() if ln.startswith("gspn_scan CUDA")]
 
 
 def case_fns(shape, G, dtype, D):
@@ -131,13 +112,6 @@ def sweep(out: Path, settings=SETTINGS):
         print(f"| {'×'.join(map(str, shape))} G={G} {dtype} D={D} | {bf['fwd_ms']:.3f} "
               f"({bf['fwd_pct']:.1f}) | {name(bf)} | {bb['bwd_ms']:.3f} ({bb['bwd_pct']:.1f}) | "
               f"{name(bb)} |")
-
-
-def waves_of(plan_line):
-    """Blocks over resident blocks (SMs x blocks per SM) of one printed plan."""
-    fields = dict(f.split("=") for f in plan_line.split())
-    sms = jax.devices()[0].core_count if hasattr(jax.devices()[0], "core_count") else 132
-    return int(fields["blocks"]) / (sms * max(1, int(fields["blocks/SM"])))
 
 
 def batches(out: Path):
