@@ -46,6 +46,7 @@ for step in "$@"; do
         timeout 120 ncu --clock-control none -k regex:Gspn --launch-skip 2 --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
           --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
+          --section SourceCounters \
           python3 experiments/tune_kernel.py one "$@" >"$OUT/$name.txt" 2>&1
         echo "$name: exit $?"
         grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc Active)" "$OUT/$name.txt"
