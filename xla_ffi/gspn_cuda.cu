@@ -78,9 +78,8 @@ const void* KernelFor(int kind, int V, int NG, int P, bool acc) {
 
 // Whether ptxas spilled registers of a kernel instance to local memory (the 16-bit backward with
 // several gate groups per vector, two positions per thread and D > 1 does: 300 bytes, and ran
-// 17% slower than one position per thread).
-// (A few bytes of stack frame are not a spill: the bf16 P = 2 backward reports 8 and is the
-// fastest plan at D = 1.)
+// 17% slower than one position per thread). A few bytes are tolerated: v5's bf16 P = 2
+// backward at D = 1 had 8 and was still the fastest plan.
 bool Spills(const void* kernel) {
   cudaFuncAttributes attr{};
   return cudaFuncGetAttributes(&attr, kernel) == cudaSuccess && attr.localSizeBytes > 64;
@@ -102,8 +101,8 @@ int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
-// (2 shared tiles), 1 backward (6 tiles). The rules come from the sweep of
-// experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4):
+// (2 shared tiles), 1 backward (6 tiles). The rules come from the sweeps of
+// experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and v5):
 //  - the slab width (bytes of a pixel that one block streams) matters most: at the same
 //    occupancy, 32-byte slabs ran at ~75% of the copy bandwidth, 64-byte at ~87%, 128-byte at
 //    ~91%. Wider than 128 bytes is not tried.
