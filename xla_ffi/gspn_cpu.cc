@@ -117,7 +117,8 @@ class RowWeights {
     sum_.resize(G);
   }
 
-  template <typename IO>
+  // kGrad: also ds[k][g], the derivative of the sigmoid for Gradient (backward only).
+  template <typename IO, bool kGrad>
   void Compute(const typename IO::Storage* gates, bool has_left, bool has_right, bool normalize) {
     const bool valid[3] = {has_left, true, has_right};
     for (int k = 0; k < 3; ++k) {
@@ -127,7 +128,7 @@ class RowWeights {
         continue;
       }
       for (int64_t g = 0; g < G_; ++g) sk[g] = IO::Load(gates[g * 3 + k]);
-      if (normalize) {
+      if (normalize && kGrad) {
         // ds/dw = s (1 - s), and 0 below the clamp, where s does not depend on the logit.
         float* dk = ds[k].data();
         for (int64_t g = 0; g < G_; ++g) {
@@ -135,6 +136,8 @@ class RowWeights {
           dk[g] = sk[g] >= -80.f ? v * (1.f - v) : 0.f;
           sk[g] = v;
         }
+      } else if (normalize) {
+        for (int64_t g = 0; g < G_; ++g) sk[g] = Sigmoid(sk[g]);
       }
     }
     if (normalize) {
@@ -214,7 +217,7 @@ void ForwardOne(const ScanShape& s, int64_t d, int64_t b, int64_t dir, int64_t c
       LoadRow<IO>(lam + (dir_off + pix) * C, C, ls.data());
       for (int64_t c = 0; c < C; ++c) out[c] = ls[c] * xs[c];
       if (!restart) {
-        weights.Compute<IO>(w + (dir_off + pix) * G * 3, p > 0, p < L - 1, normalize);
+        weights.Compute<IO, false>(w + (dir_off + pix) * G * 3, p > 0, p < L - 1, normalize);
         const float* mid = prev.data() + p * C;
         const float* a1 = weights.A[1].data();
         for (int64_t c = 0; c < C; ++c) out[c] += a1[c] * mid[c];
@@ -279,7 +282,7 @@ void BackwardImage(const ScanShape& s, int64_t b, ffi::Span<const int64_t> dirs,
         LoadRow<IO>(h + (dir_off + geo.Pixel(b, t - 1, p)) * C, C, hprev.data() + p * C);
       for (int64_t p = 0; p < L; ++p) {
         const int64_t pix = geo.Pixel(b, t, p);
-        weights.Compute<IO>(w + (dir_off + pix) * G * 3, p > 0, p < L - 1, normalize);
+        weights.Compute<IO, true>(w + (dir_off + pix) * G * 3, p > 0, p < L - 1, normalize);
         const float* zp = z.data() + p * C;
         for (int k = 0; k < 3; ++k) {
           const int64_t q = p + k - 1;  // the neighbour's position on line t - 1
