@@ -163,7 +163,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     // Forward: the fewest positions per thread (more spill registers), unless forced.
     if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
     const int Pt = int((Lmax + P - 1) / P);
-    const bool spills = Spills(KernelFor<T>(kind, V, NG, P, acc));
+    const bool spills = kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc));  // backward key
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
     int nsub = kind == 1 ? full_sub : 1;
