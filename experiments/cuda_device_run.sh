@@ -7,7 +7,8 @@
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
-#   ncu      - Nsight Compute (speed of light, stalls, memory) of the kernels of NCU_CASES,
+#   ncu      - Nsight Compute (speed of light, stalls, memory, per-instruction stall samples as
+#              CSV) of the kernels of NCU_CASES,
 #              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
 # Logs and results go under $OUT (default runs/device).
 set -u
@@ -39,17 +40,21 @@ for step in "$@"; do
         echo "compute-sanitizer $tool: exit $?"; grep -E "ERROR SUMMARY|RACECHECK SUMMARY|sanitize_case done" "$OUT/sanitize_$tool.log"
       done ;;
     ncu)
+      # One report per case: the summary sections as text, the warp-state breakdown, and the
+      # per-instruction (SASS) stall samples as CSV, to find the instructions a line waits on.
       IFS=';' read -ra cases <<<"${NCU_CASES:-bwd 32,1152,64,64 1152 float32 1}"
       for c in "${cases[@]}"; do
         set -- $c
         name="ncu_$1_${2//,/x}_$3_$4_$5"
-        timeout 120 ncu --clock-control none -k regex:Gspn --launch-skip 2 --launch-count 1 \
+        timeout 150 ncu --clock-control none -k regex:Gspn --launch-skip 2 --launch-count 1 \
           --section SpeedOfLight --section Occupancy --section LaunchStats \
           --section WarpStateStats --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis \
-          --section SourceCounters \
-          python3 experiments/tune_kernel.py one "$@" >"$OUT/$name.txt" 2>&1
+          --section SourceCounters --import-source no -f -o "/tmp/$name" \
+          python3 experiments/tune_kernel.py one "$@" >"/tmp/$name.log" 2>&1
         echo "$name: exit $?"
-        grep -E "^ +(Duration|DRAM Throughput|Memory Throughput|Registers Per Thread|Achieved Occupancy|Theoretical Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Executed Ipc Active)" "$OUT/$name.txt"
+        ncu -i "/tmp/$name.ncu-rep" --page details --print-details all >"$OUT/$name.txt" 2>&1
+        ncu -i "/tmp/$name.ncu-rep" --page source --print-source sass --csv >"$OUT/$name.csv" 2>&1
+        grep -E "^ +(Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall Long Scoreboard|Stall Barrier)" "$OUT/$name.txt"
       done ;;
     bench) timeout 560 python3 experiments/bench_kernel.py ${BENCH_ARGS:-} --out "$OUT/bench" || rc=1 ;;
   esac
