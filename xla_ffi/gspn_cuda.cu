@@ -59,20 +59,33 @@ const void* FwdKernelP(int P) {
   });
 }
 
-template <typename T, int V, int NG, bool kAcc>
+template <typename T, int V, int NG, bool kAcc, bool kPrefetch>
 const void* BwdKernelP(int P) {
   return ForP<V>(P, [](auto p) {
-    return reinterpret_cast<const void*>(GspnBwdKernel<T, V, NG, decltype(p)::value, kAcc>);
+    return reinterpret_cast<const void*>(
+        GspnBwdKernel<T, V, NG, decltype(p)::value, kAcc, kPrefetch>);
   });
 }
 
-// kind 0: forward; 1: backward (acc: the running dx sum, when D > 1).
+// The backward with or without the L2 prefetch: both for float32, always with it for 16-bit
+// types (kPrefetchL2), which halves the instances to compile.
+template <typename T, int V, int NG, bool kAcc>
+const void* BwdKernelPrefetch(int P, bool prefetch) {
+  if constexpr (kPrefetchL2<T>)
+    return BwdKernelP<T, V, NG, kAcc, true>(P);
+  else
+    return prefetch ? BwdKernelP<T, V, NG, kAcc, true>(P) : BwdKernelP<T, V, NG, kAcc, false>(P);
+}
+
+// kind 0: forward; 1: backward (acc: the running dx sum, when D > 1; prefetch: see
+// BwdKernelPrefetch).
 template <typename T>
-const void* KernelFor(int kind, int V, int NG, int P, bool acc) {
+const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch) {
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
     constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
     if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
-    return acc ? BwdKernelP<T, kV, kNG, true>(P) : BwdKernelP<T, kV, kNG, false>(P);
+    return acc ? BwdKernelPrefetch<T, kV, kNG, true>(P, prefetch)
+               : BwdKernelPrefetch<T, kV, kNG, false>(P, prefetch);
   });
 }
 
@@ -89,6 +102,7 @@ struct Plan {
   Launch a;
   const void* kernel;
   int V, NG, P, threads;
+  bool prefetch;  // the kernel prefetches lines two ahead into L2
   size_t smem;
   int64_t blocks;
 };
@@ -139,6 +153,12 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   int full_sub = 1;  // the largest power of 2 (<= 32) dividing the group's lanes
   while (full_sub < 32 && lanes % (2 * full_sub) == 0) full_sub *= 2;
   const bool acc = kind == 1 && s.D > 1;
+  // The L2 prefetch (PrefetchL2 in the kernels): fixed by the storage type except in the
+  // float32 backward, where it paid with several channels per gate group (15-19% at
+  // G = C / 16) and cost with one (3-68%). CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides that choice.
+  bool prefetch = kPrefetchL2<T> || (kind == 1 && S > 1);
+  if (const char* v = std::getenv("CGSPN_CUDA_PREFETCH_BWD"); v && kind == 1 && !kPrefetchL2<T>)
+    prefetch = std::string(v) != "0";
 
   int device = 0, sms = 132, smem_optin = 48 << 10;
   cudaGetDevice(&device);
@@ -163,7 +183,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     // Forward: the fewest positions per thread (more spill registers), unless forced.
     if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
     const int Pt = int((Lmax + P - 1) / P);
-    const bool spills = kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc));  // backward key
+    const bool spills =  // backward key
+        kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
     int nsub = kind == 1 ? full_sub : 1;
@@ -184,7 +205,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (kind == 0) {
         int per_sm = 0;
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, KernelFor<T>(kind, V, NG, P, acc), threads, smem);
+            &per_sm, KernelFor<T>(kind, V, NG, P, acc, prefetch), threads, smem);
         key = {bytes >= 32, std::min<int64_t>(blocks, sms), bytes >= 64,
                int64_t(per_sm) * threads, bytes, -P};
       } else if (V > 1) {
@@ -207,7 +228,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.Vs = Vs; a.Pt = Pt; a.Lmax = int(Lmax);
       a.nslab = int((vtot + Vs - 1) / Vs);
       a.nsub = nsub; a.npart = int(npart);
-      plan->V = V; plan->NG = NG; plan->P = P;
+      plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
       plan->threads = threads;
       plan->smem = smem;
       plan->blocks = blocks;
@@ -215,7 +236,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc);
+  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, prefetch);
   return ffi::Error::Success();
 }
 
@@ -233,10 +254,10 @@ cudaError_t LaunchPlan(cudaStream_t st, const Plan& pl, void** args, const char*
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, pl.kernel, pl.threads, pl.smem);
     std::fprintf(stderr,
                  "gspn_scan CUDA %s: V=%d NG=%d P=%d Vs=%d Pt=%d threads=%d blocks=%lld smem=%zu "
-                 "nsub=%d npart=%d regs=%d local=%zu blocks/SM=%d\n",
+                 "nsub=%d npart=%d prefetch=%d regs=%d local=%zu blocks/SM=%d\n",
                  what, pl.V, pl.NG, pl.P, pl.a.Vs, pl.a.Pt, pl.threads,
                  static_cast<long long>(pl.blocks), pl.smem, pl.a.nsub, pl.a.npart,
-                 attr.numRegs, attr.localSizeBytes, per_sm);
+                 int(pl.prefetch), attr.numRegs, attr.localSizeBytes, per_sm);
   }
   if (cudaError_t e = cudaLaunchKernel(pl.kernel, dim3(unsigned(pl.blocks)), dim3(pl.threads),
                                        args, pl.smem, st))

@@ -143,9 +143,12 @@ struct Pack {
 __device__ __forceinline__ void PrefetchL2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
-// Only for 16-bit storage. Measured on the H100 (docs/kernel_notes.md, v8): 16-bit cases, whose
-// lines are bound by latency and arithmetic rather than by DRAM, gain 5-18%; float32 cases lost
-// 3-140% (the prefetches add requests where full waves are bound by bandwidth).
+// Where it pays (measured on the H100, docs/kernel_notes.md, v8): the 16-bit kernels, whose
+// lines are bound by latency and arithmetic rather than by DRAM, gained 5-18%, so they always
+// prefetch; the float32 forward lost 3-140% (the prefetches add requests where full waves are
+// bound by bandwidth), so it never does; the float32 backward gained 15-19% with several
+// channels per gate group and lost with one, so it is compiled both ways and the launch plan
+// chooses (kPrefetch of the backward kernel).
 template <typename T>
 constexpr bool kPrefetchL2 = sizeof(T) == 2;
 
@@ -391,7 +394,8 @@ struct BwdIn {
   float acc[kAcc ? V : 1];    // running float32 dx sum of the earlier directions
 };
 
-template <typename T, int V, int NG, int P, bool kAcc>
+// kPrefetch: the L2 prefetch of line t - 2 (always true for 16-bit types; see PrefetchL2).
+template <typename T, int V, int NG, int P, bool kAcc, bool kPrefetch>
 __global__ void __launch_bounds__(kBwdThreads)
     GspnBwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
                   const T* __restrict__ h, const T* __restrict__ dh, T* __restrict__ dx,
@@ -498,7 +502,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     // t + 1 used), then process line t from `cur`.
     auto step = [&](int t, const BwdIn<T, V, NG, kAcc>(&cur)[P], BwdIn<T, V, NG, kAcc>(&ahead)[P]) {
       if (t > 0) load(ahead, t - 1);
-      if constexpr (kPrefetchL2<T>)
+      if constexpr (kPrefetch)
         if (t > 1) prefetch(t - 2);
       // Line t + 1 fed line t unless it restarted (or does not exist).
       const bool has_next = t + 1 < T_steps;
