@@ -2,7 +2,8 @@
 # On a GPU machine, from the repository root: builds the extension (sm_90) and runs the steps
 # named as arguments, in order:
 #   quick    - D = 1 kernel timings (no reference)
-#   tune     - the launch-plan sweep (experiments/tune_kernel.py; TUNE_FAMILY=plans|slabs)
+#   tune     - the launch-plan sweep (experiments/tune_kernel.py;
+#              TUNE_FAMILY=plans|slabs|prefetch)
 #   batches  - one case at several batch sizes: the cost of a partial last wave
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py

@@ -6,7 +6,8 @@
 `sweep` times the forward and the backward FFI targets (D = 1 and 4 at the two large shapes of
 the benchmark) under the handler's tuning knobs, which it reads at every call:
 CGSPN_CUDA_VS_FWD / CGSPN_CUDA_VS_BWD (vector lanes per block: the slab width) and
-CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread). A knob the plan cannot
+CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread), CGSPN_CUDA_PREFETCH_BWD (the float32
+backward's L2 prefetch, 0 or 1). A knob the plan cannot
 honour is ignored, so each row also records the plan the handler actually chose (printed by the
 handler with CGSPN_CUDA_VERBOSE=1: registers and blocks per multiprocessor included). The
 numbers choose the defaults of MakePlan in xla_ffi/gspn_cuda.cu; docs/kernel_notes.md has them.
@@ -46,9 +47,12 @@ SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA
 # number of blocks decides how full the last wave is.
 SLAB_SETTINGS = [{}] + [{"CGSPN_CUDA_VS_FWD": str(v), "CGSPN_CUDA_VS_BWD": str(v)}
                         for v in (2, 4, 6, 8)]
-FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS}
+# The float32 backward's L2 prefetch forced off and on (16-bit kernels always prefetch, the
+# float32 forward never does).
+PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_PREFETCH_BWD": "1"}]
+FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS, "prefetch": PREFETCH_SETTINGS}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
-         "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):
@@ -154,7 +158,8 @@ def main():
     s = sub.add_parser("sweep")
     s.add_argument("--out", default=None)
     s.add_argument("--family", choices=sorted(FAMILIES), default="plans",
-                   help="plans: positions per thread and slab widths; slabs: slab widths alone")
+                   help="plans: positions per thread and slab widths; slabs: slab widths "
+                        "alone; prefetch: the float32 backward's L2 prefetch off and on")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
