@@ -3,7 +3,7 @@
 # named as arguments, in order:
 #   quick    - D = 1 kernel timings (no reference)
 #   tune     - the launch-plan sweep (experiments/tune_kernel.py;
-#              TUNE_FAMILY=plans|slabs|prefetch)
+#              TUNE_FAMILY=plans|slabs|prefetch|balance)
 #   batches  - one case at several batch sizes: the cost of a partial last wave
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py

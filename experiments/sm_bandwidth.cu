@@ -61,17 +61,17 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
-// A model of the forward's line loop, bf16, C = 1152, G = C: blocks of 512 threads, kLanes
-// lanes of 16 bytes across channels by 512 / kLanes positions (a W x W image, W = 512 / kLanes);
-// block b reads slab b % nslab of image b / nslab, as the kernel does; per thread and line
-// 5 x 16 bytes of x, lam and gates, loaded one line ahead into registers, then the forward's
-// arithmetic (8 groups of gate normalisation and the 3-neighbour update) and the 16-byte h store.
+// A model of the forward's line loop, bf16, C = 1152, G = C: blocks of kLanes lanes of 16 bytes
+// across channels by kW positions (a kW x kW image); block b reads slab b % nslab of image
+// b / nslab, as the kernel does; per thread and line 5 x 16 bytes of x, lam and gates, loaded
+// one line ahead into registers, then the forward's arithmetic (8 groups of gate normalisation
+// and the 3-neighbour update) and the 16-byte h store.
 // kHint: loads carry the L2::256B prefetch hint (one DRAM access fetches 256 bytes around the
 // slab, so the blocks of the neighbouring slabs hit in L2).
-template <int kLanes, bool kHint, bool kWork>
+template <int kLanes, int kW, bool kHint, bool kWork>
 __global__ void __launch_bounds__(kThreads)
     LineModel(const uint4* in, uint4* hout, int images, uint32_t* out) {
-  constexpr int W = kThreads / kLanes, kSlabs = 144 / kLanes;
+  constexpr int W = kW, kSlabs = 144 / kLanes;
   constexpr size_t kPix = 144, kRow = W * kPix, kImage = W * kRow;  // 16-byte units
   const int img = blockIdx.x / kSlabs, slab = blockIdx.x % kSlabs;
   const int pos = threadIdx.x / kLanes, vl = threadIdx.x % kLanes;
@@ -226,29 +226,35 @@ int main() {
   CHECK(cudaMalloc(&hout, bytes / 5));
   // Rows of the plain streams, then of the line model; kind: 0 = ldg, 1 = bulk, 2 = model.
   using Model = void (*)(const uint4*, uint4*, int, uint32_t*);
-  struct Path { const char* name; int kind; int piece; Model model; int lanes; };
+  struct Path { const char* name; int kind; int piece; Model model; int lanes, width; };
   const Path paths[] = {
-      {"ldg", 0, 0, nullptr, 0},
-      {"bulk5120", 1, 5120, nullptr, 0},
-      {"model 64B slabs (128x128)", 2, 0, LineModel<4, false, true>, 4},
-      {"model 64B slabs, L2::256B", 2, 0, LineModel<4, true, true>, 4},
-      {"model 128B slabs (64x64)", 2, 0, LineModel<8, false, true>, 8},
-      {"model 128B slabs, L2::256B", 2, 0, LineModel<8, true, true>, 8},
-      {"model 64B slabs, no work", 2, 0, LineModel<4, false, false>, 4},
-      {"model 64B slabs, L2::256B, no work", 2, 0, LineModel<4, true, false>, 4},
+      {"ldg", 0, 0, nullptr, 0, 0},
+      {"bulk5120", 1, 5120, nullptr, 0, 0},
+      {"model 64B slabs (128x128)", 2, 0, LineModel<4, 128, false, true>, 4, 128},
+      {"model 64B slabs, L2::256B", 2, 0, LineModel<4, 128, true, true>, 4, 128},
+      {"model 128B slabs (64x64)", 2, 0, LineModel<8, 64, false, true>, 8, 64},
+      {"model 128B slabs, L2::256B", 2, 0, LineModel<8, 64, true, true>, 8, 64},
+      {"model 64B slabs, no work", 2, 0, LineModel<4, 128, false, false>, 4, 128},
+      {"model 64B slabs, L2::256B, no work", 2, 0, LineModel<4, 128, true, false>, 4, 128},
+      // 128x128 again with 3-lane slabs (384 threads): 384 blocks, 2.91 waves of 75% fill
+      // instead of 288 blocks in 2.18 waves (two full, one of 18%). Whether equal, lighter
+      // waves beat full ones and a near-empty last one (docs/kernel_notes.md, next steps).
+      {"model 48B slabs (128x128), L2::256B", 2, 0, LineModel<3, 128, true, true>, 3, 128},
   };
   std::printf("| path | blocks | ms | us per line | GB/s total | GB/s per busy SM |\n"
               "|---|---|---|---|---|---|\n");
   // Unused shared memory that keeps the models at one block per SM, as the kernel's registers do.
   const int kOneBlockPerSm = 120 * 1024;
+  const int images = 8;  // of the models: the whole problem is images x (144 / lanes) blocks
   for (const Path& path : paths) {
-    if (path.model)
+    const bool model = path.kind == 2;
+    if (model)
       CHECK(cudaFuncSetAttribute(path.model, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  kOneBlockPerSm));
-    for (int blocks : {1, 36, 132, 264, 288}) {
-      const bool model = path.kind == 2;
-      const int n = model ? kThreads / path.lanes : lines;  // lines per block
-      const int images = 8;  // enough for 288 blocks of either slab width
+    const int threads = model ? path.lanes * path.width : kThreads;
+    const int n = model ? path.width : lines;  // lines per block
+    const int all = model ? images * (144 / path.lanes) : 264;
+    for (int blocks : {1, 36, 132, all}) {
       std::vector<float> ms;
       for (int rep = 0; rep < 12; ++rep) {
         const char* buf = bufs[rep % nbuf];
@@ -259,7 +265,7 @@ int main() {
         else if (path.kind == 1)
           BulkStream<<<blocks, kThreads + 32, smem>>>(buf, lines, path.piece, out);
         else
-          path.model<<<blocks, kThreads, kOneBlockPerSm>>>(b4, hout, images, out);
+          path.model<<<blocks, threads, kOneBlockPerSm>>>(b4, hout, images, out);
         CHECK(cudaEventRecord(e1));
         CHECK(cudaEventSynchronize(e1));
         CHECK(cudaGetLastError());
@@ -269,7 +275,7 @@ int main() {
       }
       std::sort(ms.begin(), ms.end());
       const double t = ms[ms.size() / 2] * 1e-3;
-      const double total = double(n) * kLineBytes * blocks / t / 1e9;
+      const double total = double(n) * threads * kPieces * 16 * blocks / t / 1e9;
       std::printf("| %s | %d | %.3f | %.2f | %.0f | %.1f |\n", path.name, blocks, t * 1e3,
                   t * 1e6 / n / ((blocks + 131) / 132), total, total / std::min(blocks, 132));
     }

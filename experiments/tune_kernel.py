@@ -50,7 +50,14 @@ SLAB_SETTINGS = [{}] + [{"CGSPN_CUDA_VS_FWD": str(v), "CGSPN_CUDA_VS_BWD": str(v
 # The float32 backward's L2 prefetch forced off and on (16-bit kernels always prefetch, the
 # float32 forward never does).
 PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_PREFETCH_BWD": "1"}]
-FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS, "prefetch": PREFETCH_SETTINGS}
+# 3-lane slabs (48 bytes of bf16, 96 of float32): at 8x1152x128x128 bf16 the forward's 288
+# blocks make 2.18 waves (two full, one of 18%); 384 blocks of 3 lanes make 2.91 waves of equal,
+# lighter fill. Whether that pays is the question (docs/kernel_notes.md, next steps).
+BALANCE_SETTINGS = [{}, {"CGSPN_CUDA_VS_FWD": "3"}, {"CGSPN_CUDA_VS_FWD": "3",
+                                                     "CGSPN_CUDA_VS_BWD": "3",
+                                                     "CGSPN_CUDA_P_BWD": "2"}]
+FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS, "prefetch": PREFETCH_SETTINGS,
+            "balance": BALANCE_SETTINGS}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_VERBOSE")
 
@@ -159,7 +166,8 @@ def main():
     s.add_argument("--out", default=None)
     s.add_argument("--family", choices=sorted(FAMILIES), default="plans",
                    help="plans: positions per thread and slab widths; slabs: slab widths "
-                        "alone; prefetch: the float32 backward's L2 prefetch off and on")
+                        "alone; prefetch: the float32 backward's L2 prefetch off and on; "
+                        "balance: 3-lane slabs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
