@@ -9,7 +9,9 @@
 //              issued by a producer warp (copies of 1 KB or less ran 3-50x slower: each bulk copy
 //              costs ~30 ns to issue, so per-pixel copies of a 64-byte slab are out of the question);
 //   model    - the forward's own addressing and arithmetic (LineModel below), with and without
-//              the L2::256B prefetch hint, and without the arithmetic.
+//              the L2::256B prefetch hint, without the arithmetic, with the L2 prefetch of the
+//              line two ahead, and with 3-lane slabs (equal, lighter waves: 2.91 instead of
+//              2.18 at 128 x 128).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -67,8 +69,9 @@ __device__ __forceinline__ uint32_t SmemAddr(const void* p) {
 // one line ahead into registers, then the forward's arithmetic (8 groups of gate normalisation
 // and the 3-neighbour update) and the 16-byte h store.
 // kHint: loads carry the L2::256B prefetch hint (one DRAM access fetches 256 bytes around the
-// slab, so the blocks of the neighbouring slabs hit in L2).
-template <int kLanes, int kW, bool kHint, bool kWork>
+// slab, so the blocks of the neighbouring slabs hit in L2). kPrefetch: line t + 2 is also
+// prefetched into L2 at the top of line t (the kernel's 16-bit path since v8).
+template <int kLanes, int kW, bool kHint, bool kWork, bool kPrefetch = false>
 __global__ void __launch_bounds__(kThreads)
     LineModel(const uint4* in, uint4* hout, int images, uint32_t* out) {
   constexpr int W = kW, kSlabs = 144 / kLanes;
@@ -104,6 +107,12 @@ __global__ void __launch_bounds__(kThreads)
     for (int s = 0; s < 2; ++s) {
       const int t = t0 + s;
       if (t + 1 < W) issue(r[s ^ 1], t + 1);
+      if (kPrefetch && t + 2 < W) {
+        const size_t row = size_t(t + 2) * kRow;
+        for (const uint4* p : {x + row, lam + row, gates + 3 * row, gates + 3 * row + 1,
+                               gates + 3 * row + 2})
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+      }
       const uint4* v = r[s];
       if constexpr (kWork) {
         auto lo = [](uint32_t u) { return __uint_as_float(u << 16); };
@@ -240,6 +249,10 @@ int main() {
       // instead of 288 blocks in 2.18 waves (two full, one of 18%). Whether equal, lighter
       // waves beat full ones and a near-empty last one (docs/kernel_notes.md, next steps).
       {"model 48B slabs (128x128), L2::256B", 2, 0, LineModel<3, 128, true, true>, 3, 128},
+      {"model 64B slabs, L2::256B, prefetch 2 ahead", 2, 0,
+       LineModel<4, 128, true, true, true>, 4, 128},
+      {"model 48B slabs, L2::256B, prefetch 2 ahead", 2, 0,
+       LineModel<3, 128, true, true, true>, 3, 128},
   };
   std::printf("| path | blocks | ms | us per line | GB/s total | GB/s per busy SM |\n"
               "|---|---|---|---|---|---|\n");
