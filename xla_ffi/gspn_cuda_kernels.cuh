@@ -18,9 +18,9 @@
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
 // held as raw bits in registers until line t + 1 uses them; converting them earlier would make
-// the thread wait for them at the end of line t. For 16-bit types, those of line t + 2 are
-// prefetched into L2 at the same time (no registers), so that the register loads wait for L2,
-// not DRAM.
+// the thread wait for them at the end of line t. For 16-bit types (and the float32 backward
+// where the launch plan asks), those of line t + 2 are prefetched into L2 at the same time (no
+// registers), so that the register loads wait for L2, not DRAM.
 //
 // Gates. Channel c uses group c / S (S = C / G). When S < V a vector spans NG = V / S groups
 // whose 3 * NG gates are contiguous; otherwise the whole vector uses one group's 3 gates. The
@@ -97,7 +97,8 @@ struct Pack {
   // reads only its slab of each pixel (64 bytes at 128 x 128 bfloat16); the blocks of the
   // neighbouring slabs, which run at the same time, then find theirs in L2, and DRAM serves
   // fewer, longer bursts. (Measured on a model of the forward, experiments/sm_bandwidth.cu:
-  // +4-7% at 64-byte slabs, neutral at 128; docs/kernel_notes.md, v7.)
+  // +4-7% at 64-byte slabs, neutral at 128; in the kernel +1-4% at 128 x 128; docs/kernel_notes.md,
+  // v7.)
   __device__ __forceinline__ void Load(const T* p) {
     if constexpr (sizeof(R) == 16) {
       asm("ld.global.nc.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];"
