@@ -173,11 +173,12 @@ __global__ void __launch_bounds__(kThreads + 32)
                    : "memory");
     const char* src = base + size_t(t) * kLineBytes;
     char* dst = smem + s * kLineBytes;
+    // The last piece of a line is cut to what is left (a piece size need not divide the line).
     for (int off = lane * piece; off < kLineBytes; off += 32 * piece)
       asm volatile(
           "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, "
           "[%3];" ::"r"(SmemAddr(dst + off)),
-          "l"(src + off), "r"(piece), "r"(bar)
+          "l"(src + off), "r"(min(piece, kLineBytes - off)), "r"(bar)
           : "memory");
   };
   if (warp == kThreads / 32)

@@ -294,30 +294,25 @@ __global__ void __launch_bounds__(kFwdThreads)
   const auto& act = ps.act;
   const auto& poff = ps.poff;
 
-  auto load = [&](FwdIn<T, V, NG>(&in)[P], int t) {
+  // The inputs of line t at this thread's positions: op(pack of the set `in`, its address) for
+  // each. Loading fills the packs; the L2 prefetch only uses the addresses.
+  auto for_inputs = [&](FwdIn<T, V, NG>(&in)[P], int t, auto&& op) {
     const int64_t line = b * geo.image + geo.base + int64_t(t) * geo.step_stride;
 #pragma unroll
     for (int j = 0; j < P; ++j) {
       if (!act[j]) continue;
       const int64_t pix = line + poff[j];
-      in[j].x.Load(xd + pix * C);
-      in[j].lam.Load(lamd + pix * C);
+      op(in[j].x, xd + pix * C);
+      op(in[j].lam, lamd + pix * C);
 #pragma unroll
-      for (int k = 0; k < 3; ++k) in[j].g[k].Load(wd + pix * G3 + k * NG);
+      for (int k = 0; k < 3; ++k) op(in[j].g[k], wd + pix * G3 + k * NG);
     }
   };
-
-  auto prefetch = [&](int t) {
-    const int64_t line = b * geo.image + geo.base + int64_t(t) * geo.step_stride;
-#pragma unroll
-    for (int j = 0; j < P; ++j) {
-      if (!act[j]) continue;
-      const int64_t pix = line + poff[j];
-      PrefetchL2(xd + pix * C);
-      PrefetchL2(lamd + pix * C);
-#pragma unroll
-      for (int k = 0; k < 3; ++k) PrefetchL2(wd + pix * G3 + k * NG);
-    }
+  auto load = [&](FwdIn<T, V, NG>(&in)[P], int t) {
+    for_inputs(in, t, [](auto& pack, const T* p) { pack.Load(p); });
+  };
+  auto prefetch = [&](FwdIn<T, V, NG>(&in)[P], int t) {
+    for_inputs(in, t, [](auto&, const T* p) { PrefetchL2(p); });
   };
 
   float hown[P][V];  // this thread's h of the previous line
@@ -331,7 +326,7 @@ __global__ void __launch_bounds__(kFwdThreads)
   auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
-      if (t + 2 < T_steps) prefetch(t + 2);
+      if (t + 2 < T_steps) prefetch(ahead, t + 2);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
     float* now = tile + (t & 1) * tile_size;
@@ -442,40 +437,35 @@ __global__ void __launch_bounds__(kBwdThreads)
     const auto& poff = ps.poff;
     auto line_of = [&](int t) { return b * geo.image + geo.base + int64_t(t) * geo.step_stride; };
 
-    auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
+    // The read-only inputs of line t at this thread's positions: op(pack of the set `in`, its
+    // address) for each, then after(j, pixel). Loading fills the packs; the L2 prefetch only
+    // uses the addresses.
+    auto for_inputs = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t, auto&& op, auto&& after) {
       const int64_t line = line_of(t);
       const bool need_h = !LineGeometry::Restarts(t, a.chunk);
 #pragma unroll
       for (int j = 0; j < P; ++j) {
         if (!act[j]) continue;
         const int64_t pix = line + poff[j];
-        in[j].x.Load(xd + pix * C);
-        in[j].lam.Load(lamd + pix * C);
-        in[j].dh.Load(dhd + pix * C);
-        if (need_h) in[j].hm.Load(hd + (pix - geo.step_stride) * C);
+        op(in[j].x, xd + pix * C);
+        op(in[j].lam, lamd + pix * C);
+        op(in[j].dh, dhd + pix * C);
+        if (need_h) op(in[j].hm, hd + (pix - geo.step_stride) * C);
 #pragma unroll
-        for (int k = 0; k < 3; ++k) in[j].g[k].Load(wd + pix * G3 + k * NG);
-        // Written by this block's previous direction (other threads, before a barrier): an
-        // ordinary coherent load, not the read-only path.
-        if constexpr (kAcc)
-          if (!first_dir) LoadF<V>(accd + pix * C, in[j].acc);
+        for (int k = 0; k < 3; ++k) op(in[j].g[k], wd + pix * G3 + k * NG);
+        after(j, pix);
       }
     };
-
-    auto prefetch = [&](int t) {
-      const int64_t line = line_of(t);
-      const bool need_h = !LineGeometry::Restarts(t, a.chunk);
-#pragma unroll
-      for (int j = 0; j < P; ++j) {
-        if (!act[j]) continue;
-        const int64_t pix = line + poff[j];
-        PrefetchL2(xd + pix * C);
-        PrefetchL2(lamd + pix * C);
-        PrefetchL2(dhd + pix * C);
-        if (need_h) PrefetchL2(hd + (pix - geo.step_stride) * C);
-#pragma unroll
-        for (int k = 0; k < 3; ++k) PrefetchL2(wd + pix * G3 + k * NG);
-      }
+    auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
+      for_inputs(in, t, [](auto& pack, const T* p) { pack.Load(p); }, [&](int j, int64_t pix) {
+        // The running dx sum, written by this block's previous direction (other threads,
+        // before a barrier): an ordinary coherent load, not the read-only path.
+        if constexpr (kAcc)
+          if (!first_dir) LoadF<V>(accd + pix * C, in[j].acc);
+      });
+    };
+    auto prefetch = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
+      for_inputs(in, t, [](auto&, const T* p) { PrefetchL2(p); }, [](int, int64_t) {});
     };
 
     // One group's gate gradient (into out) from its weight gradient da, at position p of a line
@@ -504,7 +494,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     auto step = [&](int t, const BwdIn<T, V, NG, kAcc>(&cur)[P], BwdIn<T, V, NG, kAcc>(&ahead)[P]) {
       if (t > 0) load(ahead, t - 1);
       if constexpr (kPrefetch)
-        if (t > 1) prefetch(t - 2);
+        if (t > 1) prefetch(ahead, t - 2);
       // Line t + 1 fed line t unless it restarted (or does not exist).
       const bool has_next = t + 1 < T_steps;
       const bool coupled = has_next && !LineGeometry::Restarts(t + 1, a.chunk);
