@@ -3,7 +3,8 @@
 # named as arguments, in order:
 #   quick    - D = 1 kernel timings (no reference)
 #   tune     - the launch-plan sweep (experiments/tune_kernel.py;
-#              TUNE_FAMILY=plans|slabs|prefetch|balance)
+#              TUNE_FAMILY: one or more of plans slabs prefetch balance)
+#   model    - experiments/sm_bandwidth.cu, the standalone model of what one SM can stream
 #   batches  - one case at several batch sizes: the cost of a partial last wave
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
@@ -27,9 +28,14 @@ for step in "$@"; do
   t0=$(date +%s)
   case $step in
     quick) timeout 150 python3 experiments/bench_kernel.py --quick --out "$OUT/quick" || rc=1 ;;
-    tune) timeout 200 python3 experiments/tune_kernel.py sweep --family "${TUNE_FAMILY:-plans}" \
-            --out "$OUT/tune" >"$OUT/tune.log" 2>&1 || rc=1
-          grep -A14 "^| case" "$OUT/tune.log" ;;
+    tune) for fam in ${TUNE_FAMILY:-plans}; do
+            timeout 400 python3 experiments/tune_kernel.py sweep --family "$fam" \
+              --out "$OUT/tune_$fam" >"$OUT/tune_$fam.log" 2>&1 || rc=1
+            echo "family $fam:"; grep -A30 "^| case" "$OUT/tune_$fam.log"
+          done ;;
+    model) nvcc -O3 -std=c++17 --use_fast_math -arch=sm_90 -o /tmp/smbw experiments/sm_bandwidth.cu \
+             && timeout 200 /tmp/smbw >"$OUT/sm_bandwidth.txt" 2>&1 || rc=1
+           tail -30 "$OUT/sm_bandwidth.txt" ;;
     batches) timeout 200 python3 experiments/tune_kernel.py batches --out "$OUT/batches" || rc=1 ;;
     test) timeout 520 python3 -m pytest -q -x -p no:cacheprovider --durations=12 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;

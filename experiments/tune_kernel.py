@@ -6,7 +6,7 @@
 `sweep` times the forward and the backward FFI targets (D = 1 and 4 at the two large shapes of
 the benchmark) under the handler's tuning knobs, which it reads at every call:
 CGSPN_CUDA_VS_FWD / CGSPN_CUDA_VS_BWD (vector lanes per block: the slab width) and
-CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread), CGSPN_CUDA_PREFETCH_BWD (the float32
+CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread), CGSPN_CUDA_PREFETCH_BWD (the
 backward's L2 prefetch, 0 or 1). A knob the plan cannot
 honour is ignored, so each row also records the plan the handler actually chose (printed by the
 handler with CGSPN_CUDA_VERBOSE=1: registers and blocks per multiprocessor included). The
@@ -47,8 +47,7 @@ SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA
 # number of blocks decides how full the last wave is.
 SLAB_SETTINGS = [{}] + [{"CGSPN_CUDA_VS_FWD": str(v), "CGSPN_CUDA_VS_BWD": str(v)}
                         for v in (2, 4, 6, 8)]
-# The float32 backward's L2 prefetch forced off and on (16-bit kernels always prefetch, the
-# float32 forward never does).
+# The backward's L2 prefetch forced off and on (the forward's is fixed by the storage type).
 PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_PREFETCH_BWD": "1"}]
 # 3-lane slabs (48 bytes of bf16, 96 of float32): at 8x1152x128x128 bf16 the forward's 288
 # blocks make 2.18 waves (two full, one of 18%); 384 blocks of 3 lanes make 2.91 waves of equal,
@@ -56,6 +55,12 @@ PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_PREFETCH
 BALANCE_SETTINGS = [{}, {"CGSPN_CUDA_VS_FWD": "3"}, {"CGSPN_CUDA_VS_FWD": "3",
                                                      "CGSPN_CUDA_VS_BWD": "3",
                                                      "CGSPN_CUDA_P_BWD": "2"}]
+# The prefetch family also covers D = 4 and the small shape: the 16-bit backward at D = 4 with
+# 32-byte slabs ran twice as slow with the prefetch as without (v8 against v7).
+PREFETCH_CASES = [((B, C, H, W), G, dt, D) for (B, C, H, W) in ((32, 1152, 64, 64),
+                                                                  (8, 1152, 128, 128),
+                                                                  (8, 192, 128, 128))
+                  for G in (C, C // 16) for dt in ("float32", "bfloat16") for D in (1, 4)]
 FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS, "prefetch": PREFETCH_SETTINGS,
             "balance": BALANCE_SETTINGS}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
@@ -88,11 +93,11 @@ def case_fns(shape, G, dtype, D):
     return (kfwd, sets[0][:3]), (kbwd, (*sets[0][:3], h, sets[0][3]))
 
 
-def sweep(out: Path, settings=SETTINGS):
+def sweep(out: Path, settings=SETTINGS, cases=CASES):
     copy_bw, _ = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; copy {copy_bw / 1e12:.3f} TB/s", flush=True)
     rows = []
-    for shape, G, dtype, D in CASES:
+    for shape, G, dtype, D in cases:
         (kfwd, fargs), (kbwd, bargs) = case_fns(shape, G, dtype, D)
         floors = byte_floor(*shape, G, D, jnp.dtype(dtype).itemsize)
         for setting in settings:
@@ -115,7 +120,7 @@ def sweep(out: Path, settings=SETTINGS):
     # Best setting per case and direction of the scan.
     print("\n| case | best fwd ms (%copy) | setting | best bwd ms (%copy) | setting |")
     print("|---|---|---|---|---|")
-    for shape, G, dtype, D in CASES:
+    for shape, G, dtype, D in cases:
         mine = [r for r in rows if (r["shape"], r["G"], r["dtype"], r["D"]) == (shape, G, dtype, D)]
         bf = min(mine, key=lambda r: r["fwd_ms"])
         bb = min(mine, key=lambda r: r["bwd_ms"])
@@ -166,8 +171,8 @@ def main():
     s.add_argument("--out", default=None)
     s.add_argument("--family", choices=sorted(FAMILIES), default="plans",
                    help="plans: positions per thread and slab widths; slabs: slab widths "
-                        "alone; prefetch: the float32 backward's L2 prefetch off and on; "
-                        "balance: 3-lane slabs")
+                        "alone; prefetch: the backward's L2 prefetch off and on (D = 1 and 4, "
+                        "all three shapes); balance: 3-lane slabs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
@@ -181,7 +186,8 @@ def main():
         out = Path(args.out or f"runs/tune_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
         out.mkdir(parents=True, exist_ok=True)
         if args.cmd == "sweep":
-            sweep(out, FAMILIES[args.family])
+            sweep(out, FAMILIES[args.family],
+                  PREFETCH_CASES if args.family == "prefetch" else CASES)
         else:
             batches(out)
     else:

@@ -189,7 +189,7 @@ def test_extreme_gate_logits(name, dtype):
 
 
 # The handler reads its tuning knobs at every call: each forced launch plan (positions per
-# thread, slab width, 3-lane slabs that start mid-sector, the float32 backward with and without
+# thread, slab width, 3-lane slabs that start mid-sector, the backward with and without
 # the L2 prefetch) must compute the same function, and a knob that no plan can honour (more
 # lanes than a pixel has) is ignored.
 @pytest.mark.parametrize("knobs", [{"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2"},

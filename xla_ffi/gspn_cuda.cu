@@ -67,14 +67,10 @@ const void* BwdKernelP(int P) {
   });
 }
 
-// The backward with or without the L2 prefetch: both for float32, always with it for 16-bit
-// types (kPrefetchL2), which halves the instances to compile.
+// The backward with or without the L2 prefetch (the launch plan chooses; MakePlan).
 template <typename T, int V, int NG, bool kAcc>
 const void* BwdKernelPrefetch(int P, bool prefetch) {
-  if constexpr (kPrefetchL2<T>)
-    return BwdKernelP<T, V, NG, kAcc, true>(P);
-  else
-    return prefetch ? BwdKernelP<T, V, NG, kAcc, true>(P) : BwdKernelP<T, V, NG, kAcc, false>(P);
+  return prefetch ? BwdKernelP<T, V, NG, kAcc, true>(P) : BwdKernelP<T, V, NG, kAcc, false>(P);
 }
 
 // kind 0: forward; 1: backward (acc: the running dx sum, when D > 1; prefetch: see
@@ -153,12 +149,19 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   int full_sub = 1;  // the largest power of 2 (<= 32) dividing the group's lanes
   while (full_sub < 32 && lanes % (2 * full_sub) == 0) full_sub *= 2;
   const bool acc = kind == 1 && s.D > 1;
-  // The L2 prefetch (PrefetchL2 in the kernels): fixed by the storage type except in the
-  // float32 backward, where it paid with several channels per gate group (15-19% at
-  // G = C / 16) and cost with one (3-68%). CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides that choice.
-  bool prefetch = kPrefetchL2<T> || (kind == 1 && S > 1);
-  if (const char* v = std::getenv("CGSPN_CUDA_PREFETCH_BWD"); v && kind == 1 && !kPrefetchL2<T>)
-    prefetch = std::string(v) != "0";
+  // The L2 prefetch (PrefetchL2 in the kernels). The forward's is fixed by the storage type.
+  // The backward's depends on the plan, by the prefetch sweep of docs/kernel_notes.md (v9):
+  // it pays for 16-bit types and for float32 with several channels per gate group (3-22%), but
+  // costs with one channel per group in float32 (4-50%), with 32-byte slabs (8-48%) and, when
+  // D > 1, with 64-byte slabs of two positions per thread (4-28%).
+  // CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides the rule.
+  const char* prefetch_knob = std::getenv("CGSPN_CUDA_PREFETCH_BWD");
+  auto prefetch_for = [&](int P, int64_t slab_bytes) {
+    if (kind == 0) return kPrefetchL2<T>;
+    if (prefetch_knob) return std::string(prefetch_knob) != "0";
+    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 &&
+           !(s.D > 1 && P == 2 && slab_bytes < 128);
+  };
 
   int device = 0, sms = 132, smem_optin = 48 << 10;
   cudaGetDevice(&device);
@@ -183,8 +186,6 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     // Forward: the fewest positions per thread (more spill registers), unless forced.
     if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
     const int Pt = int((Lmax + P - 1) / P);
-    const bool spills =  // backward key
-        kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
     int nsub = kind == 1 ? full_sub : 1;
@@ -201,6 +202,9 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
       if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub && Vs != forced_vs) continue;
       if (forced_vs && Vs != forced_vs) continue;
+      const bool prefetch = prefetch_for(P, bytes);
+      const bool spills =  // backward key
+          kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
       const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
       const int64_t blocks = grid_lines * ((vtot + Vs - 1) / Vs);
       Key key;
@@ -238,7 +242,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, prefetch);
+  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->prefetch);
   return ffi::Error::Success();
 }
 

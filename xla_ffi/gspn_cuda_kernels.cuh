@@ -18,8 +18,8 @@
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
 // held as raw bits in registers until line t + 1 uses them; converting them earlier would make
-// the thread wait for them at the end of line t. For 16-bit types (and the float32 backward
-// where the launch plan asks), those of line t + 2 are prefetched into L2 at the same time (no
+// the thread wait for them at the end of line t. In the 16-bit forward (and the backward where
+// the launch plan asks), those of line t + 2 are prefetched into L2 at the same time (no
 // registers), so that the register loads wait for L2, not DRAM.
 //
 // Gates. Channel c uses group c / S (S = C / G). When S < V a vector spans NG = V / S groups
@@ -144,12 +144,14 @@ struct Pack {
 __device__ __forceinline__ void PrefetchL2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
-// Where it pays (measured on the H100, docs/kernel_notes.md, v8): the 16-bit kernels, whose
-// lines are bound by latency and arithmetic rather than by DRAM, gained 5-18%, so they always
-// prefetch; the float32 forward lost 3-140% (the prefetches add requests where full waves are
-// bound by bandwidth), so it never does; the float32 backward gained 15-19% with several
-// channels per gate group and lost with one, so it is compiled both ways and the launch plan
-// chooses (kPrefetch of the backward kernel).
+// Where it pays (measured on the H100, docs/kernel_notes.md, v8 and v9): the 16-bit forward,
+// whose lines are bound by latency and arithmetic rather than by DRAM, gained 5-18%, so it
+// always prefetches; the float32 forward lost 3-140% (the prefetches add requests where full
+// waves are bound by bandwidth), so it never does. The backward is compiled both ways
+// (kPrefetch) and the launch plan chooses: it pays for 16-bit types and for float32 with
+// several channels per gate group, except with narrow slabs (MakePlan has the rule).
+// Prefetching further ahead (3, 4, 6 lines) or from every 2nd or 4th lane only was measured
+// too: never better, up to 40% worse at 6 lines (v9).
 template <typename T>
 constexpr bool kPrefetchL2 = sizeof(T) == 2;
 
@@ -390,7 +392,7 @@ struct BwdIn {
   float acc[kAcc ? V : 1];    // running float32 dx sum of the earlier directions
 };
 
-// kPrefetch: the L2 prefetch of line t - 2 (always true for 16-bit types; see PrefetchL2).
+// kPrefetch: the L2 prefetch of line t - 2 (chosen by the launch plan; see PrefetchL2).
 template <typename T, int V, int NG, int P, bool kAcc, bool kPrefetch>
 __global__ void __launch_bounds__(kBwdThreads)
     GspnBwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
