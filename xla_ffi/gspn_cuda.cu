@@ -151,9 +151,10 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   const bool acc = kind == 1 && s.D > 1;
   // The L2 prefetch (PrefetchL2 in the kernels). The forward's is fixed by the storage type.
   // The backward's depends on the plan, by the prefetch sweep of docs/kernel_notes.md (v9):
-  // it pays for 16-bit types and for float32 with several channels per gate group (3-22%), but
-  // costs with one channel per group in float32 (4-50%), with 32-byte slabs (8-48%) and, when
-  // D > 1, with 64-byte slabs of two positions per thread (4-28%).
+  // it pays for 16-bit types and for float32 with several channels per gate group (2-22%
+  // faster), but not with one channel per group in float32 (4% to 2x slower), with 32-byte
+  // slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs of two positions per thread
+  // (4-39% slower).
   // CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides the rule.
   const char* prefetch_knob = std::getenv("CGSPN_CUDA_PREFETCH_BWD");
   auto prefetch_for = [&](int P, int64_t slab_bytes) {

@@ -151,7 +151,7 @@ __device__ __forceinline__ void PrefetchL2(const void* p) {
 // (kPrefetch) and the launch plan chooses: it pays for 16-bit types and for float32 with
 // several channels per gate group, except with narrow slabs (MakePlan has the rule).
 // Prefetching further ahead (3, 4, 6 lines) or from every 2nd or 4th lane only was measured
-// too: never better, up to 40% worse at 6 lines (v9).
+// too: never better, up to 1.5x slower at 6 lines (v9).
 template <typename T>
 constexpr bool kPrefetchL2 = sizeof(T) == 2;
 
