@@ -61,8 +61,10 @@ PREFETCH_CASES = [((B, C, H, W), G, dt, D) for (B, C, H, W) in ((32, 1152, 64, 6
                                                                   (8, 1152, 128, 128),
                                                                   (8, 192, 128, 128))
                   for G in (C, C // 16) for dt in ("float32", "bfloat16") for D in (1, 4)]
-FAMILIES = {"plans": SETTINGS, "slabs": SLAB_SETTINGS, "prefetch": PREFETCH_SETTINGS,
-            "balance": BALANCE_SETTINGS}
+# Each family: its knob settings and the cases it times.
+FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
+            "prefetch": (PREFETCH_SETTINGS, PREFETCH_CASES),
+            "balance": (BALANCE_SETTINGS, CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_VERBOSE")
 
@@ -93,7 +95,7 @@ def case_fns(shape, G, dtype, D):
     return (kfwd, sets[0][:3]), (kbwd, (*sets[0][:3], h, sets[0][3]))
 
 
-def sweep(out: Path, settings=SETTINGS, cases=CASES):
+def sweep(out: Path, settings, cases):
     copy_bw, _ = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; copy {copy_bw / 1e12:.3f} TB/s", flush=True)
     rows = []
@@ -186,8 +188,7 @@ def main():
         out = Path(args.out or f"runs/tune_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
         out.mkdir(parents=True, exist_ok=True)
         if args.cmd == "sweep":
-            sweep(out, FAMILIES[args.family],
-                  PREFETCH_CASES if args.family == "prefetch" else CASES)
+            sweep(out, *FAMILIES[args.family])
         else:
             batches(out)
     else:
