@@ -190,15 +190,18 @@ def test_extreme_gate_logits(name, dtype):
 
 # The handler reads its tuning knobs at every call: each forced launch plan (positions per
 # thread, slab width, 3-lane slabs that start mid-sector, the backward with and without
-# the L2 prefetch) must compute the same function, and a knob that no plan can honour (more
+# the L2 prefetch, the forward with a block barrier instead of its neighbour synchronisation)
+# must compute the same function, and a knob that no plan can honour (more
 # lanes than a pixel has) is ignored.
 @pytest.mark.parametrize("knobs", [{"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2"},
                                    {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_VS_BWD": "2"},
                                    {"CGSPN_CUDA_VS_FWD": "3", "CGSPN_CUDA_VS_BWD": "3"},
                                    {"CGSPN_CUDA_VS_FWD": "999", "CGSPN_CUDA_VS_BWD": "999"},
                                    {"CGSPN_CUDA_PREFETCH_BWD": "0"},
-                                   {"CGSPN_CUDA_PREFETCH_BWD": "1"}],
-                         ids=["P1", "P2", "Vs2", "Vs3", "unhonoured", "no_prefetch", "prefetch"])
+                                   {"CGSPN_CUDA_PREFETCH_BWD": "1"},
+                                   {"CGSPN_CUDA_FWD_SYNC": "block"}],
+                         ids=["P1", "P2", "Vs2", "Vs3", "unhonoured", "no_prefetch", "prefetch",
+                              "block_sync"])
 @pytest.mark.parametrize("shape", [((2, 9, 11, 32), 2), ((1, 5, 6, 24), 12),
                                    ((2, 37, 130, 16), 1), ((3, 7, 5, 64), 64)],
                          ids=["S16", "S2", "37x130_G1", "GC64"])

@@ -13,7 +13,8 @@
 //
 // Neighbour exchange. The state of line t-1 lives in registers (each thread keeps its own
 // positions) and in a double-buffered shared-memory copy of the whole line tile, from which a
-// thread reads positions p - 1 and p + 1. One __syncthreads per line orders it.
+// thread reads positions p - 1 and p + 1. One __syncthreads per line orders it (in the forward
+// with one position per thread, mbarriers between neighbouring warps instead).
 //
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
@@ -237,7 +238,38 @@ struct Launch {
   int Lmax;                  // longest line over the call's directions (rows of the smem tiles)
   int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
   int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
+  bool neighbour_sync;       // forward, P = 1: warps wait for their neighbours, not the block
 };
+
+// ------------------------------------------------------------------ mbarriers
+
+// Shared-memory barriers that a warp arrives at and others wait on, one phase per use: the
+// forward's neighbour synchronisation. Arrive has release and the wait acquire semantics at
+// block scope, so the shared-memory writes before an arrival are visible after the wait.
+__device__ __forceinline__ unsigned SharedAddr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void MbarInit(uint64_t* bar, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(SharedAddr(bar)), "r"(count)
+               : "memory");
+}
+__device__ __forceinline__ void MbarArrive(uint64_t* bar) {
+  asm volatile("{\n .reg .b64 state;\n mbarrier.arrive.shared::cta.b64 state, [%0];\n}"
+               ::"r"(SharedAddr(bar)) : "memory");
+}
+// Waits until the phase of the given parity has completed (phases alternate 0, 1, 0, ...).
+__device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
+  unsigned done = 0;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+        " selp.u32 %0, 1, 0, p;\n}"
+        : "=r"(done) : "r"(SharedAddr(bar)), "r"(parity) : "memory");
+  } while (!done);
+}
+
+// Bytes of dynamic shared memory in front of the forward's tiles: two mbarriers per warp.
+constexpr int kFwdSyncBytes = kFwdThreads / 32 * 2 * 8;
 
 // ------------------------------------------------------------------ forward
 
@@ -269,7 +301,9 @@ __global__ void __launch_bounds__(kFwdThreads)
     GspnFwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
                   T* __restrict__ h, const Launch a) {
   extern __shared__ float4 smem_raw[];
-  float* tile = reinterpret_cast<float*>(smem_raw);  // [2][Lmax][Cs]
+  // [warps][2 line parities] mbarriers, then the tiles [2][Lmax][Cs].
+  uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
+  float* tile = reinterpret_cast<float*>(smem_raw) + kFwdSyncBytes / sizeof(float);
   const int Cs = a.Vs * V;
   const int64_t tile_size = int64_t(a.Lmax) * Cs;
 
@@ -323,12 +357,32 @@ __global__ void __launch_bounds__(kFwdThreads)
 #pragma unroll
     for (int i = 0; i < V; ++i) hown[j][i] = 0.f;
 
+  // Neighbour synchronisation (one position per thread). A line only needs line t - 1 at
+  // p - 1, p, p + 1, and the positions of a warp are contiguous: so instead of a block-wide
+  // barrier per line, each warp arrives at its own mbarrier (one per line parity) after writing
+  // its positions to the tile, and before a line waits only for the warps [wlo, whi] that own
+  // its positions and their neighbours. A warp that got its loads early goes on instead of
+  // waiting for the slowest warp of the block. (Waiting for line t - 1 also covers the reuse of
+  // the tile slot of line t - 2: a neighbour finished reading it before it finished line t - 1.
+  // No neighbour can be two phases ahead: it would need this warp's next line.)
+  const bool neighbour_sync = P == 1 && a.neighbour_sync;  // compiled out for P > 1
+  const int warp = threadIdx.x / 32;
+  const int pfirst = warp * 32 / a.Vs, plast = (warp * 32 + 31) / a.Vs;
+  const int wlo = max(0, (pfirst - 1) * a.Vs / 32);
+  const int whi = min(int(blockDim.x / 32) - 1, ((plast + 1) * a.Vs + a.Vs - 1) / 32);
+  if (neighbour_sync) {
+    if (threadIdx.x < 2 * blockDim.x / 32) MbarInit(mbar + threadIdx.x, 32);
+    __syncthreads();
+  }
+
   // One line: issue the loads of line t + 1 into `ahead` (the set line t - 1 used), then scan
   // line t from `cur`.
   auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
       if (t + 2 < T_steps) prefetch(ahead, t + 2);
+    if (neighbour_sync && t > 0)
+      for (int w2 = wlo; w2 <= whi; ++w2) MbarWait(mbar + 2 * w2 + ((t - 1) & 1), ((t - 1) >> 1) & 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
     float* now = tile + (t & 1) * tile_size;
@@ -366,7 +420,10 @@ __global__ void __launch_bounds__(kFwdThreads)
 #pragma unroll
       for (int i = 0; i < V; ++i) hown[j][i] = hv[i];
     }
-    __syncthreads();
+    if (neighbour_sync)
+      MbarArrive(mbar + 2 * warp + (t & 1));
+    else
+      __syncthreads();
   };
 
   // The two register sets swap roles by unrolling, never by copying: a copy of a set whose loads
