@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import (DIRECTIONS, byte_floor, copy_bandwidth, ffi_backward,  # noqa: E402
-                          make_sets, plan_lines, time_calls, waves_of)
+from bench_kernel import (DIRECTIONS, SHAPES, byte_floor, copy_bandwidth,  # noqa: E402
+                          ffi_backward, make_sets, plan_lines, time_calls, waves_of)
 
 from cgspn_jax import gspn_scan  # noqa: E402
 
@@ -56,19 +56,18 @@ PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_PREFETCH
 BALANCE_SETTINGS = [{}, {"CGSPN_CUDA_VS_FWD": "3"}, {"CGSPN_CUDA_VS_FWD": "3",
                                                      "CGSPN_CUDA_VS_BWD": "3",
                                                      "CGSPN_CUDA_P_BWD": "2"}]
-# The prefetch family also covers D = 4 and the small shape: the 16-bit backward at D = 4 with
-# 32-byte slabs ran twice as slow with the prefetch as without (v8 against v7).
-PREFETCH_CASES = [((B, C, H, W), G, dt, D) for (B, C, H, W) in ((32, 1152, 64, 64),
-                                                                  (8, 1152, 128, 128),
-                                                                  (8, 192, 128, 128))
-                  for G in (C, C // 16) for dt in ("float32", "bfloat16") for D in (1, 4)]
+# All 24 cases of the benchmark. The prefetch family needs D = 4 and the small shape: the 16-bit
+# backward at D = 4 with 32-byte slabs ran twice as slow with the prefetch as without (v8
+# against v7).
+BENCH_CASES = [((B, C, H, W), G, dt, D) for (B, C, H, W) in SHAPES
+               for G in (C, C // 16) for dt in ("float32", "bfloat16") for D in (1, 4)]
 # The forward's neighbour synchronisation (mbarriers between neighbouring warps) against a
 # block barrier per line.
 SYNC_SETTINGS = [{}, {"CGSPN_CUDA_FWD_SYNC": "block"}]
 # Each family: its knob settings and the cases it times.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
-            "prefetch": (PREFETCH_SETTINGS, PREFETCH_CASES),
-            "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, PREFETCH_CASES)}
+            "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
+            "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_VERBOSE")
 

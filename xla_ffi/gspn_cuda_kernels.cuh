@@ -381,8 +381,9 @@ __global__ void __launch_bounds__(kFwdThreads)
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
       if (t + 2 < T_steps) prefetch(ahead, t + 2);
-    if (neighbour_sync && t > 0)
-      for (int w2 = wlo; w2 <= whi; ++w2) MbarWait(mbar + 2 * w2 + ((t - 1) & 1), ((t - 1) >> 1) & 1);
+    if (neighbour_sync && t > 0)  // line t - 1 used barrier (t - 1) & 1, phase (t - 1) / 2
+      for (int w2 = wlo; w2 <= whi; ++w2)
+        MbarWait(mbar + 2 * w2 + ((t - 1) & 1), ((t - 1) >> 1) & 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
     float* now = tile + (t & 1) * tile_size;
