@@ -62,8 +62,13 @@ BALANCE_SETTINGS = [{}, {"CGSPN_CUDA_VS_FWD": "3"}, {"CGSPN_CUDA_VS_FWD": "3",
 BENCH_CASES = [((B, C, H, W), G, dt, D) for (B, C, H, W) in SHAPES
                for G in (C, C // 16) for dt in ("float32", "bfloat16") for D in (1, 4)]
 # The backward's neighbour synchronisation (mbarriers between neighbouring warps) against a
-# block barrier per line. (The forward's was measured the same way for v10.)
-SYNC_SETTINGS = [{}, {"CGSPN_CUDA_BWD_SYNC": "block"}]
+# block barrier per line, each with the plan's L2 prefetch rule, without and with the prefetch:
+# the rule was measured with the block barrier. (The forward's synchronisation was measured the
+# same way for v10.)
+SYNC_SETTINGS = [dict(sync, **prefetch)
+                 for prefetch in ({}, {"CGSPN_CUDA_PREFETCH_BWD": "0"},
+                                  {"CGSPN_CUDA_PREFETCH_BWD": "1"})
+                 for sync in ({}, {"CGSPN_CUDA_BWD_SYNC": "block"})]
 # Each family: its knob settings and the cases it times.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
