@@ -508,7 +508,13 @@ __global__ void __launch_bounds__(kBwdThreads)
   const int64_t g0 = c0 / a.S;                    // first group of this thread's vector
   const bool leader = (vl % a.nsub) == 0;         // stores the group's reduced gate gradient
   const int64_t sub = ((c0 % a.S) / V) / a.nsub;  // which partial sum, when npart > 1
-  // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan).
+  // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan). Compiled out for
+  // 16-bit types with two positions per thread and several groups per vector: those instances
+  // were already at 255 registers, the barriers' state made ptxas spill 64 bytes more, and the
+  // 64 x 64 and 128 x 128 bfloat16 G = C backwards ran 5-7% slower than v10 (docs/kernel_notes.md,
+  // v11).
+  constexpr bool kNeighbourSync = !(sizeof(T) == 2 && P == 2 && NG >= 4);
+  const bool neighbour_sync = kNeighbourSync && a.neighbour_sync;
   const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
   int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
 
@@ -594,7 +600,7 @@ __global__ void __launch_bounds__(kBwdThreads)
         if (t > 1) prefetch(ahead, t - 2);
       // Line t + 1 (this block's previous line, unless t is a direction's first) must be in
       // the tiles.
-      if (a.neighbour_sync && t + 1 < T_steps) sync.WaitFor(nline - 1);
+      if (neighbour_sync && t + 1 < T_steps) sync.WaitFor(nline - 1);
       // Line t + 1 fed line t unless it restarted (or does not exist).
       const bool has_next = t + 1 < T_steps;
       const bool coupled = has_next && !LineGeometry::Restarts(t + 1, a.chunk);
@@ -736,7 +742,7 @@ __global__ void __launch_bounds__(kBwdThreads)
           for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
         }
       }
-      if (a.neighbour_sync)
+      if (neighbour_sync)
         sync.Arrive(nline);
       else
         __syncthreads();
