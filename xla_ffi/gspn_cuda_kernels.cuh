@@ -13,8 +13,8 @@
 //
 // Neighbour exchange. The state of line t-1 lives in registers (each thread keeps its own
 // positions) and in a double-buffered shared-memory copy of the whole line tile, from which a
-// thread reads positions p - 1 and p + 1. One __syncthreads per line orders it (in the forward
-// with one position per thread, mbarriers between neighbouring warps instead).
+// thread reads positions p - 1 and p + 1. Mbarriers between neighbouring warps order it
+// (NeighbourSync); a __syncthreads per line where a knob or the kernel instance asks for it.
 //
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
