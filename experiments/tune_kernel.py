@@ -7,9 +7,9 @@
 the benchmark) under the handler's tuning knobs, which it reads at every call:
 CGSPN_CUDA_VS_FWD / CGSPN_CUDA_VS_BWD (vector lanes per block: the slab width) and
 CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread), CGSPN_CUDA_PREFETCH_BWD (the
-backward's L2 prefetch, 0 or 1), CGSPN_CUDA_FWD_SYNC=block (the forward's block barrier instead
-of its neighbour synchronisation). A knob the plan cannot
-honour is ignored, so each row also records the plan the handler actually chose (printed by the
+backward's L2 prefetch, 0 or 1), CGSPN_CUDA_FWD_SYNC=block and CGSPN_CUDA_BWD_SYNC=block (a
+block barrier per line instead of the neighbour synchronisation). A knob the plan cannot honour
+is ignored, so each row also records the plan the handler actually chose (printed by the
 handler with CGSPN_CUDA_VERBOSE=1: registers and blocks per multiprocessor included). The
 numbers choose the defaults of MakePlan in xla_ffi/gspn_cuda.cu; docs/kernel_notes.md has them.
 
@@ -61,15 +61,21 @@ BALANCE_SETTINGS = [{}, {"CGSPN_CUDA_VS_FWD": "3"}, {"CGSPN_CUDA_VS_FWD": "3",
 # against v7).
 BENCH_CASES = [((B, C, H, W), G, dt, D) for (B, C, H, W) in SHAPES
                for G in (C, C // 16) for dt in ("float32", "bfloat16") for D in (1, 4)]
-# The forward's neighbour synchronisation (mbarriers between neighbouring warps) against a
-# block barrier per line.
-SYNC_SETTINGS = [{}, {"CGSPN_CUDA_FWD_SYNC": "block"}]
+# The backward's neighbour synchronisation (mbarriers between neighbouring warps) against a
+# block barrier per line, each with the plan's L2 prefetch rule, without and with the prefetch:
+# the rule was measured with the block barrier. (The forward's synchronisation was measured the
+# same way for v10.)
+SYNC_SETTINGS = [dict(sync, **prefetch)
+                 for prefetch in ({}, {"CGSPN_CUDA_PREFETCH_BWD": "0"},
+                                  {"CGSPN_CUDA_PREFETCH_BWD": "1"})
+                 for sync in ({}, {"CGSPN_CUDA_BWD_SYNC": "block"})]
 # Each family: its knob settings and the cases it times.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
             "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
-         "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
+         "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):
@@ -177,7 +183,7 @@ def main():
     s.add_argument("--family", choices=sorted(FAMILIES), default="plans",
                    help="plans: positions per thread and slab widths; slabs: slab widths "
                         "alone; prefetch: the backward's L2 prefetch off and on (D = 1 and 4, "
-                        "all three shapes); balance: 3-lane slabs; sync: the forward's "
+                        "all three shapes); balance: 3-lane slabs; sync: the backward's "
                         "neighbour synchronisation against a block barrier")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)

@@ -190,7 +190,7 @@ def test_extreme_gate_logits(name, dtype):
 
 # The handler reads its tuning knobs at every call: each forced launch plan (positions per
 # thread, slab width, 3-lane slabs that start mid-sector, the backward with and without
-# the L2 prefetch, the forward with a block barrier instead of its neighbour synchronisation)
+# the L2 prefetch, block barriers instead of the neighbour synchronisation)
 # must compute the same function, and a knob that no plan can honour (more
 # lanes than a pixel has) is ignored.
 @pytest.mark.parametrize("knobs", [{"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2"},
@@ -199,7 +199,8 @@ def test_extreme_gate_logits(name, dtype):
                                    {"CGSPN_CUDA_VS_FWD": "999", "CGSPN_CUDA_VS_BWD": "999"},
                                    {"CGSPN_CUDA_PREFETCH_BWD": "0"},
                                    {"CGSPN_CUDA_PREFETCH_BWD": "1"},
-                                   {"CGSPN_CUDA_FWD_SYNC": "block"}],
+                                   {"CGSPN_CUDA_FWD_SYNC": "block",
+                                    "CGSPN_CUDA_BWD_SYNC": "block"}],
                          ids=["P1", "P2", "Vs2", "Vs3", "unhonoured", "no_prefetch", "prefetch",
                               "block_sync"])
 @pytest.mark.parametrize("shape", [((2, 9, 11, 32), 2), ((1, 5, 6, 24), 12),

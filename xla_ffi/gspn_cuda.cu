@@ -171,7 +171,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   const int64_t vtot = s.C / V;  // vectors per pixel
   const int64_t grid_lines = kind == 0 ? s.D * s.B : s.B;
   const int tiles = kind == 0 ? 2 : 6;
-  const char* sync_knob = std::getenv("CGSPN_CUDA_FWD_SYNC");
+  const char* sync_knob = std::getenv(kind == 0 ? "CGSPN_CUDA_FWD_SYNC" : "CGSPN_CUDA_BWD_SYNC");
   const bool block_sync_knob = sync_knob && std::string(sync_knob) == "block";
   int forced_p = EnvInt(kind == 0 ? "CGSPN_CUDA_P_FWD" : "CGSPN_CUDA_P_BWD");
   int forced_vs = EnvInt(kind == 0 ? "CGSPN_CUDA_VS_FWD" : "CGSPN_CUDA_VS_BWD");
@@ -196,8 +196,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     const int64_t npart = kind == 1 ? lanes / nsub : 1;
     const int64_t vs_cap = (vtot + nsub - 1) / nsub * nsub;
     for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= max_threads; Vs += nsub) {
-      const size_t smem =
-          size_t(tiles) * Lmax * Vs * V * sizeof(float) + (kind == 0 ? kFwdSyncBytes : 0);
+      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) +
+                          (kind == 0 ? kFwdSyncBytes : kBwdSyncBytes);
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;
@@ -238,9 +238,9 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.Vs = Vs; a.Pt = Pt; a.Lmax = int(Lmax);
       a.nslab = int((vtot + Vs - 1) / Vs);
       a.nsub = nsub; a.npart = int(npart);
-      // The forward's neighbour synchronisation (one position per thread: a warp's positions
-      // are then contiguous). CGSPN_CUDA_FWD_SYNC=block forces a block barrier per line.
-      a.neighbour_sync = kind == 0 && P == 1 && !block_sync_knob;
+      // Neighbour synchronisation (NeighbourSync in the kernels); CGSPN_CUDA_FWD_SYNC=block
+      // or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line instead.
+      a.neighbour_sync = !block_sync_knob;
       plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
       plan->threads = threads;
       plan->smem = smem;

@@ -13,8 +13,8 @@
 //
 // Neighbour exchange. The state of line t-1 lives in registers (each thread keeps its own
 // positions) and in a double-buffered shared-memory copy of the whole line tile, from which a
-// thread reads positions p - 1 and p + 1. One __syncthreads per line orders it (in the forward
-// with one position per thread, mbarriers between neighbouring warps instead).
+// thread reads positions p - 1 and p + 1. Mbarriers between neighbouring warps order it
+// (NeighbourSync); a __syncthreads per line where a knob or the kernel instance asks for it.
 //
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
@@ -238,7 +238,7 @@ struct Launch {
   int Lmax;                  // longest line over the call's directions (rows of the smem tiles)
   int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
   int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
-  bool neighbour_sync;       // forward, P = 1: warps wait for their neighbours, not the block
+  bool neighbour_sync;       // warps wait for their neighbours, not the block (NeighbourSync)
 };
 
 // ------------------------------------------------------------------ mbarriers
@@ -268,8 +268,54 @@ __device__ __forceinline__ void MbarWait(uint64_t* bar, unsigned parity) {
   } while (!done);
 }
 
-// Bytes of dynamic shared memory in front of the forward's tiles: two mbarriers per warp.
+// Neighbour synchronisation, the forward's and the backward's. Line t only needs line t - 1 at
+// positions p - 1, p, p + 1 (t + 1 in the backward's reverse scan). So instead of a block-wide
+// barrier per line, each warp arrives at its own mbarrier (one per line parity) after publishing
+// its positions in the tiles, and before a line waits only for the warps that own its positions'
+// neighbours. A warp whose loads came early goes on instead of waiting for the slowest warp of
+// the block. Waiting for the previous line also covers the reuse of the tile slot written two
+// lines back: a neighbour finished reading it before it arrived. And no neighbour can get two
+// phases ahead (which would make a parity wait ambiguous): it would need this warp's next line,
+// since "neighbour" is symmetric.
+//
+// Which warps: thread (vl, pl) owns positions pl + j * Pt, j < P. A warp covers the position
+// lanes [pfirst, plast]; its neighbours own the lanes pfirst - 1 and plast + 1, which wrap
+// around (Pt - 1 and 0, of the next and the previous j) when P > 1. Warps wholly past the
+// last position lane own nothing: they wait for nobody and nobody waits for them.
+struct NeighbourSync {
+  uint64_t* bar;   // [warps][2 line parities]
+  unsigned mask;   // the warps this one waits for (itself included), bit w for warp w
+  int warp;
+
+  __device__ static unsigned WarpsOfLanes(int lo, int hi, int Vs) {  // position lanes [lo, hi]
+    const int wlo = lo * Vs / 32, whi = (hi * Vs + Vs - 1) / 32;
+    return (whi >= 31 ? ~0u : (2u << whi) - 1) & ~((1u << wlo) - 1);
+  }
+  // Initialises the barriers; all threads of the block must call it (it has a __syncthreads).
+  __device__ NeighbourSync(uint64_t* bars, int Vs, int Pt, int P) : bar(bars) {
+    warp = threadIdx.x / 32;
+    const int pfirst = warp * 32 / Vs, plast = min((warp * 32 + 31) / Vs, Pt - 1);
+    mask = 0;
+    if (pfirst < Pt) {
+      mask = WarpsOfLanes(max(pfirst - 1, 0), min(plast + 1, Pt - 1), Vs);
+      if (P > 1 && pfirst == 0) mask |= WarpsOfLanes(Pt - 1, Pt - 1, Vs);
+      if (P > 1 && plast == Pt - 1) mask |= WarpsOfLanes(0, 0, Vs);
+    }
+    if (threadIdx.x < 2 * blockDim.x / 32) MbarInit(bar + threadIdx.x, 32);
+    __syncthreads();
+  }
+  // The n-th line this block scans (counting on across directions) uses barrier n & 1, phase
+  // (n >> 1) & 1.
+  __device__ __forceinline__ void Arrive(int n) const { MbarArrive(bar + 2 * warp + (n & 1)); }
+  __device__ __forceinline__ void WaitFor(int n) const {
+    for (unsigned m = mask; m != 0; m &= m - 1)
+      MbarWait(bar + 2 * (__ffs(m) - 1) + (n & 1), (n >> 1) & 1);
+  }
+};
+
+// Bytes of dynamic shared memory in front of the tiles: two mbarriers per warp.
 constexpr int kFwdSyncBytes = kFwdThreads / 32 * 2 * 8;
+constexpr int kBwdSyncBytes = kBwdThreads / 32 * 2 * 8;
 
 // ------------------------------------------------------------------ forward
 
@@ -357,23 +403,11 @@ __global__ void __launch_bounds__(kFwdThreads)
 #pragma unroll
     for (int i = 0; i < V; ++i) hown[j][i] = 0.f;
 
-  // Neighbour synchronisation (one position per thread). A line only needs line t - 1 at
-  // p - 1, p, p + 1, and the positions of a warp are contiguous: so instead of a block-wide
-  // barrier per line, each warp arrives at its own mbarrier (one per line parity) after writing
-  // its positions to the tile, and before a line waits only for the warps [wlo, whi] that own
-  // its positions and their neighbours. A warp that got its loads early goes on instead of
-  // waiting for the slowest warp of the block. (Waiting for line t - 1 also covers the reuse of
-  // the tile slot of line t - 2: a neighbour finished reading it before it finished line t - 1.
-  // No neighbour can be two phases ahead: it would need this warp's next line.)
-  const bool neighbour_sync = P == 1 && a.neighbour_sync;  // compiled out for P > 1
-  const int warp = threadIdx.x / 32;
-  const int pfirst = warp * 32 / a.Vs, plast = (warp * 32 + 31) / a.Vs;
-  const int wlo = max(0, (pfirst - 1) * a.Vs / 32);
-  const int whi = min(int(blockDim.x / 32) - 1, ((plast + 1) * a.Vs + a.Vs - 1) / 32);
-  if (neighbour_sync) {
-    if (threadIdx.x < 2 * blockDim.x / 32) MbarInit(mbar + threadIdx.x, 32);
-    __syncthreads();
-  }
+  // CGSPN_CUDA_FWD_SYNC=block: one barrier per line instead (MakePlan). Compiled out for
+  // P > 1 (lines longer than 512): there the forward's registers are short, and the barriers'
+  // state made ptxas spill (44-120 more bytes).
+  const bool neighbour_sync = P == 1 && a.neighbour_sync;
+  const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
 
   // One line: issue the loads of line t + 1 into `ahead` (the set line t - 1 used), then scan
   // line t from `cur`.
@@ -381,9 +415,7 @@ __global__ void __launch_bounds__(kFwdThreads)
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
       if (t + 2 < T_steps) prefetch(ahead, t + 2);
-    if (neighbour_sync && t > 0)  // line t - 1 used barrier (t - 1) & 1, phase (t - 1) / 2
-      for (int w2 = wlo; w2 <= whi; ++w2)
-        MbarWait(mbar + 2 * w2 + ((t - 1) & 1), ((t - 1) >> 1) & 1);
+    if (neighbour_sync && t > 0) sync.WaitFor(t - 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
     float* now = tile + (t & 1) * tile_size;
@@ -422,7 +454,7 @@ __global__ void __launch_bounds__(kFwdThreads)
       for (int i = 0; i < V; ++i) hown[j][i] = hv[i];
     }
     if (neighbour_sync)
-      MbarArrive(mbar + 2 * warp + (t & 1));
+      sync.Arrive(t);
     else
       __syncthreads();
   };
@@ -458,7 +490,9 @@ __global__ void __launch_bounds__(kBwdThreads)
                   T* __restrict__ dlam, T* __restrict__ dw, float* acc, float* __restrict__ part,
                   const Launch a) {
   extern __shared__ float4 smem_raw[];
-  float* smem = reinterpret_cast<float*>(smem_raw);  // [3 kinds][2 parities][Lmax][Cs]
+  // [warps][2 line parities] mbarriers, then the tiles [3 kinds][2 parities][Lmax][Cs].
+  uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
+  float* smem = reinterpret_cast<float*>(smem_raw) + kBwdSyncBytes / sizeof(float);
   const int Cs = a.Vs * V;
   const int64_t tile_size = int64_t(a.Lmax) * Cs;
   auto tile = [&](int kind, int parity) { return smem + (2 * kind + parity) * tile_size; };
@@ -474,6 +508,15 @@ __global__ void __launch_bounds__(kBwdThreads)
   const int64_t g0 = c0 / a.S;                    // first group of this thread's vector
   const bool leader = (vl % a.nsub) == 0;         // stores the group's reduced gate gradient
   const int64_t sub = ((c0 % a.S) / V) / a.nsub;  // which partial sum, when npart > 1
+  // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan). Compiled out for
+  // 16-bit types with two positions per thread and several groups per vector: those instances
+  // were already at 255 registers, the barriers' state made ptxas spill 64 bytes more, and the
+  // 64 x 64 and 128 x 128 bfloat16 G = C backwards ran 5-7% slower than v10 (docs/kernel_notes.md,
+  // v11).
+  constexpr bool kNeighbourSync = !(sizeof(T) == 2 && P == 2 && NG >= 4);
+  const bool neighbour_sync = kNeighbourSync && a.neighbour_sync;
+  const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
+  int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
 
   const T* xd = x + c0;
   T* dxd = dx + c0;
@@ -555,6 +598,9 @@ __global__ void __launch_bounds__(kBwdThreads)
       if (t > 0) load(ahead, t - 1);
       if constexpr (kPrefetch)
         if (t > 1) prefetch(ahead, t - 2);
+      // Line t + 1 (this block's previous line, unless t is a direction's first) must be in
+      // the tiles.
+      if (neighbour_sync && t + 1 < T_steps) sync.WaitFor(nline - 1);
       // Line t + 1 fed line t unless it restarted (or does not exist).
       const bool has_next = t + 1 < T_steps;
       const bool coupled = has_next && !LineGeometry::Restarts(t + 1, a.chunk);
@@ -696,7 +742,11 @@ __global__ void __launch_bounds__(kBwdThreads)
           for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
         }
       }
-      __syncthreads();
+      if (neighbour_sync)
+        sync.Arrive(nline);
+      else
+        __syncthreads();
+      ++nline;
     };
 
     // The two register sets swap roles by unrolling, never by copying (see the forward).
@@ -721,7 +771,8 @@ __global__ void __launch_bounds__(kBwdThreads)
         for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, zero + k * NG);
       }
     }
-    // The next direction reuses the shared tiles and reads this one's running dx sum.
+    // The next direction reuses the shared tiles and reads this one's running dx sum (at other
+    // threads' positions when the line lengths differ).
     __syncthreads();
   }
 }
