@@ -153,15 +153,14 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   // The backward's depends on the plan, by the prefetch sweep of docs/kernel_notes.md (v9):
   // it pays for 16-bit types and for float32 with several channels per gate group (2-22%
   // faster), but not with one channel per group in float32 (4% to 2x slower), with 32-byte
-  // slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs of two positions per thread
-  // (4-39% slower).
+  // slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs (two positions per thread:
+  // 4-39% slower in v9; one: 64 x 64 bfloat16 G = C D = 4 7.6 ms without, 9.0 with, v11).
   // CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides the rule.
   const char* prefetch_knob = std::getenv("CGSPN_CUDA_PREFETCH_BWD");
-  auto prefetch_for = [&](int P, int64_t slab_bytes) {
+  auto prefetch_for = [&](int64_t slab_bytes) {
     if (kind == 0) return kPrefetchL2<T>;
     if (prefetch_knob) return std::string(prefetch_knob) != "0";
-    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 &&
-           !(s.D > 1 && P == 2 && slab_bytes < 128);
+    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128);
   };
 
   int device = 0, sms = 132, smem_optin = 48 << 10;
@@ -206,7 +205,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
       if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub && Vs != forced_vs) continue;
       if (forced_vs && Vs != forced_vs) continue;
-      const bool prefetch = prefetch_for(P, bytes);
+      const bool prefetch = prefetch_for(bytes);
       const bool spills =  // backward key
           kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
       const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
