@@ -195,8 +195,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     const int64_t npart = kind == 1 ? lanes / nsub : 1;
     const int64_t vs_cap = (vtot + nsub - 1) / nsub * nsub;
     for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= max_threads; Vs += nsub) {
-      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) +
-                          (kind == 0 ? kFwdSyncBytes : kBwdSyncBytes);
+      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(max_threads);
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;
@@ -237,9 +236,10 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.Vs = Vs; a.Pt = Pt; a.Lmax = int(Lmax);
       a.nslab = int((vtot + Vs - 1) / Vs);
       a.nsub = nsub; a.npart = int(npart);
-      // Neighbour synchronisation (NeighbourSync in the kernels); CGSPN_CUDA_FWD_SYNC=block
-      // or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line instead.
-      a.neighbour_sync = !block_sync_knob;
+      // Neighbour synchronisation (NeighbourSync in the kernels) where the instance has it;
+      // CGSPN_CUDA_FWD_SYNC=block or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line.
+      a.neighbour_sync =
+          !block_sync_knob && NeighbourSyncCompiled(kind == 1, int(sizeof(T)), NG, P);
       plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
       plan->threads = threads;
       plan->smem = smem;

@@ -314,8 +314,17 @@ struct NeighbourSync {
 };
 
 // Bytes of dynamic shared memory in front of the tiles: two mbarriers per warp.
-constexpr int kFwdSyncBytes = kFwdThreads / 32 * 2 * 8;
-constexpr int kBwdSyncBytes = kBwdThreads / 32 * 2 * 8;
+__host__ __device__ constexpr int MbarBytes(int threads) { return threads / 32 * 2 * 8; }
+
+// Whether a kernel instance has the neighbour synchronisation compiled in (else one barrier per
+// line). Out where the barriers' state made ptxas spill: the forward with P > 1 (lines longer
+// than 512; 44-120 more bytes) and the 16-bit backward with P = 2 and NG >= 4, already at 255
+// registers (64 bytes more; the 64 x 64 and 128 x 128 bfloat16 G = C backwards ran 5-7% slower
+// than v10's, docs/kernel_notes.md, v11). MakePlan asks too, so the plan says what runs.
+__host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type_bytes, int NG,
+                                                         int P) {
+  return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
+}
 
 // ------------------------------------------------------------------ forward
 
@@ -349,7 +358,7 @@ __global__ void __launch_bounds__(kFwdThreads)
   extern __shared__ float4 smem_raw[];
   // [warps][2 line parities] mbarriers, then the tiles [2][Lmax][Cs].
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
-  float* tile = reinterpret_cast<float*>(smem_raw) + kFwdSyncBytes / sizeof(float);
+  float* tile = reinterpret_cast<float*>(smem_raw) + MbarBytes(kFwdThreads) / sizeof(float);
   const int Cs = a.Vs * V;
   const int64_t tile_size = int64_t(a.Lmax) * Cs;
 
@@ -403,10 +412,9 @@ __global__ void __launch_bounds__(kFwdThreads)
 #pragma unroll
     for (int i = 0; i < V; ++i) hown[j][i] = 0.f;
 
-  // CGSPN_CUDA_FWD_SYNC=block: one barrier per line instead (MakePlan). Compiled out for
-  // P > 1 (lines longer than 512): there the forward's registers are short, and the barriers'
-  // state made ptxas spill (44-120 more bytes).
-  const bool neighbour_sync = P == 1 && a.neighbour_sync;
+  // CGSPN_CUDA_FWD_SYNC=block: one barrier per line instead (MakePlan).
+  const bool neighbour_sync =
+      NeighbourSyncCompiled(false, sizeof(T), NG, P) && a.neighbour_sync;
   const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
 
   // One line: issue the loads of line t + 1 into `ahead` (the set line t - 1 used), then scan
@@ -492,7 +500,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   extern __shared__ float4 smem_raw[];
   // [warps][2 line parities] mbarriers, then the tiles [3 kinds][2 parities][Lmax][Cs].
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
-  float* smem = reinterpret_cast<float*>(smem_raw) + kBwdSyncBytes / sizeof(float);
+  float* smem = reinterpret_cast<float*>(smem_raw) + MbarBytes(kBwdThreads) / sizeof(float);
   const int Cs = a.Vs * V;
   const int64_t tile_size = int64_t(a.Lmax) * Cs;
   auto tile = [&](int kind, int parity) { return smem + (2 * kind + parity) * tile_size; };
@@ -508,13 +516,8 @@ __global__ void __launch_bounds__(kBwdThreads)
   const int64_t g0 = c0 / a.S;                    // first group of this thread's vector
   const bool leader = (vl % a.nsub) == 0;         // stores the group's reduced gate gradient
   const int64_t sub = ((c0 % a.S) / V) / a.nsub;  // which partial sum, when npart > 1
-  // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan). Compiled out for
-  // 16-bit types with two positions per thread and several groups per vector: those instances
-  // were already at 255 registers, the barriers' state made ptxas spill 64 bytes more, and the
-  // 64 x 64 and 128 x 128 bfloat16 G = C backwards ran 5-7% slower than v10 (docs/kernel_notes.md,
-  // v11).
-  constexpr bool kNeighbourSync = !(sizeof(T) == 2 && P == 2 && NG >= 4);
-  const bool neighbour_sync = kNeighbourSync && a.neighbour_sync;
+  // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan).
+  const bool neighbour_sync = NeighbourSyncCompiled(true, sizeof(T), NG, P) && a.neighbour_sync;
   const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
   int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
 
@@ -771,8 +774,8 @@ __global__ void __launch_bounds__(kBwdThreads)
         for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, zero + k * NG);
       }
     }
-    // The next direction reuses the shared tiles and reads this one's running dx sum (at other
-    // threads' positions when the line lengths differ).
+    // The next direction reuses the shared tiles and reads this one's running dx sum, at pixels
+    // that other threads owned when the scan axis changes.
     __syncthreads();
   }
 }
