@@ -12,6 +12,8 @@
 #   ncu      - Nsight Compute (speed of light, stalls, memory, per-instruction stall samples as
 #              CSV) of the kernels of NCU_CASES,
 #              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
+#   traffic  - Nsight Compute's DRAM bytes read and written, time and L2 hit rate of the kernels
+#              of NCU_CASES (same form): what a case moves against its byte floor
 # Logs and results go under $OUT (default runs/device).
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -62,6 +64,16 @@ for step in "$@"; do
         ncu -i "/tmp/$name.ncu-rep" --page details --print-details all >"$OUT/$name.txt" 2>&1
         ncu -i "/tmp/$name.ncu-rep" --page source --print-source sass --csv >"$OUT/$name.csv" 2>&1
         grep -E "^ +(Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall Long Scoreboard|Stall Barrier)" "$OUT/$name.txt"
+      done ;;
+    traffic)
+      IFS=';' read -ra cases <<<"${NCU_CASES:-bwd 32,1152,64,64 1152 float32 1}"
+      for c in "${cases[@]}"; do
+        echo "== $c" | tee -a "$OUT/traffic.log"
+        timeout 60 ncu --clock-control none -k regex:Gspn --launch-skip 2 --launch-count 1 \
+          --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_sector_hit_rate.pct \
+          python3 experiments/tune_kernel.py one $c >/tmp/traffic_one.log 2>&1 || rc=1
+        grep -E "gpu__time|dram__bytes|lts__t|V=|rror" /tmp/traffic_one.log | sed 's/^ *//' | cut -c1-200 \
+          | tee -a "$OUT/traffic.log"
       done ;;
     bench) timeout 560 python3 experiments/bench_kernel.py ${BENCH_ARGS:-} --out "$OUT/bench" || rc=1 ;;
   esac
