@@ -1,0 +1,49 @@
+"""The kernel benchmark's byte floor, against the arrays the op actually reads and writes.
+
+The floor is what every "% of copy" figure divides by; an array counted once too often makes a
+kernel look faster than it is (it did, until 2026-11-26). Here the floor is recounted from the
+shapes of the FFI call's operands and results (jax.eval_shape of the op and its VJP), an
+account independent of bench_kernel's formula: each input read once by each direction that
+uses it, each output written once.
+"""
+import functools
+import importlib.util
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from cgspn_jax import gspn_scan
+
+_SPEC = importlib.util.spec_from_file_location(
+    "bench_kernel", Path(__file__).resolve().parents[1] / "experiments" / "bench_kernel.py")
+
+
+@pytest.fixture(scope="module")
+def bench():
+    module = importlib.util.module_from_spec(_SPEC)
+    _SPEC.loader.exec_module(module)
+    return module
+
+
+def nbytes(tree):
+    return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("B,C,H,W,G,D,dtype", [
+    (2, 48, 5, 7, 48, 1, jnp.float32), (2, 48, 5, 7, 3, 4, jnp.bfloat16),
+    (1, 96, 8, 6, 12, 2, jnp.float16), (3, 32, 4, 9, 32, 3, jnp.float32)])
+def test_byte_floor_counts_each_array_once(bench, B, C, H, W, G, D, dtype):
+    directions = ("tb", "bt", "lr", "rl")[:D]
+    x = jax.ShapeDtypeStruct((B, H, W, C), dtype)
+    lam = jax.ShapeDtypeStruct((D, B, H, W, C), dtype)
+    w = jax.ShapeDtypeStruct((D, B, H, W, G, 3), dtype)
+    scan = functools.partial(gspn_scan, directions=directions, backend="reference")
+    h = jax.eval_shape(scan, x, lam, w)
+    grads = jax.eval_shape(lambda x, lam, w, dh: jax.vjp(scan, x, lam, w)[1](dh), x, lam, w, h)
+    # Every direction reads x; lam and w are per direction already.
+    fwd = D * nbytes(x) + nbytes(lam) + nbytes(w) + nbytes(h)
+    # The backward reads x (each direction), lam, w, the saved h and dh; writes dx, dlam, dw.
+    bwd = D * nbytes(x) + nbytes(lam) + nbytes(w) + nbytes(h) + nbytes(h) + nbytes(grads)
+    assert bench.byte_floor(B, C, H, W, G, D, jnp.dtype(dtype).itemsize) == (fwd, bwd)
