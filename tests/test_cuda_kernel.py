@@ -157,6 +157,14 @@ def test_small_chunk_and_normalize(name, chunk, normalize):
           oracle=chunk == 3)
 
 
+# The 16-bit backward forms each line's gate gradient in that line (BwdSameLineDw): restarting
+# lines and the unnormalised weights through that path.
+@pytest.mark.parametrize("name", sorted(SMALL_SHAPES))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_small_16bit_chunk_and_normalize(name, normalize):
+    check(SMALL_SHAPES[name], ("bt", "rl", "tb"), "bfloat16", chunk=3, normalize=normalize)
+
+
 # Longer lines: several positions per thread, the scalar path of long lines, H != W with
 # directions of both orientations in one backward block.
 @pytest.mark.parametrize("shape", [((1, 3, 300, 8), 8), ((1, 2, 1100, 8), 2),

@@ -169,7 +169,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t vtot = s.C / V;  // vectors per pixel
   const int64_t grid_lines = kind == 0 ? s.D * s.B : s.B;
-  const int tiles = kind == 0 ? 2 : 6;
+  const int tiles = kind == 0 ? 2 : BwdTiles(int(sizeof(T)));
   const char* sync_knob = std::getenv(kind == 0 ? "CGSPN_CUDA_FWD_SYNC" : "CGSPN_CUDA_BWD_SYNC");
   const bool block_sync_knob = sync_knob && std::string(sync_knob) == "block";
   int forced_p = EnvInt(kind == 0 ? "CGSPN_CUDA_P_FWD" : "CGSPN_CUDA_P_BWD");
