@@ -157,8 +157,9 @@ def test_small_chunk_and_normalize(name, chunk, normalize):
           oracle=chunk == 3)
 
 
-# The 16-bit backward forms each line's gate gradient in that line (BwdSameLineDw): restarting
-# lines and the unnormalised weights through that path.
+# The 16-bit backward with several gate groups per vector (odd_G=C, S=2, G=C_64) forms each
+# line's gate gradient in that line (BwdSameLineDw): restarting lines and unnormalised weights
+# through that path, and through the other one for the remaining shapes.
 @pytest.mark.parametrize("name", sorted(SMALL_SHAPES))
 @pytest.mark.parametrize("normalize", [True, False])
 def test_small_16bit_chunk_and_normalize(name, normalize):

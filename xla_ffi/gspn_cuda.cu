@@ -111,7 +111,7 @@ int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
-// (2 shared tiles), 1 backward (6 tiles). The rules come from the sweeps of
+// (2 shared tiles), 1 backward (4 or 6 tiles: BwdTiles). The rules come from the sweeps of
 // experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and v5):
 //  - the slab width (bytes of a pixel that one block streams) matters most: at the same
 //    occupancy, 32-byte slabs ran at ~75% of the copy bandwidth, 64-byte at ~87%, 128-byte at
@@ -169,7 +169,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t vtot = s.C / V;  // vectors per pixel
   const int64_t grid_lines = kind == 0 ? s.D * s.B : s.B;
-  const int tiles = kind == 0 ? 2 : BwdTiles(int(sizeof(T)));
+  const int tiles = kind == 0 ? 2 : BwdTiles(int(sizeof(T)), NG);
   const char* sync_knob = std::getenv(kind == 0 ? "CGSPN_CUDA_FWD_SYNC" : "CGSPN_CUDA_BWD_SYNC");
   const bool block_sync_knob = sync_knob && std::string(sync_knob) == "block";
   int forced_p = EnvInt(kind == 0 ? "CGSPN_CUDA_P_FWD" : "CGSPN_CUDA_P_BWD");

@@ -31,7 +31,8 @@
 // Backward. One reverse scan per direction. The adjoint z_t needs a_{t+1} z_{t+1} at p-1, p,
 // p+1: each thread publishes u0 = a_0 z and u2 = a_2 z of its positions in shared memory. The
 // gate gradient of line t+1 needs h_t at p-1, p, p+1 (from the saved forward output), exchanged
-// the same way, so it is formed one line late, after the same barrier. Its reduction over the
+// the same way, so it is formed one line late, after the same barrier (16-bit types with several
+// groups per vector instead form line t's in line t: BwdSameLineDw). Its reduction over the
 // channels of a group runs over the vector, then over the S / V lanes of the group by warp
 // shuffles (butterfly: a fixed order, so deterministic). dx sums the D directions: the block
 // (b, slab) runs the directions one after the other and carries the running float32 sum through
@@ -326,14 +327,18 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
-// The backward's gate gradient: 16-bit types form line t's in line t (one gate normalisation per
-// line, h_{t-1} at p -/+ 1 read through L1, 4 shared tiles); float32 forms it one line late from
-// a shared tile of the saved h (6 tiles), because its h loads from L1 would be twice the bytes.
-// (Measured on branch bwd-same-line-dw, v9: faster for bfloat16, up to 8.5% slower for float32;
-// docs/kernel_notes.md.)
-__host__ __device__ constexpr bool BwdSameLineDw(int type_bytes) { return type_bytes == 2; }
-__host__ __device__ constexpr int BwdTiles(int type_bytes) {
-  return BwdSameLineDw(type_bytes) ? 4 : 6;
+// The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
+// G = C and the like) it is formed for line t in line t: one gate normalisation per line instead
+// of two, h_{t-1} at p -/+ 1 read through L1 (the neighbouring threads loaded those pixels), 4
+// shared tiles. Otherwise one line late, from a shared tile of the saved h (6 tiles). Measured
+// (H100, docs/kernel_notes.md, v12): the same-line form is 2-7% faster for bfloat16 G = C and
+// 1-12% slower for bfloat16 G = C/16 at 128 x 128 lines; for float32 (branch bwd-same-line-dw,
+// v9) up to 8.5% slower, its h loads from L1 being twice the bytes.
+__host__ __device__ constexpr bool BwdSameLineDw(int type_bytes, int NG) {
+  return type_bytes == 2 && NG > 1;
+}
+__host__ __device__ constexpr int BwdTiles(int type_bytes, int NG) {
+  return BwdSameLineDw(type_bytes, NG) ? 4 : 6;
 }
 
 // ------------------------------------------------------------------ forward
@@ -624,19 +629,20 @@ __global__ void __launch_bounds__(kBwdThreads)
       const float* u2_in = tile(kU2, q);
       const float* h_in = tile(kH, q);
       const int64_t line = line_of(t), next_line = line_of(t + 1);
-      constexpr bool kSame = BwdSameLineDw(sizeof(T));
+      constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
+      static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
 
       // Same-line gate gradient: line t's needs h_{t-1} at p - 1 and p + 1. The threads of those
       // positions loaded the same pixels (as their hm) one line ahead, so these loads find them
       // in L1; issued now, they arrive while z waits for the neighbours' shared tiles.
-      Pack<T, V> hl[kSame ? P : 1], hr[kSame ? P : 1];
+      Pack<T, V> hm_left[kSame ? P : 1], hm_right[kSame ? P : 1];
       if constexpr (kSame) {
 #pragma unroll
         for (int j = 0; j < P; ++j) {
           if (!act[j] || restart) continue;
           const T* hm = hd + (line + poff[j] - geo.step_stride) * C;
-          if (pos[j] > 0) hl[j].Load(hm - geo.pos_stride * C);
-          if (pos[j] + 1 < L) hr[j].Load(hm + geo.pos_stride * C);
+          if (pos[j] > 0) hm_left[j].Load(hm - geo.pos_stride * C);
+          if (pos[j] + 1 < L) hm_right[j].Load(hm + geo.pos_stride * C);
         }
       }
 
@@ -649,20 +655,21 @@ __global__ void __launch_bounds__(kBwdThreads)
         const int p = pos[j];
         cur[j].dh.Unpack(z[j]);
         if (!coupled) continue;
-        float r[V], l[V];
+        float r[V], l[V], hl[V], hr[V], hown[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) l[i] = r[i] = 0.f;
-        if (p + 1 < L) LoadF<V>(u0_in + (p + 1) * Cs + vl * V, r);
-        if (p > 0) LoadF<V>(u2_in + (p - 1) * Cs + vl * V, l);
+        for (int i = 0; i < V; ++i) l[i] = r[i] = hl[i] = hr[i] = 0.f;
+        if constexpr (!kSame) LoadF<V>(h_in + p * Cs + vl * V, hown);
+        if (p + 1 < L) {
+          LoadF<V>(u0_in + (p + 1) * Cs + vl * V, r);
+          if constexpr (!kSame) LoadF<V>(h_in + (p + 1) * Cs + vl * V, hr);
+        }
+        if (p > 0) {
+          LoadF<V>(u2_in + (p - 1) * Cs + vl * V, l);
+          if constexpr (!kSame) LoadF<V>(h_in + (p - 1) * Cs + vl * V, hl);
+        }
 #pragma unroll
         for (int i = 0; i < V; ++i) z[j][i] += u1[j][i] + r[i] + l[i];
-        if constexpr (kSame) continue;
-        float hl[V], hr[V], hown[V];
-#pragma unroll
-        for (int i = 0; i < V; ++i) hl[i] = hr[i] = 0.f;
-        LoadF<V>(h_in + p * Cs + vl * V, hown);
-        if (p + 1 < L) LoadF<V>(h_in + (p + 1) * Cs + vl * V, hr);
-        if (p > 0) LoadF<V>(h_in + (p - 1) * Cs + vl * V, hl);
+        if constexpr (kSame) continue;  // its gate gradient comes with the u's below
         // Weight gradient of line t + 1: da_k = sum over the group of z_{t+1} h_t[p + k - 1].
         if constexpr (NG == 1) {
 #pragma unroll
@@ -759,8 +766,8 @@ __global__ void __launch_bounds__(kBwdThreads)
           if constexpr (kSame) {
 #pragma unroll
             for (int i = 0; i < V; ++i) hlv[i] = hrv[i] = 0.f;
-            if (p > 0) hl[j].Unpack(hlv);
-            if (p + 1 < L) hr[j].Unpack(hrv);
+            if (p > 0) hm_left[j].Unpack(hlv);
+            if (p + 1 < L) hm_right[j].Unpack(hrv);
           }
 #pragma unroll
           for (int g = 0; g < NG; ++g) {
@@ -777,21 +784,7 @@ __global__ void __launch_bounds__(kBwdThreads)
                 da[2] += z[j][i] * hrv[i];
               }
             }
-            if constexpr (kSame) {
-              // NG == 1: the normalisation's chain rule is linear in da and the same for every
-              // lane of the group, so each lane applies it to its own share before the lane
-              // reduction (with npart > 1 the second launch applies it to the reduced sums).
-              if constexpr (NG == 1) {
-                if (a.npart > 1) {
-#pragma unroll
-                  for (int k = 0; k < 3; ++k) da1[j][k] = da[k];
-                } else {
-                  GateGrad(da, wa, wc, a.normalize, da1[j]);
-                }
-              } else {
-                GateGrad(da, wa, wc, a.normalize, dwv + 3 * g);
-              }
-            }
+            if constexpr (kSame) GateGrad(da, wa, wc, a.normalize, dwv + 3 * g);
           }
           StoreF<V>(tile(kU0, now) + p * Cs + vl * V, u0);
           StoreF<V>(tile(kU2, now) + p * Cs + vl * V, u2);
@@ -803,30 +796,9 @@ __global__ void __launch_bounds__(kBwdThreads)
             for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
           }
         }
-        if constexpr (kSame && NG > 1) {  // several groups per vector: no lane reduction
+        if constexpr (kSame) {  // several groups per vector: no lane reduction
 #pragma unroll
           for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, dwv + k * NG);
-        }
-      }
-      if constexpr (kSame && NG == 1) {
-        // Reduce line t's gate gradient over the group's lanes (uniform across the block: all
-        // lanes take part) and store, or hand partial sums to the second launch.
-#pragma unroll
-        for (int j = 0; j < P; ++j) {
-#pragma unroll
-          for (int k = 0; k < 3; ++k)
-            for (int off = a.nsub >> 1; off > 0; off >>= 1)
-              da1[j][k] += __shfl_xor_sync(0xffffffffu, da1[j][k], off);
-          if (!act[j] || !leader) continue;
-          const int64_t pix = line + poff[j];
-          if (a.npart > 1) {
-#pragma unroll
-            for (int k = 0; k < 3; ++k) partd[pix * G3 + k] = da1[j][k];
-          } else {
-            Pack<T, 1>::Store(dwd + pix * G3 + 0, da1[j] + 0);
-            Pack<T, 1>::Store(dwd + pix * G3 + 1, da1[j] + 1);
-            Pack<T, 1>::Store(dwd + pix * G3 + 2, da1[j] + 2);
-          }
         }
       }
       if (neighbour_sync)
@@ -848,7 +820,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     // form wrote it in line 0.
 #pragma unroll
     for (int j = 0; j < P; ++j) {
-      if constexpr (BwdSameLineDw(sizeof(T))) break;
+      if constexpr (BwdSameLineDw(sizeof(T), NG)) break;
       if (!act[j] || !leader) continue;
       const int64_t pix = line_of(0) + poff[j];
       if (a.npart > 1) {
