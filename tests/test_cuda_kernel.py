@@ -157,6 +157,15 @@ def test_small_chunk_and_normalize(name, chunk, normalize):
           oracle=chunk == 3)
 
 
+# The 16-bit backward with several gate groups per vector (odd_G=C, S=2, G=C_64) forms each
+# line's gate gradient in that line (BwdSameLineDw): restarting lines and unnormalised weights
+# through that path, and through the other one for the remaining shapes.
+@pytest.mark.parametrize("name", sorted(SMALL_SHAPES))
+@pytest.mark.parametrize("normalize", [True, False])
+def test_small_16bit_chunk_and_normalize(name, normalize):
+    check(SMALL_SHAPES[name], ("bt", "rl", "tb"), "bfloat16", chunk=3, normalize=normalize)
+
+
 # Longer lines: several positions per thread, the scalar path of long lines, H != W with
 # directions of both orientations in one backward block.
 @pytest.mark.parametrize("shape", [((1, 3, 300, 8), 8), ((1, 2, 1100, 8), 2),

@@ -111,7 +111,7 @@ int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 // Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
-// (2 shared tiles), 1 backward (6 tiles). The rules come from the sweeps of
+// (2 shared tiles), 1 backward (4 or 6 tiles: BwdTiles). The rules come from the sweeps of
 // experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and v5):
 //  - the slab width (bytes of a pixel that one block streams) matters most: at the same
 //    occupancy, 32-byte slabs ran at ~75% of the copy bandwidth, 64-byte at ~87%, 128-byte at
@@ -119,7 +119,7 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 //  - forward: one position per thread (two spilled registers), then the slab (>= 64 bytes if
 //    possible) that keeps the most threads resident per multiprocessor, the wider on ties.
 //  - backward: the group reduction in one launch first, then an instance that does not spill,
-//    then the widest slab; two positions per thread where that widens it (the backward holds
+//    then one with the neighbour synchronisation, then the widest slab; two positions per thread where that widens it (the backward holds
 //    ~170-250 registers, so one 256-thread block per multiprocessor: width is what is left to
 //    gain).
 //  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
@@ -169,14 +169,14 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   const int64_t vtot = s.C / V;  // vectors per pixel
   const int64_t grid_lines = kind == 0 ? s.D * s.B : s.B;
-  const int tiles = kind == 0 ? 2 : 6;
+  const int tiles = kind == 0 ? 2 : BwdTiles(int(sizeof(T)), NG);
   const char* sync_knob = std::getenv(kind == 0 ? "CGSPN_CUDA_FWD_SYNC" : "CGSPN_CUDA_BWD_SYNC");
   const bool block_sync_knob = sync_knob && std::string(sync_knob) == "block";
   int forced_p = EnvInt(kind == 0 ? "CGSPN_CUDA_P_FWD" : "CGSPN_CUDA_P_BWD");
   int forced_vs = EnvInt(kind == 0 ? "CGSPN_CUDA_VS_FWD" : "CGSPN_CUDA_VS_BWD");
 
   // Candidates (P, Vs), each scored by a tuple compared lexicographically (larger is better).
-  using Key = std::array<int64_t, 6>;
+  using Key = std::array<int64_t, 7>;
   bool found = false;
   Key best_key{};
   const int max_p = V > 1 ? 2 : kMaxPositions;
@@ -215,13 +215,17 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(
             &per_sm, KernelFor<T>(kind, V, NG, P, acc, prefetch), threads, smem);
         key = {bytes >= 32, std::min<int64_t>(blocks, sms), bytes >= 64,
-               int64_t(per_sm) * threads, bytes, -P};
+               int64_t(per_sm) * threads, bytes, -P, 0};
       } else if (V > 1) {
-        key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms),
+        // An instance with the neighbour synchronisation before a wider slab without it (the
+        // 16-bit P = 2 instances with NG >= 4 have none: v12, 64 x 64 bfloat16 G = C D = 1
+        // 1.60 -> 1.53 ms with P = 1 and 64-byte slabs, 128 x 128 2.00 -> 1.82 with 32-byte).
+        const bool sync = !block_sync_knob && NeighbourSyncCompiled(true, int(sizeof(T)), NG, P);
+        key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms), sync,
                std::min<int64_t>(bytes, 128), -P};
       } else {  // scalar path: registers grow with P fastest
         key = {npart == 1, std::min<int64_t>(blocks, sms), -P, std::min<int64_t>(bytes, 128),
-               -Vs, 0};
+               -Vs, 0, 0};
       }
       if (found && key <= best_key) continue;
       found = true;

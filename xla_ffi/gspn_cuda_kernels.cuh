@@ -31,7 +31,8 @@
 // Backward. One reverse scan per direction. The adjoint z_t needs a_{t+1} z_{t+1} at p-1, p,
 // p+1: each thread publishes u0 = a_0 z and u2 = a_2 z of its positions in shared memory. The
 // gate gradient of line t+1 needs h_t at p-1, p, p+1 (from the saved forward output), exchanged
-// the same way, so it is formed one line late, after the same barrier. Its reduction over the
+// the same way, so it is formed one line late, after the same barrier (16-bit types with several
+// groups per vector instead form line t's in line t: BwdSameLineDw). Its reduction over the
 // channels of a group runs over the vector, then over the S / V lanes of the group by warp
 // shuffles (butterfly: a fixed order, so deterministic). dx sums the D directions: the block
 // (b, slab) runs the directions one after the other and carries the running float32 sum through
@@ -326,6 +327,20 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
+// The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
+// G = C and the like) it is formed for line t in line t: one gate normalisation per line instead
+// of two, h_{t-1} at p -/+ 1 read through L1 (the neighbouring threads loaded those pixels), 4
+// shared tiles. Otherwise one line late, from a shared tile of the saved h (6 tiles). Measured
+// (H100, docs/kernel_notes.md, v12): the same-line form is 2-7% faster for bfloat16 G = C and
+// 1-12% slower for bfloat16 G = C/16 at 128 x 128 lines; for float32 (branch bwd-same-line-dw,
+// v9) up to 8.5% slower, its h loads from L1 being twice the bytes.
+__host__ __device__ constexpr bool BwdSameLineDw(int type_bytes, int NG) {
+  return type_bytes == 2 && NG > 1;
+}
+__host__ __device__ constexpr int BwdTiles(int type_bytes, int NG) {
+  return BwdSameLineDw(type_bytes, NG) ? 4 : 6;
+}
+
 // ------------------------------------------------------------------ forward
 
 // The P positions of a line that one thread owns, p = pl + j * Pt: whether each lies in the
@@ -498,7 +513,8 @@ __global__ void __launch_bounds__(kBwdThreads)
                   T* __restrict__ dlam, T* __restrict__ dw, float* acc, float* __restrict__ part,
                   const Launch a) {
   extern __shared__ float4 smem_raw[];
-  // [warps][2 line parities] mbarriers, then the tiles [3 kinds][2 parities][Lmax][Cs].
+  // [warps][2 line parities] mbarriers, then the tiles [2 or 3 kinds][2 parities][Lmax][Cs]
+  // (BwdTiles: the saved-h tile only where the gate gradient is formed one line late).
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
   float* smem = reinterpret_cast<float*>(smem_raw) + MbarBytes(kBwdThreads) / sizeof(float);
   const int Cs = a.Vs * V;
@@ -613,6 +629,22 @@ __global__ void __launch_bounds__(kBwdThreads)
       const float* u2_in = tile(kU2, q);
       const float* h_in = tile(kH, q);
       const int64_t line = line_of(t), next_line = line_of(t + 1);
+      constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
+      static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
+
+      // Same-line gate gradient: line t's needs h_{t-1} at p - 1 and p + 1. The threads of those
+      // positions loaded the same pixels (as their hm) one line ahead, so these loads find them
+      // in L1; issued now, they arrive while z waits for the neighbours' shared tiles.
+      Pack<T, V> hm_left[kSame ? P : 1], hm_right[kSame ? P : 1];
+      if constexpr (kSame) {
+#pragma unroll
+        for (int j = 0; j < P; ++j) {
+          if (!act[j] || restart) continue;
+          const T* hm = hd + (line + poff[j] - geo.step_stride) * C;
+          if (pos[j] > 0) hm_left[j].Load(hm - geo.pos_stride * C);
+          if (pos[j] + 1 < L) hm_right[j].Load(hm + geo.pos_stride * C);
+        }
+      }
 
       float z[P][V];
       float da1[P][3];  // NG == 1: the group's weight gradient, before the lane reduction
@@ -626,17 +658,18 @@ __global__ void __launch_bounds__(kBwdThreads)
         float r[V], l[V], hl[V], hr[V], hown[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) l[i] = r[i] = hl[i] = hr[i] = 0.f;
-        LoadF<V>(h_in + p * Cs + vl * V, hown);
+        if constexpr (!kSame) LoadF<V>(h_in + p * Cs + vl * V, hown);
         if (p + 1 < L) {
           LoadF<V>(u0_in + (p + 1) * Cs + vl * V, r);
-          LoadF<V>(h_in + (p + 1) * Cs + vl * V, hr);
+          if constexpr (!kSame) LoadF<V>(h_in + (p + 1) * Cs + vl * V, hr);
         }
         if (p > 0) {
           LoadF<V>(u2_in + (p - 1) * Cs + vl * V, l);
-          LoadF<V>(h_in + (p - 1) * Cs + vl * V, hl);
+          if constexpr (!kSame) LoadF<V>(h_in + (p - 1) * Cs + vl * V, hl);
         }
 #pragma unroll
         for (int i = 0; i < V; ++i) z[j][i] += u1[j][i] + r[i] + l[i];
+        if constexpr (kSame) continue;  // its gate gradient comes with the u's below
         // Weight gradient of line t + 1: da_k = sum over the group of z_{t+1} h_t[p + k - 1].
         if constexpr (NG == 1) {
 #pragma unroll
@@ -663,7 +696,8 @@ __global__ void __launch_bounds__(kBwdThreads)
           for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, out + k * NG);
         }
       }
-      if constexpr (NG == 1) {
+      if constexpr (kSame) {
+      } else if constexpr (NG == 1) {
         // Reduce over the group's lanes (uniform across the block: all lanes take part) and
         // store, or hand partial sums to the second launch. Lines that restart get da = 0.
         if (has_next) {
@@ -720,29 +754,51 @@ __global__ void __launch_bounds__(kBwdThreads)
         else
           StoreF<V>(accd + pix * C, out);
 
-        if (!restart) {  // publish a_0 z, a_2 z and h_{t-1} for line t - 1
+        // Same-line form: line t's gate gradient (zero where line t restarts: h_t did not
+        // depend on h_{t-1}).
+        float dwv[kSame ? 3 * NG : 1] = {};
+        if (!restart) {  // publish a_0 z, a_2 z (and h_{t-1}) for line t - 1
           float gv[3 * NG], hm[V], u0[V], u2[V];
 #pragma unroll
           for (int k = 0; k < 3; ++k) cur[j].g[k].Unpack(gv + k * NG);
           cur[j].hm.Unpack(hm);
+          float hlv[V], hrv[V];
+          if constexpr (kSame) {
+#pragma unroll
+            for (int i = 0; i < V; ++i) hlv[i] = hrv[i] = 0.f;
+            if (p > 0) hm_left[j].Unpack(hlv);
+            if (p + 1 < L) hm_right[j].Unpack(hrv);
+          }
 #pragma unroll
           for (int g = 0; g < NG; ++g) {
-            float wa[3], wc[3];
+            float wa[3], wc[3], da[3] = {0.f, 0.f, 0.f};
             Weights(gv + 3 * g, p > 0, p + 1 < L, a.normalize, wa, wc);
 #pragma unroll
             for (int i = g * (V / NG); i < (g + 1) * (V / NG); ++i) {
               u0[i] = wa[0] * z[j][i];
               u1[j][i] = wa[1] * z[j][i];
               u2[i] = wa[2] * z[j][i];
+              if constexpr (kSame) {
+                da[0] += z[j][i] * hlv[i];
+                da[1] += z[j][i] * hm[i];
+                da[2] += z[j][i] * hrv[i];
+              }
             }
+            if constexpr (kSame) GateGrad(da, wa, wc, a.normalize, dwv + 3 * g);
           }
           StoreF<V>(tile(kU0, now) + p * Cs + vl * V, u0);
           StoreF<V>(tile(kU2, now) + p * Cs + vl * V, u2);
-          StoreF<V>(tile(kH, now) + p * Cs + vl * V, hm);
+          if constexpr (!kSame) {
+            StoreF<V>(tile(kH, now) + p * Cs + vl * V, hm);
 #pragma unroll
-          for (int i = 0; i < V; ++i) zold[j][i] = z[j][i];
+            for (int i = 0; i < V; ++i) zold[j][i] = z[j][i];
 #pragma unroll
-          for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
+            for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
+          }
+        }
+        if constexpr (kSame) {  // several groups per vector: no lane reduction
+#pragma unroll
+          for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, dwv + k * NG);
         }
       }
       if (neighbour_sync)
@@ -760,9 +816,11 @@ __global__ void __launch_bounds__(kBwdThreads)
       if (t > 0) step(t - 1, r1, r0);
     }
     // Line 0 always restarts: its gate gradient is zero (partial sums too: the second launch
-    // skips restarting lines, but every partial it might read is then defined).
+    // skips restarting lines, but every partial it might read is then defined). The same-line
+    // form wrote it in line 0.
 #pragma unroll
     for (int j = 0; j < P; ++j) {
+      if constexpr (BwdSameLineDw(sizeof(T), NG)) break;
       if (!act[j] || !leader) continue;
       const int64_t pix = line_of(0) + poff[j];
       if (a.npart > 1) {
