@@ -1,6 +1,7 @@
 """Benchmark of the CUDA gspn_scan kernel: time, byte floor, bandwidth, speedups, targets.
 
     python experiments/bench_kernel.py [--out DIR] [--quick] [--no-reference]
+    python experiments/bench_kernel.py --rescore RESULT.json [--out DIR]   # no GPU needed
 
 For each case (shapes B x C x H x W of ../shared/ANCHORS.md, G = C and C / 16, float32 and
 bfloat16, D = 1 and 4) it times, in one process on one GPU:
@@ -310,8 +311,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="D = 1 only, no reference")
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--rescore", metavar="JSON", default=None,
-                    help="recompute the floors and derived figures of a stored result (its "
-                         "times) and write its table and JSON under --out; no GPU needed")
+                    help="recompute the floors and derived figures of a stored result from "
+                         "its times and write its JSON and table under --out (default: in "
+                         "place, replacing RESULT.json and RESULT.md); no GPU needed")
     args = ap.parse_args()
     if args.rescore:
         return rescore(Path(args.rescore), Path(args.out or Path(args.rescore).parent))

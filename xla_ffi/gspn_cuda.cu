@@ -119,9 +119,9 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 //  - forward: one position per thread (two spilled registers), then the slab (>= 64 bytes if
 //    possible) that keeps the most threads resident per multiprocessor, the wider on ties.
 //  - backward: the group reduction in one launch first, then an instance that does not spill,
-//    then one with the neighbour synchronisation, then the widest slab; two positions per thread where that widens it (the backward holds
-//    ~170-250 registers, so one 256-thread block per multiprocessor: width is what is left to
-//    gain).
+//    then one with the neighbour synchronisation, then the widest slab; two positions per
+//    thread where that widens it (the backward holds ~170-250 registers, so one 256-thread
+//    block per multiprocessor: width is what is left to gain).
 //  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
 //    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
 //    least one block per multiprocessor where the problem allows.

@@ -321,7 +321,9 @@ __host__ __device__ constexpr int MbarBytes(int threads) { return threads / 32 *
 // line). Out where the barriers' state made ptxas spill: the forward with P > 1 (lines longer
 // than 512; 44-120 more bytes) and the 16-bit backward with P = 2 and NG >= 4, already at 255
 // registers (64 bytes more; the 64 x 64 and 128 x 128 bfloat16 G = C backwards ran 5-7% slower
-// than v10's, docs/kernel_notes.md, v11). MakePlan asks too, so the plan says what runs.
+// than v10's, docs/kernel_notes.md, v11). Measured again with the v12 same-line form, where
+// they fit without spill: still 6% slower than the block barrier (v12). MakePlan asks too, so
+// the plan says what runs.
 __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type_bytes, int NG,
                                                          int P) {
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
@@ -535,6 +537,9 @@ __global__ void __launch_bounds__(kBwdThreads)
   // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan).
   const bool neighbour_sync = NeighbourSyncCompiled(true, sizeof(T), NG, P) && a.neighbour_sync;
   const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
+  // The gate gradient formed in its own line (BwdSameLineDw) or one line late.
+  constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
+  static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
   int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
 
   const T* xd = x + c0;
@@ -601,9 +606,9 @@ __global__ void __launch_bounds__(kBwdThreads)
       GateGrad(da, wa, wc, a.normalize, out + 3 * g);
     };
 
-    // State of line t + 1 at this thread's positions: its adjoint z, a_1 z and its gates. (The
-    // saved h of line t at p, loaded with line t + 1, is read back from the shared tile: fewer
-    // registers.)
+    // State of line t + 1 at this thread's positions: a_1 z and, for the one-line-late gate
+    // gradient, its adjoint z and its gates. (That form reads the saved h of line t at p, loaded
+    // with line t + 1, back from the shared tile: fewer registers.)
     float zold[P][V], u1[P][V];
     Pack<T, NG> gold[P][3];
 #pragma unroll
@@ -618,8 +623,9 @@ __global__ void __launch_bounds__(kBwdThreads)
       if constexpr (kPrefetch)
         if (t > 1) prefetch(ahead, t - 2);
       // Line t + 1 (this block's previous line, unless t is a direction's first) must be in
-      // the tiles.
-      if (neighbour_sync && t + 1 < T_steps) sync.WaitFor(nline - 1);
+      // the tiles. (The same-line form first issues loads that do not need it, below.)
+      if constexpr (!kSame)
+        if (neighbour_sync && t + 1 < T_steps) sync.WaitFor(nline - 1);
       // Line t + 1 fed line t unless it restarted (or does not exist).
       const bool has_next = t + 1 < T_steps;
       const bool coupled = has_next && !LineGeometry::Restarts(t + 1, a.chunk);
@@ -627,14 +633,12 @@ __global__ void __launch_bounds__(kBwdThreads)
       const int q = (t + 1) & 1, now = t & 1;
       const float* u0_in = tile(kU0, q);
       const float* u2_in = tile(kU2, q);
-      const float* h_in = tile(kH, q);
+      const float* h_in = kSame ? nullptr : tile(kH, q);  // 4 tiles only in the same-line form
       const int64_t line = line_of(t), next_line = line_of(t + 1);
-      constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
-      static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
 
       // Same-line gate gradient: line t's needs h_{t-1} at p - 1 and p + 1. The threads of those
       // positions loaded the same pixels (as their hm) one line ahead, so these loads find them
-      // in L1; issued now, they arrive while z waits for the neighbours' shared tiles.
+      // in L1; issued before the wait for the neighbours, they arrive while it lasts.
       Pack<T, V> hm_left[kSame ? P : 1], hm_right[kSame ? P : 1];
       if constexpr (kSame) {
 #pragma unroll
@@ -644,6 +648,7 @@ __global__ void __launch_bounds__(kBwdThreads)
           if (pos[j] > 0) hm_left[j].Load(hm - geo.pos_stride * C);
           if (pos[j] + 1 < L) hm_right[j].Load(hm + geo.pos_stride * C);
         }
+        if (neighbour_sync && t + 1 < T_steps) sync.WaitFor(nline - 1);
       }
 
       float z[P][V];
@@ -820,7 +825,7 @@ __global__ void __launch_bounds__(kBwdThreads)
     // form wrote it in line 0.
 #pragma unroll
     for (int j = 0; j < P; ++j) {
-      if constexpr (BwdSameLineDw(sizeof(T), NG)) break;
+      if constexpr (kSame) break;
       if (!act[j] || !leader) continue;
       const int64_t pix = line_of(0) + poff[j];
       if (a.npart > 1) {
