@@ -209,6 +209,10 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
           kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
       const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
       const int64_t blocks = grid_lines * ((vtot + Vs - 1) / Vs);
+      // Neighbour synchronisation (NeighbourSync in the kernels) where the instance has it;
+      // CGSPN_CUDA_FWD_SYNC=block or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line.
+      const bool neighbour_sync =
+          !block_sync_knob && NeighbourSyncCompiled(kind == 1, int(sizeof(T)), NG, P);
       Key key;
       if (kind == 0) {
         int per_sm = 0;
@@ -220,8 +224,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         // An instance with the neighbour synchronisation before a wider slab without it (the
         // 16-bit P = 2 instances with NG >= 4 have none: v12, 64 x 64 bfloat16 G = C D = 1
         // 1.60 -> 1.53 ms with P = 1 and 64-byte slabs, 128 x 128 2.00 -> 1.82 with 32-byte).
-        const bool sync = !block_sync_knob && NeighbourSyncCompiled(true, int(sizeof(T)), NG, P);
-        key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms), sync,
+        key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms), neighbour_sync,
                std::min<int64_t>(bytes, 128), -P};
       } else {  // scalar path: registers grow with P fastest
         key = {npart == 1, std::min<int64_t>(blocks, sms), -P, std::min<int64_t>(bytes, 128),
@@ -240,10 +243,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.Vs = Vs; a.Pt = Pt; a.Lmax = int(Lmax);
       a.nslab = int((vtot + Vs - 1) / Vs);
       a.nsub = nsub; a.npart = int(npart);
-      // Neighbour synchronisation (NeighbourSync in the kernels) where the instance has it;
-      // CGSPN_CUDA_FWD_SYNC=block or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line.
-      a.neighbour_sync =
-          !block_sync_knob && NeighbourSyncCompiled(kind == 1, int(sizeof(T)), NG, P);
+      a.neighbour_sync = neighbour_sync;
       plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
       plan->threads = threads;
       plan->smem = smem;

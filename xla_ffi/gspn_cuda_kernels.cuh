@@ -702,6 +702,7 @@ __global__ void __launch_bounds__(kBwdThreads)
         }
       }
       if constexpr (kSame) {
+        // Line t's gate gradient is formed and stored with its u's, below.
       } else if constexpr (NG == 1) {
         // Reduce over the group's lanes (uniform across the block: all lanes take part) and
         // store, or hand partial sums to the second launch. Lines that restart get da = 0.
@@ -823,18 +824,19 @@ __global__ void __launch_bounds__(kBwdThreads)
     // Line 0 always restarts: its gate gradient is zero (partial sums too: the second launch
     // skips restarting lines, but every partial it might read is then defined). The same-line
     // form wrote it in line 0.
+    if constexpr (!kSame) {
 #pragma unroll
-    for (int j = 0; j < P; ++j) {
-      if constexpr (kSame) break;
-      if (!act[j] || !leader) continue;
-      const int64_t pix = line_of(0) + poff[j];
-      if (a.npart > 1) {
+      for (int j = 0; j < P; ++j) {
+        if (!act[j] || !leader) continue;
+        const int64_t pix = line_of(0) + poff[j];
+        if (a.npart > 1) {
 #pragma unroll
-        for (int k = 0; k < 3; ++k) partd[pix * G3 + k] = 0.f;
-      } else {
-        const float zero[3 * NG] = {};
+          for (int k = 0; k < 3; ++k) partd[pix * G3 + k] = 0.f;
+        } else {
+          const float zero[3 * NG] = {};
 #pragma unroll
-        for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, zero + k * NG);
+          for (int k = 0; k < 3; ++k) Pack<T, NG>::Store(dwd + pix * G3 + k * NG, zero + k * NG);
+        }
       }
     }
     // The next direction reuses the shared tiles and reads this one's running dx sum, at pixels
