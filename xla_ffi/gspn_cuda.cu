@@ -112,8 +112,11 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 // The tail split (SlabOfBlock in the kernels): the slabs of the last, partial wave are each
 // scanned by k blocks of Vs / k lanes, the largest k (a power of 2) whose blocks still fit one
-// wave, with slabs of at least 32 bytes (one sector) per pixel and whole gate groups (a multiple
-// of nsub lanes; not with the second launch's partial sums). CGSPN_CUDA_TAIL_SPLIT=k forces k
+// wave, with slabs of at least 64 bytes per pixel and whole gate groups (a multiple of nsub
+// lanes; not with the second launch's partial sums). Measured (H100, docs/kernel_notes.md, v13):
+// halves of 64 bytes made the 32 x 1152 x 64 x 64 bfloat16 forwards 2% faster (G = C 0.715 ->
+// 0.698 ms) and its G = 72 backward 2%; halves of 32 bytes made every 128 x 128 case 1-13%
+// slower (bfloat16 G = 72 forward 0.520 -> 0.589 ms). CGSPN_CUDA_TAIL_SPLIT=k forces k
 // where it is valid (1: no split), and CGSPN_CUDA_TAIL_WAVE=n takes n blocks for a wave, so that
 // the tests can split part of a small grid.
 void SplitTail(Plan* plan, int vector_bytes, int sms) {
@@ -134,7 +137,7 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   if (forced > 0) {
     if (valid(forced)) k = forced;
   } else {
-    while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= 32) k *= 2;
+    while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= 64) k *= 2;
   }
   if (k == 1 || tail == 0) return;
   a.tail_start = slabs - tail;
