@@ -145,10 +145,13 @@ def plan_lines(fn, args):
 
 def waves_of(plan_line):
     """Blocks over resident blocks (SMs x blocks per SM) of one printed plan: a grid of 4.36
-    waves takes about as long as one of 5 (docs/kernel_notes.md, v5)."""
+    waves takes about as long as one of 5 (docs/kernel_notes.md, v5). Counted in whole slabs:
+    the tail split (tail=NxK: N blocks of 1/K slab) does not change the work."""
     fields = dict(f.split("=") for f in plan_line.split())
     sms = getattr(jax.devices()[0], "core_count", None) or 132
-    return int(fields["blocks"]) / (sms * max(1, int(fields["blocks/SM"])))
+    tail_blocks, k = (int(v) for v in fields.get("tail", "0x1").split("x"))
+    slabs = int(fields["blocks"]) - tail_blocks + tail_blocks // k
+    return slabs / (sms * max(1, int(fields["blocks/SM"])))
 
 
 # ----------------------------------------------------------------------------- cases

@@ -8,7 +8,8 @@ the benchmark) under the handler's tuning knobs, which it reads at every call:
 CGSPN_CUDA_VS_FWD / CGSPN_CUDA_VS_BWD (vector lanes per block: the slab width) and
 CGSPN_CUDA_P_FWD / CGSPN_CUDA_P_BWD (positions per thread), CGSPN_CUDA_PREFETCH_BWD (the
 backward's L2 prefetch, 0 or 1), CGSPN_CUDA_FWD_SYNC=block and CGSPN_CUDA_BWD_SYNC=block (a
-block barrier per line instead of the neighbour synchronisation). A knob the plan cannot honour
+block barrier per line instead of the neighbour synchronisation), CGSPN_CUDA_TAIL_SPLIT (the
+split factor of the last wave's slabs; 1: none). A knob the plan cannot honour
 is ignored, so each row also records the plan the handler actually chose (printed by the
 handler with CGSPN_CUDA_VERBOSE=1: registers and blocks per multiprocessor included). The
 numbers choose the defaults of MakePlan in xla_ffi/gspn_cuda.cu; docs/kernel_notes.md has them.
@@ -69,13 +70,19 @@ SYNC_SETTINGS = [dict(sync, **prefetch)
                  for prefetch in ({}, {"CGSPN_CUDA_PREFETCH_BWD": "0"},
                                   {"CGSPN_CUDA_PREFETCH_BWD": "1"})
                  for sync in ({}, {"CGSPN_CUDA_BWD_SYNC": "block"})]
+# The tail split (SplitTail in xla_ffi/gspn_cuda.cu): the slabs of the partial last wave
+# scanned by k blocks of 1/k the width each. Default (the plan's rule), off, and k = 2 and 4
+# forced, at every D = 1 case (where the last wave is the largest share) and two D = 4 ones.
+TAIL_SETTINGS = [{}] + [{"CGSPN_CUDA_TAIL_SPLIT": str(k)} for k in (1, 2, 4)]
+TAIL_CASES = [c for c in BENCH_CASES if c[3] == 1] + [c for c in CASES if c[3] == 4]
 # Each family: its knob settings and the cases it times.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
-            "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES)}
+            "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES),
+            "tail": (TAIL_SETTINGS, TAIL_CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
-         "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):
@@ -184,7 +191,8 @@ def main():
                    help="plans: positions per thread and slab widths; slabs: slab widths "
                         "alone; prefetch: the backward's L2 prefetch off and on (D = 1 and 4, "
                         "all three shapes); balance: 3-lane slabs; sync: the backward's "
-                        "neighbour synchronisation against a block barrier")
+                        "neighbour synchronisation against a block barrier; tail: the "
+                        "split of the last wave's slabs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

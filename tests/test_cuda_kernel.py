@@ -199,7 +199,8 @@ def test_extreme_gate_logits(name, dtype):
 
 # The handler reads its tuning knobs at every call: each forced launch plan (positions per
 # thread, slab width, 3-lane slabs that start mid-sector, the backward with and without
-# the L2 prefetch, block barriers instead of the neighbour synchronisation)
+# the L2 prefetch, block barriers instead of the neighbour synchronisation, the last wave's
+# slabs split among narrower blocks: all of them, or those past a forced small wave)
 # must compute the same function, and a knob that no plan can honour (more
 # lanes than a pixel has) is ignored.
 @pytest.mark.parametrize("knobs", [{"CGSPN_CUDA_P_BWD": "1"}, {"CGSPN_CUDA_P_BWD": "2"},
@@ -209,9 +210,16 @@ def test_extreme_gate_logits(name, dtype):
                                    {"CGSPN_CUDA_PREFETCH_BWD": "0"},
                                    {"CGSPN_CUDA_PREFETCH_BWD": "1"},
                                    {"CGSPN_CUDA_FWD_SYNC": "block",
-                                    "CGSPN_CUDA_BWD_SYNC": "block"}],
+                                    "CGSPN_CUDA_BWD_SYNC": "block"},
+                                   {"CGSPN_CUDA_VS_FWD": "4", "CGSPN_CUDA_VS_BWD": "4",
+                                    "CGSPN_CUDA_TAIL_SPLIT": "4"},
+                                   {"CGSPN_CUDA_VS_FWD": "4", "CGSPN_CUDA_VS_BWD": "4",
+                                    "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"},
+                                   {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_VS_BWD": "2",
+                                    "CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_TAIL_SPLIT": "2",
+                                    "CGSPN_CUDA_TAIL_WAVE": "3", "CGSPN_CUDA_BWD_SYNC": "block"}],
                          ids=["P1", "P2", "Vs2", "Vs3", "unhonoured", "no_prefetch", "prefetch",
-                              "block_sync"])
+                              "block_sync", "tail4", "tail2_mixed", "tail2_mixed_P2_block"])
 @pytest.mark.parametrize("shape", [((2, 9, 11, 32), 2), ((1, 5, 6, 24), 12),
                                    ((2, 37, 130, 16), 1), ((3, 7, 5, 64), 64)],
                          ids=["S16", "S2", "37x130_G1", "GC64"])

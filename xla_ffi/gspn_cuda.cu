@@ -110,6 +110,41 @@ int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// The tail split (SlabOfBlock in the kernels): the slabs of the last, partial wave are each
+// scanned by k blocks of Vs / k lanes, the largest k (a power of 2) whose blocks still fit one
+// wave, with slabs of at least 64 bytes per pixel and whole gate groups (a multiple of nsub
+// lanes; not with the second launch's partial sums). Measured (H100, docs/kernel_notes.md, v13):
+// halves of 64 bytes made the 32 x 1152 x 64 x 64 bfloat16 forwards 2% faster (G = C 0.715 ->
+// 0.698 ms) and its G = 72 backward 2%; halves of 32 bytes made every 128 x 128 case 1-13%
+// slower (bfloat16 G = 72 forward 0.520 -> 0.589 ms). CGSPN_CUDA_TAIL_SPLIT=k forces k
+// where it is valid (1: no split), and CGSPN_CUDA_TAIL_WAVE=n takes n blocks for a wave, so that
+// the tests can split part of a small grid.
+void SplitTail(Plan* plan, int vector_bytes, int sms) {
+  Launch& a = plan->a;
+  const int64_t slabs = plan->blocks;
+  a.tail_start = slabs;
+  a.tail_k = 1;
+  int per_sm = 0;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan->kernel, plan->threads, plan->smem);
+  const int forced_wave = EnvInt("CGSPN_CUDA_TAIL_WAVE");
+  const int64_t slots = forced_wave > 0 ? forced_wave : int64_t(std::max(per_sm, 1)) * sms;
+  const int64_t tail = slabs % slots;
+  const int forced = EnvInt("CGSPN_CUDA_TAIL_SPLIT");
+  auto valid = [&](int k) {
+    return a.Vs % k == 0 && (a.Vs / k) % a.nsub == 0 && (k == 1 || a.npart == 1);
+  };
+  int k = 1;
+  if (forced > 0) {
+    if (valid(forced)) k = forced;
+  } else {
+    while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= 64) k *= 2;
+  }
+  if (k == 1 || tail == 0) return;
+  a.tail_start = slabs - tail;
+  a.tail_k = k;
+  plan->blocks = a.tail_start + tail * k;
+}
+
 // Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
 // (2 shared tiles), 1 backward (4 or 6 tiles: BwdTiles). The rules come from the sweeps of
 // experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and v5):
@@ -253,6 +288,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
   plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->prefetch);
+  SplitTail(plan, sizeof(T) * V, sms);
   return ffi::Error::Success();
 }
 
@@ -270,10 +306,12 @@ cudaError_t LaunchPlan(cudaStream_t st, const Plan& pl, void** args, const char*
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, pl.kernel, pl.threads, pl.smem);
     std::fprintf(stderr,
                  "gspn_scan CUDA %s: V=%d NG=%d P=%d Vs=%d Pt=%d threads=%d blocks=%lld smem=%zu "
-                 "nsub=%d npart=%d prefetch=%d sync=%s regs=%d local=%zu blocks/SM=%d\n",
+                 "nsub=%d npart=%d prefetch=%d sync=%s tail=%lldx%d regs=%d local=%zu "
+                 "blocks/SM=%d\n",
                  what, pl.V, pl.NG, pl.P, pl.a.Vs, pl.a.Pt, pl.threads,
                  static_cast<long long>(pl.blocks), pl.smem, pl.a.nsub, pl.a.npart,
-                 int(pl.prefetch), pl.a.neighbour_sync ? "neighbour" : "block", attr.numRegs,
+                 int(pl.prefetch), pl.a.neighbour_sync ? "neighbour" : "block",
+                 static_cast<long long>(pl.blocks - pl.a.tail_start), pl.a.tail_k, attr.numRegs,
                  attr.localSizeBytes, per_sm);
   }
   if (cudaError_t e = cudaLaunchKernel(pl.kernel, dim3(unsigned(pl.blocks)), dim3(pl.threads),

@@ -240,7 +240,36 @@ struct Launch {
   int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
   int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
   bool neighbour_sync;       // warps wait for their neighbours, not the block (NeighbourSync)
+  // The tail split (SlabOfBlock): the slabs from this one on are scanned by tail_k blocks each,
+  // of Vs / tail_k lanes. tail_start = the number of slabs (over images and directions): none.
+  int64_t tail_start;
+  int tail_k;
 };
+
+// The slab of one block. A block scans one slab of one image (and, in the forward, one
+// direction) for all its lines: slabs are long-lived and few (288 at 8 x 1152 x 128 x 128
+// bfloat16), so a grid of whole slabs ends in a partial last wave (2.18 waves there) whose
+// lines, bound by latency and per-thread arithmetic rather than bandwidth, cost ~0.8 of a full
+// wave (docs/kernel_notes.md, v5). So the slabs of that last wave are split among tail_k blocks
+// each, of Vs / tail_k lanes: the same work over more multiprocessors. Threads of a narrower
+// block past its Vs * Pt own nothing.
+struct BlockSlab {
+  int64_t index;    // slab index over (direction,) image, slab: as if nothing were split
+  int Vs;           // vector lanes of this block
+  int64_t c_first;  // its first channel
+};
+__device__ __forceinline__ BlockSlab SlabOfBlock(const Launch& a, int V) {
+  int64_t blk = blockIdx.x;
+  int k = 1, part = 0;
+  if (blk >= a.tail_start) {
+    const int64_t t = blk - a.tail_start;
+    blk = a.tail_start + t / a.tail_k;
+    part = int(t % a.tail_k);
+    k = a.tail_k;
+  }
+  const int vs = a.Vs / k;
+  return {blk, vs, (blk % a.nslab) * a.Vs * V + int64_t(part) * vs * V};
+}
 
 // ------------------------------------------------------------------ mbarriers
 
@@ -376,18 +405,19 @@ __global__ void __launch_bounds__(kFwdThreads)
   // [warps][2 line parities] mbarriers, then the tiles [2][Lmax][Cs].
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
   float* tile = reinterpret_cast<float*>(smem_raw) + MbarBytes(kFwdThreads) / sizeof(float);
+  const BlockSlab bs = SlabOfBlock(a, V);
+  // Tile rows are a whole slab wide in every block (a narrower block uses the first bs.Vs
+  // lanes): a stride from the kernel's parameters, not one more register.
   const int Cs = a.Vs * V;
   const int64_t tile_size = int64_t(a.Lmax) * Cs;
 
-  int blk = blockIdx.x;
-  const int slab = blk % a.nslab;
-  blk /= a.nslab;
+  const int64_t blk = bs.index / a.nslab;
   const int64_t b = blk % a.B;
-  const int d = blk / int(a.B);
+  const int d = int(blk / a.B);
   const LineGeometry geo = LineGeometry::Make(a.Direction(d), a.H, a.W);
   const int L = int(geo.length), T_steps = int(geo.steps);
-  const int vl = threadIdx.x % a.Vs, pl = threadIdx.x / a.Vs;
-  const int64_t c0 = int64_t(slab) * Cs + int64_t(vl) * V;
+  const int vl = threadIdx.x % bs.Vs, pl = threadIdx.x / bs.Vs;
+  const int64_t c0 = bs.c_first + int64_t(vl) * V;
   const bool lane_ok = pl < a.Pt && c0 < a.C;
   const int64_t bhw = a.B * a.H * a.W;
   const int64_t C = a.C, G3 = a.G * 3;
@@ -432,7 +462,7 @@ __global__ void __launch_bounds__(kFwdThreads)
   // CGSPN_CUDA_FWD_SYNC=block: one barrier per line instead (MakePlan).
   const bool neighbour_sync =
       NeighbourSyncCompiled(false, sizeof(T), NG, P) && a.neighbour_sync;
-  const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
+  const NeighbourSync sync(mbar, bs.Vs, a.Pt, P);
 
   // One line: issue the loads of line t + 1 into `ahead` (the set line t - 1 used), then scan
   // line t from `cur`.
@@ -519,15 +549,15 @@ __global__ void __launch_bounds__(kBwdThreads)
   // (BwdTiles: the saved-h tile only where the gate gradient is formed one line late).
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
   float* smem = reinterpret_cast<float*>(smem_raw) + MbarBytes(kBwdThreads) / sizeof(float);
-  const int Cs = a.Vs * V;
+  const BlockSlab bs = SlabOfBlock(a, V);
+  const int Cs = a.Vs * V;  // tile rows: a whole slab wide in every block (as in the forward)
   const int64_t tile_size = int64_t(a.Lmax) * Cs;
   auto tile = [&](int kind, int parity) { return smem + (2 * kind + parity) * tile_size; };
   enum { kU0 = 0, kU2 = 1, kH = 2 };
 
-  const int slab = blockIdx.x % a.nslab;
-  const int64_t b = blockIdx.x / a.nslab;
-  const int vl = threadIdx.x % a.Vs, pl = threadIdx.x / a.Vs;
-  const int64_t c0 = int64_t(slab) * Cs + int64_t(vl) * V;
+  const int64_t b = bs.index / a.nslab;
+  const int vl = threadIdx.x % bs.Vs, pl = threadIdx.x / bs.Vs;
+  const int64_t c0 = bs.c_first + int64_t(vl) * V;
   const bool lane_ok = pl < a.Pt && c0 < a.C;
   const int64_t bhw = a.B * a.H * a.W;
   const int64_t C = a.C, G3 = a.G * 3;
@@ -536,7 +566,7 @@ __global__ void __launch_bounds__(kBwdThreads)
   const int64_t sub = ((c0 % a.S) / V) / a.nsub;  // which partial sum, when npart > 1
   // CGSPN_CUDA_BWD_SYNC=block: one barrier per line instead (MakePlan).
   const bool neighbour_sync = NeighbourSyncCompiled(true, sizeof(T), NG, P) && a.neighbour_sync;
-  const NeighbourSync sync(mbar, a.Vs, a.Pt, P);
+  const NeighbourSync sync(mbar, bs.Vs, a.Pt, P);
   // The gate gradient formed in its own line (BwdSameLineDw) or one line late.
   constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
   static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
