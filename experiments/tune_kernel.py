@@ -75,11 +75,19 @@ SYNC_SETTINGS = [dict(sync, **prefetch)
 # forced, at every D = 1 case (where the last wave is the largest share) and two D = 4 ones.
 TAIL_SETTINGS = [{}] + [{"CGSPN_CUDA_TAIL_SPLIT": str(k)} for k in (1, 2, 4)]
 TAIL_CASES = [c for c in BENCH_CASES if c[3] == 1] + [c for c in CASES if c[3] == 4]
+# The small shape of the benchmark (8 x 192 x 128 x 128: fewer slabs than multiprocessors, so
+# every plan is one partial wave): slab widths and positions per thread of both kernels.
+SMALL_SETTINGS = [{}] + [{"CGSPN_CUDA_VS_FWD": str(v)} for v in (2, 4, 8)] + [
+    {"CGSPN_CUDA_P_BWD": "1", "CGSPN_CUDA_VS_BWD": "2"},
+    {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "2"},
+    {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "4"},
+    {"CGSPN_CUDA_P_BWD": "1", "CGSPN_CUDA_VS_BWD": "4"}]
+SMALL_CASES = [c for c in BENCH_CASES if c[0][1] == 192]
 # Each family: its knob settings and the cases it times.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
             "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES),
-            "tail": (TAIL_SETTINGS, TAIL_CASES)}
+            "tail": (TAIL_SETTINGS, TAIL_CASES), "small": (SMALL_SETTINGS, SMALL_CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_VERBOSE")
@@ -192,7 +200,7 @@ def main():
                         "alone; prefetch: the backward's L2 prefetch off and on (D = 1 and 4, "
                         "all three shapes); balance: 3-lane slabs; sync: the backward's "
                         "neighbour synchronisation against a block barrier; tail: the "
-                        "split of the last wave's slabs")
+                        "split of the last wave's slabs; small: the plans of the small shape")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
