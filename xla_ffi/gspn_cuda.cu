@@ -191,9 +191,13 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   // slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs (two positions per thread:
   // 4-39% slower in v9; one: 64 x 64 bfloat16 G = C D = 4 7.6 ms without, 9.0 with, v11).
   // CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides the rule.
-  const char* prefetch_knob = std::getenv("CGSPN_CUDA_PREFETCH_BWD");
+  const char* prefetch_knob =
+      std::getenv(kind == 0 ? "CGSPN_CUDA_PREFETCH_FWD" : "CGSPN_CUDA_PREFETCH_BWD");
   auto prefetch_for = [&](int64_t slab_bytes) {
-    if (kind == 0) return kPrefetchL2<T>;
+    if (kind == 0) {
+      if (prefetch_knob) return kPrefetchL2<T> && std::string(prefetch_knob) != "0";
+      return kPrefetchL2<T>;
+    }
     if (prefetch_knob) return std::string(prefetch_knob) != "0";
     return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128);
   };
@@ -279,6 +283,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.nslab = int((vtot + Vs - 1) / Vs);
       a.nsub = nsub; a.npart = int(npart);
       a.neighbour_sync = neighbour_sync;
+      a.prefetch = prefetch;
       plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
       plan->threads = threads;
       plan->smem = smem;

@@ -240,6 +240,7 @@ struct Launch {
   int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
   int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
   bool neighbour_sync;       // warps wait for their neighbours, not the block (NeighbourSync)
+  bool prefetch;             // the forward's L2 prefetch (16-bit types; the plan chooses)
   // The tail split (SlabOfBlock): the slabs from this one on are scanned by tail_k blocks each,
   // of Vs / tail_k lanes. tail_start = the number of slabs (over images and directions): none.
   int64_t tail_start;
@@ -469,7 +470,7 @@ __global__ void __launch_bounds__(kFwdThreads)
   auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
-      if (t + 2 < T_steps) prefetch(ahead, t + 2);
+      if (a.prefetch && t + 2 < T_steps) prefetch(ahead, t + 2);
     if (neighbour_sync && t > 0) sync.WaitFor(t - 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
