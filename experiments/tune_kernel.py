@@ -83,14 +83,24 @@ SMALL_SETTINGS = [{}] + [{"CGSPN_CUDA_VS_FWD": str(v)} for v in (2, 4, 8)] + [
     {"CGSPN_CUDA_P_BWD": "2", "CGSPN_CUDA_VS_BWD": "4"},
     {"CGSPN_CUDA_P_BWD": "1", "CGSPN_CUDA_VS_BWD": "4"}]
 SMALL_CASES = [c for c in BENCH_CASES if c[0][1] == 192]
+# The 16-bit forward's L2 prefetch off, with the plan's slabs, 32-byte slabs, and 32-byte halves
+# in the tail split (narrow slabs ran slower with the prefetch in the backward, v9).
+FWD_PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_FWD": "0"},
+                         {"CGSPN_CUDA_VS_FWD": "2"},
+                         {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_PREFETCH_FWD": "0"},
+                         {"CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_PREFETCH_FWD": "0"}]
+FWD_PREFETCH_CASES = [c for c in BENCH_CASES if c[2] == "bfloat16" and c[3] == 1]
+FWD_PREFETCH_CASES += [c for c in SMALL_CASES if c[2] == "bfloat16" and c[3] == 4]
 # Each family: its knob settings and the cases it times.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
             "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES),
-            "tail": (TAIL_SETTINGS, TAIL_CASES), "small": (SMALL_SETTINGS, SMALL_CASES)}
+            "tail": (TAIL_SETTINGS, TAIL_CASES), "small": (SMALL_SETTINGS, SMALL_CASES),
+            "fwdprefetch": (FWD_PREFETCH_SETTINGS, FWD_PREFETCH_CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
-         "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
+         "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):

@@ -207,7 +207,7 @@ def test_extreme_gate_logits(name, dtype):
                                    {"CGSPN_CUDA_VS_FWD": "2", "CGSPN_CUDA_VS_BWD": "2"},
                                    {"CGSPN_CUDA_VS_FWD": "3", "CGSPN_CUDA_VS_BWD": "3"},
                                    {"CGSPN_CUDA_VS_FWD": "999", "CGSPN_CUDA_VS_BWD": "999"},
-                                   {"CGSPN_CUDA_PREFETCH_BWD": "0"},
+                                   {"CGSPN_CUDA_PREFETCH_BWD": "0", "CGSPN_CUDA_PREFETCH_FWD": "0"},
                                    {"CGSPN_CUDA_PREFETCH_BWD": "1"},
                                    {"CGSPN_CUDA_FWD_SYNC": "block",
                                     "CGSPN_CUDA_BWD_SYNC": "block"},

@@ -112,11 +112,12 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 
 // The tail split (SlabOfBlock in the kernels): the slabs of the last, partial wave are each
 // scanned by k blocks of Vs / k lanes, the largest k (a power of 2) whose blocks still fit one
-// wave, with slabs of at least 64 bytes per pixel and whole gate groups (a multiple of nsub
-// lanes; not with the second launch's partial sums). Measured (H100, docs/kernel_notes.md, v13):
-// halves of 64 bytes made the 32 x 1152 x 64 x 64 bfloat16 forwards 2% faster (G = C 0.715 ->
-// 0.698 ms) and its G = 72 backward 2%; halves of 32 bytes made every 128 x 128 case 1-13%
-// slower (bfloat16 G = 72 forward 0.520 -> 0.589 ms). CGSPN_CUDA_TAIL_SPLIT=k forces k
+// wave, with whole gate groups (a multiple of nsub lanes; not with the second launch's partial
+// sums) and slabs of at least 32 bytes per pixel, 64 where the kernel prefetches into L2.
+// Measured (H100, docs/kernel_notes.md, v13): halves of 64 bytes made the 32 x 1152 x 64 x 64
+// bfloat16 forwards 1-2% faster; halves of 32 bytes made the 8 x 1152 x 128 x 128 bfloat16 G = C
+// forward 4% faster without the L2 prefetch (0.801 -> 0.770 ms), but every prefetching 128 x
+// 128 case 1-13% slower (bfloat16 G = 72 forward 0.520 -> 0.589). CGSPN_CUDA_TAIL_SPLIT=k forces k
 // where it is valid (1: no split), and CGSPN_CUDA_TAIL_WAVE=n takes n blocks for a wave, so that
 // the tests can split part of a small grid.
 void SplitTail(Plan* plan, int vector_bytes, int sms) {
@@ -133,11 +134,13 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   auto valid = [&](int k) {
     return a.Vs % k == 0 && (a.Vs / k) % a.nsub == 0 && (k == 1 || a.npart == 1);
   };
+  const int min_bytes = plan->prefetch ? 64 : 32;
   int k = 1;
   if (forced > 0) {
     if (valid(forced)) k = forced;
   } else {
-    while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= 64) k *= 2;
+    while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= min_bytes)
+      k *= 2;
   }
   if (k == 1 || tail == 0) return;
   a.tail_start = slabs - tail;
@@ -184,16 +187,25 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   int full_sub = 1;  // the largest power of 2 (<= 32) dividing the group's lanes
   while (full_sub < 32 && lanes % (2 * full_sub) == 0) full_sub *= 2;
   const bool acc = kind == 1 && s.D > 1;
-  // The L2 prefetch (PrefetchL2 in the kernels). The forward's is fixed by the storage type.
-  // The backward's depends on the plan, by the prefetch sweep of docs/kernel_notes.md (v9):
-  // it pays for 16-bit types and for float32 with several channels per gate group (2-22%
-  // faster), but not with one channel per group in float32 (4% to 2x slower), with 32-byte
-  // slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs (two positions per thread:
-  // 4-39% slower in v9; one: 64 x 64 bfloat16 G = C D = 4 7.6 ms without, 9.0 with, v11).
-  // CGSPN_CUDA_PREFETCH_BWD=0 / 1 overrides the rule.
-  const char* prefetch_knob = std::getenv("CGSPN_CUDA_PREFETCH_BWD");
+  // The L2 prefetch (PrefetchL2 in the kernels), by the prefetch sweeps of
+  // docs/kernel_notes.md. The forward's (compiled for 16-bit types only: it made float32 up to
+  // 2.4x slower, v8) pays only where a thread has few bytes in flight per line, one gate group
+  // per vector, with 128-byte slabs: 32 x 1152 x 64 x 64 bfloat16 G = 72 0.439 ms without,
+  // 0.386 with. Elsewhere it cost 1-20% (8 x 1152 x 128 x 128 bfloat16 G = C 0.801 -> 0.872
+  // ms), and with 32-byte slabs 2.2x (v13).
+  // The backward's (v9): it pays for 16-bit types and for float32 with several channels per
+  // gate group (2-22% faster), but not with one channel per group in float32 (4% to 2x
+  // slower), with 32-byte slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs (two
+  // positions per thread: 4-39% slower in v9; one: 64 x 64 bfloat16 G = C D = 4 7.6 ms
+  // without, 9.0 with, v11).
+  // CGSPN_CUDA_PREFETCH_FWD / _BWD = 0 / 1 override the rules.
+  const char* prefetch_knob =
+      std::getenv(kind == 0 ? "CGSPN_CUDA_PREFETCH_FWD" : "CGSPN_CUDA_PREFETCH_BWD");
   auto prefetch_for = [&](int64_t slab_bytes) {
-    if (kind == 0) return kPrefetchL2<T>;
+    if (kind == 0) {
+      if (prefetch_knob) return kPrefetchL2<T> && std::string(prefetch_knob) != "0";
+      return kPrefetchL2<T> && NG == 1 && slab_bytes >= 128;
+    }
     if (prefetch_knob) return std::string(prefetch_knob) != "0";
     return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128);
   };
@@ -279,6 +291,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.nslab = int((vtot + Vs - 1) / Vs);
       a.nsub = nsub; a.npart = int(npart);
       a.neighbour_sync = neighbour_sync;
+      a.prefetch = prefetch;
       plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
       plan->threads = threads;
       plan->smem = smem;

@@ -19,9 +19,9 @@
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
 // held as raw bits in registers until line t + 1 uses them; converting them earlier would make
-// the thread wait for them at the end of line t. In the 16-bit forward (and the backward where
-// the launch plan asks), those of line t + 2 are prefetched into L2 at the same time (no
-// registers), so that the register loads wait for L2, not DRAM.
+// the thread wait for them at the end of line t. Where the launch plan asks, those of line
+// t + 2 are prefetched into L2 at the same time (no registers), so that the register loads
+// wait for L2, not DRAM.
 //
 // Gates. Channel c uses group c / S (S = C / G). When S < V a vector spans NG = V / S groups
 // whose 3 * NG gates are contiguous; otherwise the whole vector uses one group's 3 gates. The
@@ -146,12 +146,13 @@ struct Pack {
 __device__ __forceinline__ void PrefetchL2(const void* p) {
   asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
 }
-// Where it pays (measured on the H100, docs/kernel_notes.md, v8 and v9): the 16-bit forward,
-// whose lines are bound by latency and arithmetic rather than by DRAM, gained 5-18%, so it
-// always prefetches; the float32 forward lost 3-140% (the prefetches add requests where full
-// waves are bound by bandwidth), so it never does. The backward is compiled both ways
-// (kPrefetch) and the launch plan chooses: it pays for 16-bit types and for float32 with
-// several channels per gate group, except with narrow slabs (MakePlan has the rule).
+// Where it pays (measured on the H100, docs/kernel_notes.md, v8, v9 and v13): the float32
+// forward lost 3-140% (the prefetches add requests where full waves are bound by bandwidth),
+// so it is not compiled in; the 16-bit forward gained 5-18% in v8, but since v10's neighbour
+// synchronisation only where a thread has few bytes in flight (one gate group per vector,
+// 128-byte slabs), so the launch plan switches it (Launch::prefetch). The backward is compiled
+// both ways (kPrefetch) and the launch plan chooses: it pays for 16-bit types and for float32
+// with several channels per gate group, except with narrow slabs (MakePlan has the rules).
 // Prefetching further ahead (3, 4, 6 lines) or from every 2nd or 4th lane only was measured
 // too: never better, up to 1.5x slower at 6 lines (v9).
 template <typename T>
@@ -240,6 +241,7 @@ struct Launch {
   int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
   int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
   bool neighbour_sync;       // warps wait for their neighbours, not the block (NeighbourSync)
+  bool prefetch;             // the forward's L2 prefetch (16-bit types; the plan chooses)
   // The tail split (SlabOfBlock): the slabs from this one on are scanned by tail_k blocks each,
   // of Vs / tail_k lanes. tail_start = the number of slabs (over images and directions): none.
   int64_t tail_start;
@@ -469,7 +471,7 @@ __global__ void __launch_bounds__(kFwdThreads)
   auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
-      if (t + 2 < T_steps) prefetch(ahead, t + 2);
+      if (a.prefetch && t + 2 < T_steps) prefetch(ahead, t + 2);
     if (neighbour_sync && t > 0) sync.WaitFor(t - 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
