@@ -231,6 +231,18 @@ def test_forced_plans(knobs, shape, monkeypatch):
         check(shape, ("rl",), dtype, chunk=3)
 
 
+@pytest.mark.parametrize("knobs", [{"CGSPN_CUDA_VS_FWD": "6"},
+                                   {"CGSPN_CUDA_VS_FWD": "6", "CGSPN_CUDA_TAIL_SPLIT": "2",
+                                    "CGSPN_CUDA_TAIL_WAVE": "5"}], ids=["Vs6", "Vs6_tail2"])
+def test_768_thread_forward(knobs, monkeypatch):
+    """The float32 forward with one gate group per vector runs blocks of up to 768 threads:
+    6 lanes (96-byte slabs) x 128 positions here, whole and split."""
+    for key, value in knobs.items():
+        monkeypatch.setenv(key, value)
+    check(((2, 6, 128, 96), 6), ("tb", "bt", "lr", "rl"))
+    check(((2, 6, 128, 96), 6), ("rl", "tb"), chunk=3)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)

@@ -85,6 +85,14 @@ const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch) {
   });
 }
 
+// The launch bound of a forward instance (kFwdMaxThreads; every P > 1 instance has 512).
+template <typename T>
+int FwdMaxThreads(int V, int NG, int P) {
+  return DispatchVNG<T>(V, NG, [&](auto v, auto ng) {
+    return P == 1 ? kFwdMaxThreads<T, decltype(v)::value, decltype(ng)::value, 1> : kFwdThreads;
+  });
+}
+
 // Whether ptxas spilled registers of a kernel instance to local memory (the 16-bit backward with
 // several gate groups per vector, two positions per thread and D > 1 does: 300 bytes, and ran
 // 17% slower than one position per thread). A few bytes are tolerated: v5's bf16 P = 2
@@ -235,14 +243,16 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     // Forward: the fewest positions per thread (more spill registers), unless forced.
     if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
     const int Pt = int((Lmax + P - 1) / P);
+    // The forward instances' block sizes differ (kFwdMaxThreads): the launch bound of this one.
+    const int p_threads = kind == 0 ? FwdMaxThreads<T>(V, NG, P) : max_threads;
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
     int nsub = kind == 1 ? full_sub : 1;
     while (int64_t(nsub) * Pt > max_threads) nsub /= 2;
     const int64_t npart = kind == 1 ? lanes / nsub : 1;
     const int64_t vs_cap = (vtot + nsub - 1) / nsub * nsub;
-    for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= max_threads; Vs += nsub) {
-      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(max_threads);
+    for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= p_threads; Vs += nsub) {
+      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(p_threads);
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;

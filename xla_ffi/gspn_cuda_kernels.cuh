@@ -399,14 +399,23 @@ struct FwdIn {
   Pack<T, NG> g[3];  // 3 * NG consecutive gates: group-major, neighbour-minor
 };
 
+// Threads per block of a forward instance: 768 (at most 85 registers each) where a thread
+// holds few: float32 with one gate group per vector, 80 registers. Lines of 128 positions then
+// get 96-byte slabs and 768 resident threads per multiprocessor instead of 64-byte slabs and 512
+// (8 x 1152 x 128 x 128 G = 72: 22 KB of loads in flight per multiprocessor, against 34 KB at
+// 64 x 64, where 384-thread blocks fit twice).
 template <typename T, int V, int NG, int P>
-__global__ void __launch_bounds__(kFwdThreads)
+constexpr int kFwdMaxThreads = (sizeof(T) == 4 && V > 1 && NG == 1 && P == 1) ? 768 : kFwdThreads;
+
+template <typename T, int V, int NG, int P>
+__global__ void __launch_bounds__(kFwdMaxThreads<T, V, NG, P>)
     GspnFwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
                   T* __restrict__ h, const Launch a) {
   extern __shared__ float4 smem_raw[];
   // [warps][2 line parities] mbarriers, then the tiles [2][Lmax][Cs].
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
-  float* tile = reinterpret_cast<float*>(smem_raw) + MbarBytes(kFwdThreads) / sizeof(float);
+  float* tile = reinterpret_cast<float*>(smem_raw) +
+               MbarBytes(kFwdMaxThreads<T, V, NG, P>) / sizeof(float);
   const BlockSlab bs = SlabOfBlock(a, V);
   // Tile rows are a whole slab wide in every block (a narrower block uses the first bs.Vs
   // lanes): a stride from the kernel's parameters, not one more register.
