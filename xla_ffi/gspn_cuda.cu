@@ -134,6 +134,12 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   a.tail_start = slabs;
   a.tail_k = 1;
   int per_sm = 0;
+  // The occupancy API counts dynamic shared memory past 48 KB only once the kernel allows it
+  // (else it answers 0): allowed here as LaunchPlan does, so that the first call plans as the
+  // later ones.
+  if (plan->smem > (48 << 10))
+    cudaFuncSetAttribute(plan->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         int(plan->smem));
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan->kernel, plan->threads, plan->smem);
   const int forced_wave = EnvInt("CGSPN_CUDA_TAIL_WAVE");
   const int64_t slots = forced_wave > 0 ? forced_wave : int64_t(std::max(per_sm, 1)) * sms;
