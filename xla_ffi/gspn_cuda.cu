@@ -1,6 +1,7 @@
 // The CUDA side of gspn_scan: launch plans (vector width, positions per thread, slab width) and
-// the forward and backward FFI handlers, one main launch each. The kernels and their design are
-// in gspn_cuda_kernels.cuh; the measurements behind the plans in docs/kernel_notes.md.
+// the forward and backward FFI handlers, one main launch each. The kernels are in
+// gspn_cuda_forward.cuh and gspn_cuda_backward.cuh, their design and shared parts in
+// gspn_cuda_kernels.cuh; the measurements behind the plans in docs/kernel_notes.md.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -12,7 +13,8 @@
 #include <type_traits>
 
 #include "gspn.h"
-#include "gspn_cuda_kernels.cuh"
+#include "gspn_cuda_forward.cuh"
+#include "gspn_cuda_backward.cuh"
 
 namespace cgspn {
 namespace {
