@@ -47,3 +47,20 @@ def test_byte_floor_counts_each_array_once(bench, B, C, H, W, G, D, dtype):
     # The backward reads x (each direction), lam, w, the saved h and dh; writes dx, dlam, dw.
     bwd = D * nbytes(x) + nbytes(lam) + nbytes(w) + nbytes(h) + nbytes(h) + nbytes(grads)
     assert bench.byte_floor(B, C, H, W, G, D, jnp.dtype(dtype).itemsize) == (fwd, bwd)
+
+
+def test_waves_count_whole_slabs(bench, monkeypatch):
+    """The benchmark's "waves" column counts slabs over resident blocks: a tail split (tail=NxK,
+    N blocks of 1/K slab each) adds blocks but no work, and plans printed before the split
+    existed have no tail field."""
+
+    class Device:
+        core_count = 132
+
+    monkeypatch.setattr(bench.jax, "devices", lambda: [Device()])
+    plan = "V=8 NG=8 P=1 Vs=4 Pt=128 threads=512 blocks={} tail={} regs=128 blocks/SM={}"
+    assert bench.waves_of(plan.format(312, "48x2", 1)) == pytest.approx(288 / 132)
+    assert bench.waves_of(plan.format(360, "96x4", 1)) == pytest.approx(288 / 132)
+    assert bench.waves_of(plan.format(1536, "0x1", 2)) == pytest.approx(1536 / 264)
+    old = "V=4 NG=4 P=1 Vs=8 Pt=64 threads=512 blocks=1152 regs=100 blocks/SM=1"
+    assert bench.waves_of(old) == pytest.approx(1152 / 132)
