@@ -107,11 +107,17 @@ bool Spills(const void* kernel) {
 struct Plan {
   Launch a;
   const void* kernel;
-  int V, NG, P, threads;
-  bool prefetch;  // the kernel prefetches lines two ahead into L2
+  int V, NG, P, threads;  // (the L2 prefetch: a.prefetch)
   size_t smem;
   int64_t blocks;
 };
+
+// Lets a kernel use the plan's dynamic shared memory past the default 48 KB. The occupancy API
+// also counts it only once allowed (else it answers 0 blocks).
+cudaError_t AllowSharedMemory(const void* kernel, size_t smem) {
+  if (smem <= (48 << 10)) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+}
 
 int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 0 = unset
   const char* v = std::getenv(name);
@@ -136,12 +142,8 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   a.tail_start = slabs;
   a.tail_k = 1;
   int per_sm = 0;
-  // The occupancy API counts dynamic shared memory past 48 KB only once the kernel allows it
-  // (else it answers 0): allowed here as LaunchPlan does, so that the first call plans as the
-  // later ones.
-  if (plan->smem > (48 << 10))
-    cudaFuncSetAttribute(plan->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                         int(plan->smem));
+  // Allowed here, not only at the launch, so that the first call plans as the later ones.
+  AllowSharedMemory(plan->kernel, plan->smem);
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, plan->kernel, plan->threads, plan->smem);
   const int forced_wave = EnvInt("CGSPN_CUDA_TAIL_WAVE");
   const int64_t slots = forced_wave > 0 ? forced_wave : int64_t(std::max(per_sm, 1)) * sms;
@@ -150,7 +152,7 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   auto valid = [&](int k) {
     return a.Vs % k == 0 && (a.Vs / k) % a.nsub == 0 && (k == 1 || a.npart == 1);
   };
-  const int min_bytes = plan->prefetch ? 64 : 32;
+  const int min_bytes = a.prefetch ? 64 : 32;
   int k = 1;
   if (forced > 0) {
     if (valid(forced)) k = forced;
@@ -310,7 +312,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.nsub = nsub; a.npart = int(npart);
       a.neighbour_sync = neighbour_sync;
       a.prefetch = prefetch;
-      plan->V = V; plan->NG = NG; plan->P = P; plan->prefetch = prefetch;
+      plan->V = V; plan->NG = NG; plan->P = P;
       plan->threads = threads;
       plan->smem = smem;
       plan->blocks = blocks;
@@ -318,7 +320,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->prefetch);
+  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->a.prefetch);
   SplitTail(plan, sizeof(T) * V, sms);
   return ffi::Error::Success();
 }
@@ -326,10 +328,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
 // Launches a plan's kernel on the stream. With CGSPN_CUDA_VERBOSE=1 it also prints the plan, the
 // kernel's registers and how many of its blocks fit one multiprocessor (tuning experiments).
 cudaError_t LaunchPlan(cudaStream_t st, const Plan& pl, void** args, const char* what) {
-  if (pl.smem > (48 << 10))
-    if (cudaError_t e = cudaFuncSetAttribute(
-            pl.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(pl.smem)))
-      return e;
+  if (cudaError_t e = AllowSharedMemory(pl.kernel, pl.smem)) return e;
   if (EnvInt("CGSPN_CUDA_VERBOSE")) {
     cudaFuncAttributes attr{};
     int per_sm = 0;
@@ -341,7 +340,7 @@ cudaError_t LaunchPlan(cudaStream_t st, const Plan& pl, void** args, const char*
                  "blocks/SM=%d\n",
                  what, pl.V, pl.NG, pl.P, pl.a.Vs, pl.a.Pt, pl.threads,
                  static_cast<long long>(pl.blocks), pl.smem, pl.a.nsub, pl.a.npart,
-                 int(pl.prefetch), pl.a.neighbour_sync ? "neighbour" : "block",
+                 int(pl.a.prefetch), pl.a.neighbour_sync ? "neighbour" : "block",
                  static_cast<long long>(pl.blocks - pl.a.tail_start), pl.a.tail_k, attr.numRegs,
                  attr.localSizeBytes, per_sm);
   }

@@ -242,7 +242,8 @@ struct Launch {
   int nsub;                  // lanes reduced by shuffles for one group: power of 2, <= 32
   int npart;                 // (S / V) / nsub partial gate sums per group (1: finished in-kernel)
   bool neighbour_sync;       // warps wait for their neighbours, not the block (NeighbourSync)
-  bool prefetch;             // the forward's L2 prefetch (16-bit types; the plan chooses)
+  bool prefetch;             // the L2 prefetch, as the plan chose it: read by the forward (16-bit
+                             // types); the backward's is its instance (kPrefetch)
   // The tail split (SlabOfBlock): the slabs from this one on are scanned by tail_k blocks each,
   // of Vs / tail_k lanes. tail_start = the number of slabs (over images and directions): none.
   int64_t tail_start;
