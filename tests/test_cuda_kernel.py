@@ -243,6 +243,29 @@ def test_768_thread_forward(knobs, monkeypatch):
     check(((2, 6, 128, 96), 6), ("rl", "tb"), chunk=3)
 
 
+# Backward instances with one position per thread on the vector path run blocks of more than
+# 256 threads (BwdMaxThreads): float32 with one gate group per vector 512, most others 384. The
+# handler's printed plan says which block size each case got.
+@pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
+    ((2, 6, 128, 96), 6, "float32", ("tb", "bt", "lr", "rl"), {}, 512),
+    ((2, 6, 128, 32), 16, "float32", ("bt",), {}, 512),
+    ((2, 64, 5, 96), 96, "bfloat16", ("lr",), {}, 384),
+    ((2, 64, 7, 80), 40, "bfloat16", ("rl",), {}, 384),
+    ((2, 64, 64, 48), 48, "float32", ("tb", "lr", "rl"), {"CGSPN_CUDA_P_BWD": "1"}, 384),
+    ((2, 6, 128, 96), 24, "float32", ("tb", "bt"),
+     {"CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
+], ids=["f32_G1_D4_512", "f32_S2_D1_512", "bf16_GC_D1_384", "bf16_S2_D1_384", "f32_GC_D3_384",
+        "f32_512_tail2"])
+def test_backward_blocks_past_256_threads(shape, G, dtype, directions, knobs, threads,
+                                          monkeypatch, capfd):
+    for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
+        monkeypatch.setenv(key, value)
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=3)
+    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
+    assert plans and all(f" threads={threads} " in ln for ln in plans), plans
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)

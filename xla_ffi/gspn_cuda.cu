@@ -245,20 +245,24 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   bool found = false;
   Key best_key{};
   const int max_p = V > 1 ? 2 : kMaxPositions;
-  int min_p = 1;  // fewest positions per thread whose line fits one block
+  // Fewest positions per thread whose line fits one block of kFwdThreads / kBwdThreads; the
+  // backward's instances with larger blocks (BwdMaxThreads) may take fewer (below).
+  int min_p = 1;
   while ((Lmax + min_p - 1) / min_p > max_threads) min_p *= 2;
   // Two passes: with the tuning knobs, then (if they fit no candidate) without them.
   for (int pass = 0; pass < 2 && !found; ++pass, forced_p = forced_vs = 0)
-  for (int P = min_p; P <= max_p; P *= 2) {
+  for (int P = kind == 0 ? min_p : 1; P <= max_p; P *= 2) {
     // Forward: the fewest positions per thread (more spill registers), unless forced.
     if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
     const int Pt = int((Lmax + P - 1) / P);
-    // The forward instances' block sizes differ (kFwdMaxThreads): the launch bound of this one.
-    const int p_threads = kind == 0 ? FwdMaxThreads<T>(V, NG, P) : max_threads;
+    // Block sizes differ between instances (kFwdMaxThreads, BwdMaxThreads): this one's bound.
+    const int p_threads = kind == 0 ? FwdMaxThreads<T>(V, NG, P)
+                                    : BwdMaxThreads(int(sizeof(T)), V, NG, P, acc);
+    if (Pt > p_threads) continue;  // the line does not fit one block of this instance
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
     int nsub = kind == 1 ? full_sub : 1;
-    while (int64_t(nsub) * Pt > max_threads) nsub /= 2;
+    while (int64_t(nsub) * Pt > p_threads) nsub /= 2;
     const int64_t npart = kind == 1 ? lanes / nsub : 1;
     const int64_t vs_cap = (vtot + nsub - 1) / nsub * nsub;
     for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= p_threads; Vs += nsub) {

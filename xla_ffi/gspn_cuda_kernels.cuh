@@ -61,6 +61,7 @@ namespace {
 // Threads per block (__launch_bounds__): the forward holds less state per thread, so it may use
 // 512 threads (<= 128 registers); the backward keeps <= 256 so that it may use up to 255
 // registers without spilling. With at most 8 positions per thread, these bound the line length.
+// (Instances that hold fewer registers take larger blocks: kFwdMaxThreads, BwdMaxThreads.)
 constexpr int kFwdThreads = 512;
 constexpr int kBwdThreads = 256;
 constexpr int kMaxPositions = 8;
@@ -360,6 +361,20 @@ __host__ __device__ constexpr int MbarBytes(int threads) { return threads / 32 *
 __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type_bytes, int NG,
                                                          int P) {
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
+}
+
+// Threads per block of a backward instance (its __launch_bounds__, and the plan's limit).
+// Instances with one position per thread on the vector path hold few enough registers for more
+// than 256 threads: ptxas (sm_90) fits them in 168 registers (384 threads) without spill, and
+// float32 with one gate group per vector (and two without the dx sum) in 128 (512 threads).
+// The exception is 16-bit G = C with the dx sum (208 registers; 68 bytes of spill at 168).
+// More resident threads per multiprocessor, at the same or a wider slab, is what made the
+// forward faster in v15; docs/kernel_notes.md, v16, has the backward's measurement.
+__host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
+  if (V == 1 || P > 1) return kBwdThreads;
+  if (type_bytes == 4 && (NG == 1 || (NG == 2 && !acc))) return 512;
+  if (type_bytes == 2 && NG >= 8 && acc) return kBwdThreads;
+  return 384;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
