@@ -177,7 +177,8 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
 //  - backward: the group reduction in one launch first, then an instance that does not spill,
 //    then one with the neighbour synchronisation, then the widest slab; two positions per
 //    thread where that widens it (the backward holds ~170-250 registers, so one 256-thread
-//    block per multiprocessor: width is what is left to gain).
+//    block per multiprocessor: width is what is left to gain), one where the slab is as wide
+//    (the float32 one-group instance with the dx sum then runs 512 threads: BwdMaxThreads).
 //  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
 //    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
 //    least one block per multiprocessor where the problem allows.

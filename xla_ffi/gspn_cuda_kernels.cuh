@@ -363,18 +363,15 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
-// Threads per block of a backward instance (its __launch_bounds__, and the plan's limit).
-// Instances with one position per thread on the vector path hold few enough registers for more
-// than 256 threads: ptxas (sm_90) fits them in 168 registers (384 threads) without spill, and
-// float32 with one gate group per vector (and two without the dx sum) in 128 (512 threads).
-// The exception is 16-bit G = C with the dx sum (208 registers; 68 bytes of spill at 168).
-// More resident threads per multiprocessor, at the same or a wider slab, is what made the
-// forward faster in v15; docs/kernel_notes.md, v16, has the backward's measurement.
+// Threads per block of a backward instance (its __launch_bounds__, and the plan's limit): 256,
+// except float32 with one gate group per vector, one position per thread and the dx sum of
+// D > 1, which holds 128 registers and takes 512 (lines of 128 positions: 64-byte slabs and
+// 512 resident threads per multiprocessor instead of 256; 8 x 1152 x 128 x 128 G = 72 D = 4
+// 8.67 -> 7.47 ms). Measured and not taken (H100, docs/kernel_notes.md, v16): the same at
+// D = 1 (6-13% slower at lines of 128), and 384 threads for the other one-position instances,
+// which ptxas fits in 168 registers without spill (slabs of 6 lanes: up to 1.5x slower).
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
-  if (V == 1 || P > 1) return kBwdThreads;
-  if (type_bytes == 4 && (NG == 1 || (NG == 2 && !acc))) return 512;
-  if (type_bytes == 2 && NG >= 8 && acc) return kBwdThreads;
-  return 384;
+  return type_bytes == 4 && V > 1 && NG == 1 && P == 1 && acc ? 512 : kBwdThreads;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
