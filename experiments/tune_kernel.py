@@ -97,6 +97,13 @@ FWD_PREFETCH_CASES += [c for c in SMALL_CASES if c[2] == "bfloat16" and c[3] == 
 # 8 = 512; of 128: 2 = 256, 3 = 384, 4 = 512; widths a block cannot hold are ignored).
 BWD_THREADS_SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "2"}] + [
     {"CGSPN_CUDA_P_BWD": "1", "CGSPN_CUDA_VS_BWD": str(v)} for v in (2, 3, 4, 6, 8)]
+# The float32 backward with one gate group per vector: the plan's choice against two positions
+# per thread (256 threads), three times each, interleaved (run-to-run noise is up to 6% at
+# D = 4), and the L2 prefetch forced off and on.
+BWD512_SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "2"}, {"CGSPN_CUDA_PREFETCH_BWD": "0"},
+                   {"CGSPN_CUDA_PREFETCH_BWD": "1"}, {}, {"CGSPN_CUDA_P_BWD": "2"}, {},
+                   {"CGSPN_CUDA_P_BWD": "2"}]
+BWD512_CASES = [c for c in BENCH_CASES if c[2] == "float32" and c[0][1] // c[1] == 16]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -104,7 +111,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES),
             "tail": (TAIL_SETTINGS, TAIL_CASES), "small": (SMALL_SETTINGS, SMALL_CASES),
             "fwdprefetch": (FWD_PREFETCH_SETTINGS, FWD_PREFETCH_CASES),
-            "bwdthreads": (BWD_THREADS_SETTINGS, BENCH_CASES, ("bwd",))}
+            "bwdthreads": (BWD_THREADS_SETTINGS, BENCH_CASES, ("bwd",)),
+            "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",

@@ -243,16 +243,18 @@ def test_768_thread_forward(knobs, monkeypatch):
     check(((2, 6, 128, 96), 6), ("rl", "tb"), chunk=3)
 
 
-# The float32 backward with one gate group per vector, one position per thread and D > 1 runs
-# blocks of 512 threads (BwdMaxThreads; 256 elsewhere). The handler's printed plan says which
+# The float32 backward with one gate group per vector and one position per thread runs blocks
+# of 512 threads (BwdMaxThreads; 256 elsewhere). The handler's printed plan says which
 # block size each case got.
 @pytest.mark.parametrize("shape,G,directions,knobs,threads", [
     ((2, 6, 128, 96), 6, ("tb", "bt", "lr", "rl"), {}, 512),
     ((2, 64, 64, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 6, 128, 96), 24, ("tb", "bt"),
-     {"CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
-    ((2, 6, 128, 96), 6, ("bt",), {}, 256),
-], ids=["D4_128", "D2_64", "D2_tail2", "D1_256"])
+     {"CGSPN_CUDA_VS_BWD": "4", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"},
+     512),
+    ((2, 6, 128, 96), 6, ("bt",), {}, 512),
+    ((2, 6, 128, 96), 96, ("tb", "lr"), {}, 256),
+], ids=["D4_128", "D2_64", "D2_tail2", "D1_128", "G=C_256"])
 def test_512_thread_backward(shape, G, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)

@@ -178,7 +178,7 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
 //    then one with the neighbour synchronisation, then the widest slab; two positions per
 //    thread where that widens it (the backward holds ~170-250 registers, so one 256-thread
 //    block per multiprocessor: width is what is left to gain), one where the slab is as wide
-//    (the float32 one-group instance with the dx sum then runs 512 threads: BwdMaxThreads).
+//    (the float32 one-group instance then runs 512 threads: BwdMaxThreads).
 //  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
 //    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
 //    least one block per multiprocessor where the problem allows.
@@ -216,17 +216,20 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   // gate group (2-22% faster), but not with one channel per group in float32 (4% to 2x
   // slower), with 32-byte slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs (two
   // positions per thread: 4-39% slower in v9; one: 64 x 64 bfloat16 G = C D = 4 7.6 ms
-  // without, 9.0 with, v11).
+  // without, 9.0 with, v11), nor in blocks of more than 256 threads (v16: their resident
+  // threads keep enough loads in flight; 8 x 1152 x 128 x 128 float32 G = 72 D = 1 2.17 ms with
+  // it, 1.60 without).
   // CGSPN_CUDA_PREFETCH_FWD / _BWD = 0 / 1 override the rules.
   const char* prefetch_knob =
       std::getenv(kind == 0 ? "CGSPN_CUDA_PREFETCH_FWD" : "CGSPN_CUDA_PREFETCH_BWD");
-  auto prefetch_for = [&](int64_t slab_bytes) {
+  auto prefetch_for = [&](int64_t slab_bytes, int block_threads) {
     if (kind == 0) {
       if (prefetch_knob) return kPrefetchL2<T> && std::string(prefetch_knob) != "0";
       return kPrefetchL2<T> && NG == 1 && slab_bytes >= 128;
     }
     if (prefetch_knob) return std::string(prefetch_knob) != "0";
-    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128);
+    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128) &&
+           block_threads <= kBwdThreads;
   };
 
   int device = 0, sms = 132, smem_optin = 48 << 10;
@@ -258,7 +261,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     const int Pt = int((Lmax + P - 1) / P);
     // Block sizes differ between instances (kFwdMaxThreads, BwdMaxThreads): this one's bound.
     const int p_threads = kind == 0 ? FwdMaxThreads<T>(V, NG, P)
-                                    : BwdMaxThreads(int(sizeof(T)), V, NG, P, acc);
+                                    : BwdMaxThreads(int(sizeof(T)), V, NG, P);
     if (Pt > p_threads) continue;  // the line does not fit one block of this instance
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
@@ -276,7 +279,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
       if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub && Vs != forced_vs) continue;
       if (forced_vs && Vs != forced_vs) continue;
-      const bool prefetch = prefetch_for(bytes);
+      const bool prefetch = prefetch_for(bytes, p_threads);
       const bool spills =  // backward key
           kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
       const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks

@@ -364,14 +364,14 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
 }
 
 // Threads per block of a backward instance (its __launch_bounds__, and the plan's limit): 256,
-// except float32 with one gate group per vector, one position per thread and the dx sum of
-// D > 1, which holds 128 registers and takes 512 (lines of 128 positions: 64-byte slabs and
-// 512 resident threads per multiprocessor instead of 256; 8 x 1152 x 128 x 128 G = 72 D = 4
-// 8.67 -> 7.47 ms). Measured and not taken (H100, docs/kernel_notes.md, v16): the same at
-// D = 1 (6-13% slower at lines of 128), and 384 threads for the other one-position instances,
-// which ptxas fits in 168 registers without spill (slabs of 6 lanes: up to 1.5x slower).
-__host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
-  return type_bytes == 4 && V > 1 && NG == 1 && P == 1 && acc ? 512 : kBwdThreads;
+// except float32 with one gate group per vector and one position per thread, which holds
+// 122-128 registers and takes 512 (lines of 128 positions: 64-byte slabs and 512 resident
+// threads per multiprocessor instead of 256; without the L2 prefetch, which the plan then drops,
+// 8 x 1152 x 128 x 128 G = 72 D = 1 ran 2.03 -> 1.60 ms and D = 4 8.55 -> 7.29). Measured and not
+// taken (H100, docs/kernel_notes.md, v16): 384 threads for the other one-position instances,
+// which ptxas fits in 168 registers without spill; slabs of 6 lanes ran up to 1.5x slower.
+__host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P) {
+  return type_bytes == 4 && V > 1 && NG == 1 && P == 1 ? 512 : kBwdThreads;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
