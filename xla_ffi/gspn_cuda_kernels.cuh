@@ -363,15 +363,18 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
-// Threads per block of a backward instance (its __launch_bounds__, and the plan's limit): 256,
-// except float32 with one gate group per vector and one position per thread, which holds
-// 122-128 registers and takes 512 (lines of 128 positions: 64-byte slabs and 512 resident
-// threads per multiprocessor instead of 256; without the L2 prefetch, which the plan then drops,
-// 8 x 1152 x 128 x 128 G = 72 D = 1 ran 2.03 -> 1.60 ms and D = 4 8.55 -> 7.29). Measured and not
-// taken (H100, docs/kernel_notes.md, v16): 384 threads for the other one-position instances,
-// which ptxas fits in 168 registers without spill; slabs of 6 lanes ran up to 1.5x slower.
-__host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P) {
-  return type_bytes == 4 && V > 1 && NG == 1 && P == 1 ? 512 : kBwdThreads;
+// Threads per block of the backward's wide instances (kWide: compiled where this exceeds 256, and
+// launched only for plans of more than 256 threads; the others' bound is kBwdThreads). With one
+// gate group per vector and one position per thread a thread holds few registers: float32 fits
+// 512 threads (122-128 registers, no spill), 16-bit types 512 without the dx sum (128 registers,
+// 56 bytes of local memory) and 384 with it (165, none). Lines of 128 positions then get 64-byte
+// slabs and 512 resident threads per multiprocessor instead of 256: 8 x 1152 x 128 x 128 G = 72
+// D = 1 ran 2.03 -> 1.60 ms in float32 and 1.24 -> 1.06 in bfloat16 (H100, docs/kernel_notes.md,
+// v16). Measured and not taken: 384 threads for the instances with several groups per vector,
+// which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
+__host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
+  if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
+  return type_bytes == 4 || !acc ? 512 : 384;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
