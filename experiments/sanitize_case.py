@@ -3,7 +3,9 @@
 Run as `compute-sanitizer --tool memcheck python experiments/sanitize_case.py` (and racecheck).
 Sizes are odd so that tiles are not full: C = 12 (scalar path, group lanes that need the second
 launch), C = 40 (16-byte vectors, partial last slab), C = 24 with G = 12 (two groups per vector),
-H != W, chunked and global, all three dtypes.
+H != W, chunked and global, all three dtypes; and lines of 127 positions with the backward's
+slab forced to 4 or 3 lanes, so that its wide blocks (BwdMaxThreads: 508 or 381 threads of 512
+or 384) run with a partial last slab.
 """
 import os
 
@@ -16,10 +18,15 @@ import jax.numpy as jnp  # noqa: E402
 
 from cgspn_jax import gspn_scan  # noqa: E402
 
-CASES = [((1, 5, 7, 12), 4, ("tb", "rl")), ((2, 3, 9, 40), 10, ("lr", "bt", "tb", "rl")),
-         ((1, 7, 5, 24), 12, ("bt", "lr"))]
+CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", "tb", "rl"), {}),
+         ((1, 7, 5, 24), 12, ("bt", "lr"), {}),
+         ((1, 3, 127, 40), 5, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
+         ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "4"}),
+         ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "3"})]
 
-for (B, H, W, C), G, dirs in CASES:
+for (B, H, W, C), G, dirs, knobs in CASES:
+    os.environ.pop("CGSPN_CUDA_VS_BWD", None)  # the handler reads its knobs at every call
+    os.environ.update(knobs)
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         for chunk in (None, 2):
             D = len(dirs)

@@ -91,12 +91,28 @@ FWD_PREFETCH_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_FWD": "0"},
                          {"CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_PREFETCH_FWD": "0"}]
 FWD_PREFETCH_CASES = [c for c in BENCH_CASES if c[2] == "bfloat16" and c[3] == 1]
 FWD_PREFETCH_CASES += [c for c in SMALL_CASES if c[2] == "bfloat16" and c[3] == 4]
-# Each family: its knob settings and the cases it times.
+# The backward's block size (BwdMaxThreads, v16): instances with one position per thread take
+# 384 or 512 threads. The plan's choice, the two-positions plans of 256 threads, and one
+# position per thread at each slab width (lines of 64 positions: 4 lanes = 256 threads, 6 = 384,
+# 8 = 512; of 128: 2 = 256, 3 = 384, 4 = 512; widths a block cannot hold are ignored).
+BWD_THREADS_SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "2"}] + [
+    {"CGSPN_CUDA_P_BWD": "1", "CGSPN_CUDA_VS_BWD": str(v)} for v in (2, 3, 4, 6, 8)]
+# The float32 backward with one gate group per vector: the plan's choice against two positions
+# per thread (256 threads), three times each, interleaved (run-to-run noise is up to 6% at
+# D = 4), and the L2 prefetch forced off and on.
+BWD512_SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "2"}, {"CGSPN_CUDA_PREFETCH_BWD": "0"},
+                   {"CGSPN_CUDA_PREFETCH_BWD": "1"}, {}, {"CGSPN_CUDA_P_BWD": "2"}, {},
+                   {"CGSPN_CUDA_P_BWD": "2"}]
+BWD512_CASES = [c for c in BENCH_CASES if c[2] == "float32" and c[0][1] // c[1] == 16]
+# Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
+# backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "prefetch": (PREFETCH_SETTINGS, BENCH_CASES),
             "balance": (BALANCE_SETTINGS, CASES), "sync": (SYNC_SETTINGS, BENCH_CASES),
             "tail": (TAIL_SETTINGS, TAIL_CASES), "small": (SMALL_SETTINGS, SMALL_CASES),
-            "fwdprefetch": (FWD_PREFETCH_SETTINGS, FWD_PREFETCH_CASES)}
+            "fwdprefetch": (FWD_PREFETCH_SETTINGS, FWD_PREFETCH_CASES),
+            "bwdthreads": (BWD_THREADS_SETTINGS, BENCH_CASES, ("bwd",)),
+            "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
@@ -129,7 +145,7 @@ def case_fns(shape, G, dtype, D):
     return (kfwd, sets[0][:3]), (kbwd, (*sets[0][:3], h, sets[0][3]))
 
 
-def sweep(out: Path, settings, cases):
+def sweep(out: Path, settings, cases, kinds=("fwd", "bwd")):
     copy_bw, _ = copy_bandwidth()
     print(f"device {jax.devices()[0].device_kind}; copy {copy_bw / 1e12:.3f} TB/s", flush=True)
     rows = []
@@ -141,29 +157,33 @@ def sweep(out: Path, settings, cases):
                 row = dict(shape=shape, G=G, dtype=dtype, D=D, setting=setting)
                 for kind, fn, args, floor in (("fwd", kfwd, fargs, floors[0]),
                                               ("bwd", kbwd, bargs, floors[1])):
+                    if kind not in kinds:
+                        continue
                     row[kind + "_plan"] = plan_lines(fn, args)
                     t, _ = time_calls(fn, [args], min_batch_s=0.02, reps=5)
                     row[kind + "_ms"] = 1e3 * t
                     row[kind + "_pct"] = 100 * floor / t / copy_bw
                 rows.append(row)
-                knob = knob_name(setting)
-                print(f"{'x'.join(map(str, shape))} G={G} {dtype} D={D} [{knob}] "
-                      f"fwd {row['fwd_ms']:.3f} ms {row['fwd_pct']:.1f}% | "
-                      f"bwd {row['bwd_ms']:.3f} ms {row['bwd_pct']:.1f}% | "
-                      f"{row['fwd_plan'][-1:]} {row['bwd_plan'][-1:]}", flush=True)
+                times = " | ".join(f"{k} {row[k + '_ms']:.3f} ms {row[k + '_pct']:.1f}%"
+                                   for k in kinds)
+                plans = " ".join(str(row[k + "_plan"][-1:]) for k in kinds)
+                print(f"{'x'.join(map(str, shape))} G={G} {dtype} D={D} [{knob_name(setting)}] "
+                      f"{times} | {plans}", flush=True)
         del kfwd, kbwd, fargs, bargs
         (out / "tune.json").write_text(json.dumps(dict(copy_bw=copy_bw, rows=rows), indent=1))
-    # Best setting per case and direction of the scan.
-    print("\n| case | best fwd ms (%copy) | setting | best bwd ms (%copy) | setting |")
-    print("|---|---|---|---|---|")
+    # Best setting per case and kernel, and the default's time.
+    print("\n| case | " + " | ".join(f"best {k} ms (%copy) | setting | default {k} ms"
+                                    for k in kinds) + " |")
+    print("|---|" + "---|---|---|" * len(kinds))
+    name = lambda r: knob_name(r["setting"]) or "default"  # noqa: E731
     for shape, G, dtype, D in cases:
         mine = [r for r in rows if (r["shape"], r["G"], r["dtype"], r["D"]) == (shape, G, dtype, D)]
-        bf = min(mine, key=lambda r: r["fwd_ms"])
-        bb = min(mine, key=lambda r: r["bwd_ms"])
-        name = lambda r: knob_name(r["setting"]) or "default"  # noqa: E731
-        print(f"| {'×'.join(map(str, shape))} G={G} {dtype} D={D} | {bf['fwd_ms']:.3f} "
-              f"({bf['fwd_pct']:.1f}) | {name(bf)} | {bb['bwd_ms']:.3f} ({bb['bwd_pct']:.1f}) | "
-              f"{name(bb)} |")
+        cells = []
+        for k in kinds:
+            best = min(mine, key=lambda r: r[k + "_ms"])
+            cells.append(f"{best[k + '_ms']:.3f} ({best[k + '_pct']:.1f}) | {name(best)} | "
+                         f"{mine[0][k + '_ms']:.3f}")
+        print(f"| {'×'.join(map(str, shape))} G={G} {dtype} D={D} | " + " | ".join(cells) + " |")
 
 
 def batches(out: Path):
@@ -210,7 +230,9 @@ def main():
                         "alone; prefetch: the backward's L2 prefetch off and on (D = 1 and 4, "
                         "all three shapes); balance: 3-lane slabs; sync: the backward's "
                         "neighbour synchronisation against a block barrier; tail: the "
-                        "split of the last wave's slabs; small: the plans of the small shape")
+                        "split of the last wave's slabs; small: the plans of the small shape; "
+                        "fwdprefetch: the 16-bit forward's L2 prefetch; bwdthreads: the "
+                        "backward's blocks of more than 256 threads")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

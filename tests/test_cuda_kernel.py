@@ -243,6 +243,33 @@ def test_768_thread_forward(knobs, monkeypatch):
     check(((2, 6, 128, 96), 6), ("rl", "tb"), chunk=3)
 
 
+# The backward with one gate group per vector and one position per thread runs blocks of more
+# than 256 threads where the plan asks for them (BwdMaxThreads: float32 512; 16-bit 512, or 384
+# with the dx sum of D > 1), through its wide instance. The handler's printed plan says which
+# block size each case got.
+@pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
+    ((2, 6, 128, 96), 6, "float32", ("tb", "bt", "lr", "rl"), {}, 512),
+    ((2, 64, 64, 128), 8, "float32", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 6, 128, 96), 24, "float32", ("tb", "bt"),
+     {"CGSPN_CUDA_VS_BWD": "4", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"},
+     512),
+    ((2, 6, 128, 96), 6, "float32", ("bt",), {}, 512),
+    ((2, 6, 128, 96), 96, "float32", ("tb", "lr"), {}, 256),
+    ((2, 6, 128, 96), 6, "bfloat16", ("bt",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
+    ((2, 64, 64, 128), 8, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 64, 64, 128), 8, "bfloat16", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
+    ((2, 6, 128, 96), 6, "bfloat16", ("bt",), {"CGSPN_CUDA_VS_BWD": "2"}, 256),
+], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
+        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256"])
+def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
+    for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
+        monkeypatch.setenv(key, value)
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=3)
+    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
+    assert plans and all(f" threads={threads} " in ln for ln in plans), plans
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)

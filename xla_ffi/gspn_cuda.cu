@@ -61,29 +61,34 @@ const void* FwdKernelP(int P) {
   });
 }
 
+// The wide instance (kWide) exists only where BwdMaxThreads exceeds kBwdThreads.
 template <typename T, int V, int NG, bool kAcc, bool kPrefetch>
-const void* BwdKernelP(int P) {
-  return ForP<V>(P, [](auto p) {
-    return reinterpret_cast<const void*>(
-        GspnBwdKernel<T, V, NG, decltype(p)::value, kAcc, kPrefetch>);
+const void* BwdKernelP(int P, bool wide) {
+  return ForP<V>(P, [&](auto p) {
+    constexpr int kP = decltype(p)::value;
+    if constexpr (BwdMaxThreads(sizeof(T), V, NG, kP, kAcc) > kBwdThreads)
+      if (wide)
+        return reinterpret_cast<const void*>(GspnBwdKernel<T, V, NG, kP, kAcc, kPrefetch, true>);
+    return reinterpret_cast<const void*>(GspnBwdKernel<T, V, NG, kP, kAcc, kPrefetch, false>);
   });
 }
 
 // The backward with or without the L2 prefetch (the launch plan chooses; MakePlan).
 template <typename T, int V, int NG, bool kAcc>
-const void* BwdKernelPrefetch(int P, bool prefetch) {
-  return prefetch ? BwdKernelP<T, V, NG, kAcc, true>(P) : BwdKernelP<T, V, NG, kAcc, false>(P);
+const void* BwdKernelPrefetch(int P, bool prefetch, bool wide) {
+  return prefetch ? BwdKernelP<T, V, NG, kAcc, true>(P, wide)
+                  : BwdKernelP<T, V, NG, kAcc, false>(P, wide);
 }
 
 // kind 0: forward; 1: backward (acc: the running dx sum, when D > 1; prefetch: see
-// BwdKernelPrefetch).
+// BwdKernelPrefetch; wide: a block of more than kBwdThreads, BwdMaxThreads).
 template <typename T>
-const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch) {
+const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch, bool wide) {
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
     constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
     if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
-    return acc ? BwdKernelPrefetch<T, kV, kNG, true>(P, prefetch)
-               : BwdKernelPrefetch<T, kV, kNG, false>(P, prefetch);
+    return acc ? BwdKernelPrefetch<T, kV, kNG, true>(P, prefetch, wide)
+               : BwdKernelPrefetch<T, kV, kNG, false>(P, prefetch, wide);
   });
 }
 
@@ -177,7 +182,9 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
 //  - backward: the group reduction in one launch first, then an instance that does not spill,
 //    then one with the neighbour synchronisation, then the widest slab; two positions per
 //    thread where that widens it (the backward holds ~170-250 registers, so one 256-thread
-//    block per multiprocessor: width is what is left to gain).
+//    block per multiprocessor: width is what is left to gain), and a block of more than 256
+//    threads before a wider slab (one gate group per vector and one position per thread:
+//    BwdMaxThreads).
 //  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
 //    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
 //    least one block per multiprocessor where the problem allows.
@@ -215,17 +222,21 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   // gate group (2-22% faster), but not with one channel per group in float32 (4% to 2x
   // slower), with 32-byte slabs (9% to 2x slower) or, when D > 1, with 64-byte slabs (two
   // positions per thread: 4-39% slower in v9; one: 64 x 64 bfloat16 G = C D = 4 7.6 ms
-  // without, 9.0 with, v11).
+  // without, 9.0 with, v11). In blocks of more than 256 threads (v16), whose resident threads
+  // keep more loads in flight, it pays only for 16-bit types with 128-byte slabs (32 x 1152 x
+  // 64 x 64 bfloat16 G = 72 D = 1 0.826 ms with it, 0.878 without); elsewhere it cost 35-75%
+  // (8 x 1152 x 128 x 128 float32 G = 72 D = 1 2.17 ms with it, 1.60 without).
   // CGSPN_CUDA_PREFETCH_FWD / _BWD = 0 / 1 override the rules.
   const char* prefetch_knob =
       std::getenv(kind == 0 ? "CGSPN_CUDA_PREFETCH_FWD" : "CGSPN_CUDA_PREFETCH_BWD");
-  auto prefetch_for = [&](int64_t slab_bytes) {
+  auto prefetch_for = [&](int64_t slab_bytes, int block_threads) {
     if (kind == 0) {
       if (prefetch_knob) return kPrefetchL2<T> && std::string(prefetch_knob) != "0";
       return kPrefetchL2<T> && NG == 1 && slab_bytes >= 128;
     }
     if (prefetch_knob) return std::string(prefetch_knob) != "0";
-    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128);
+    return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128) &&
+           (block_threads <= kBwdThreads || (sizeof(T) == 2 && slab_bytes >= 128));
   };
 
   int device = 0, sms = 132, smem_optin = 48 << 10;
@@ -241,28 +252,36 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   int forced_vs = EnvInt(kind == 0 ? "CGSPN_CUDA_VS_FWD" : "CGSPN_CUDA_VS_BWD");
 
   // Candidates (P, Vs), each scored by a tuple compared lexicographically (larger is better).
-  using Key = std::array<int64_t, 7>;
+  using Key = std::array<int64_t, 8>;
   bool found = false;
   Key best_key{};
   const int max_p = V > 1 ? 2 : kMaxPositions;
-  int min_p = 1;  // fewest positions per thread whose line fits one block
+  // Fewest positions per thread whose line fits one block of kFwdThreads / kBwdThreads; the
+  // backward's instances with larger blocks (BwdMaxThreads) may take fewer (below).
+  int min_p = 1;
   while ((Lmax + min_p - 1) / min_p > max_threads) min_p *= 2;
   // Two passes: with the tuning knobs, then (if they fit no candidate) without them.
   for (int pass = 0; pass < 2 && !found; ++pass, forced_p = forced_vs = 0)
-  for (int P = min_p; P <= max_p; P *= 2) {
+  for (int P = kind == 0 ? min_p : 1; P <= max_p; P *= 2) {
     // Forward: the fewest positions per thread (more spill registers), unless forced.
     if (forced_p ? P != forced_p : (kind == 0 && P != min_p)) continue;
     const int Pt = int((Lmax + P - 1) / P);
-    // The forward instances' block sizes differ (kFwdMaxThreads): the launch bound of this one.
-    const int p_threads = kind == 0 ? FwdMaxThreads<T>(V, NG, P) : max_threads;
+    // Block sizes differ between instances (kFwdMaxThreads, BwdMaxThreads): this one's bound.
+    const int p_threads = kind == 0 ? FwdMaxThreads<T>(V, NG, P)
+                                    : BwdMaxThreads(int(sizeof(T)), V, NG, P, acc);
+    if (Pt > p_threads) continue;  // the line does not fit one block of this instance
     // Lanes of a group reduced by shuffles; the rest (npart) by the second launch. The forward
     // has no reduction.
     int nsub = kind == 1 ? full_sub : 1;
-    while (int64_t(nsub) * Pt > max_threads) nsub /= 2;
+    while (int64_t(nsub) * Pt > p_threads) nsub /= 2;
     const int64_t npart = kind == 1 ? lanes / nsub : 1;
     const int64_t vs_cap = (vtot + nsub - 1) / nsub * nsub;
     for (int Vs = nsub; Vs <= vs_cap && Vs * Pt <= p_threads; Vs += nsub) {
-      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(p_threads);
+      const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
+      // The backward's wide instance only for blocks that need it (BwdMaxThreads).
+      const bool wide = kind == 1 && threads > kBwdThreads;
+      const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
+      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound);
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;
@@ -271,10 +290,9 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
       if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub && Vs != forced_vs) continue;
       if (forced_vs && Vs != forced_vs) continue;
-      const bool prefetch = prefetch_for(bytes);
+      const bool prefetch = prefetch_for(bytes, threads);
       const bool spills =  // backward key
-          kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch));
-      const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
+          kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch, wide));
       const int64_t blocks = grid_lines * ((vtot + Vs - 1) / Vs);
       // Neighbour synchronisation (NeighbourSync in the kernels) where the instance has it;
       // CGSPN_CUDA_FWD_SYNC=block or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line.
@@ -284,18 +302,20 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (kind == 0) {
         int per_sm = 0;
         cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, KernelFor<T>(kind, V, NG, P, acc, prefetch), threads, smem);
+            &per_sm, KernelFor<T>(kind, V, NG, P, acc, prefetch, false), threads, smem);
         key = {bytes >= 32, std::min<int64_t>(blocks, sms), bytes >= 64,
-               int64_t(per_sm) * threads, bytes, -P, 0};
+               int64_t(per_sm) * threads, bytes, -P, 0, 0};
       } else if (V > 1) {
         // An instance with the neighbour synchronisation before a wider slab without it (the
         // 16-bit P = 2 instances with NG >= 4 have none: v12, 64 x 64 bfloat16 G = C D = 1
         // 1.60 -> 1.53 ms with P = 1 and 64-byte slabs, 128 x 128 2.00 -> 1.82 with 32-byte).
+        // Then a wide block before a wider slab (v16: 32 x 1152 x 64 x 64 bfloat16 G = 72 D = 4
+        // 4.93 ms with 256 threads and 128-byte slabs, 4.57 with 384 threads and 96-byte slabs).
         key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms), neighbour_sync,
-               std::min<int64_t>(bytes, 128), -P};
+               wide, std::min<int64_t>(bytes, 128), -P};
       } else {  // scalar path: registers grow with P fastest
         key = {npart == 1, std::min<int64_t>(blocks, sms), -P, std::min<int64_t>(bytes, 128),
-               -Vs, 0, 0};
+               -Vs, 0, 0, 0};
       }
       if (found && key <= best_key) continue;
       found = true;
@@ -320,7 +340,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->a.prefetch);
+  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->a.prefetch,
+                              kind == 1 && plan->threads > kBwdThreads);
   SplitTail(plan, sizeof(T) * V, sms);
   return ffi::Error::Success();
 }

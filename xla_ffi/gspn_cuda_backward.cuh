@@ -20,9 +20,13 @@ struct BwdIn {
   float acc[kAcc ? V : 1];    // running float32 dx sum of the earlier directions
 };
 
-// kPrefetch: the L2 prefetch of line t - 2 (chosen by the launch plan; see PrefetchL2).
-template <typename T, int V, int NG, int P, bool kAcc, bool kPrefetch>
-__global__ void __launch_bounds__(kBwdThreads)
+// kPrefetch: the L2 prefetch of line t - 2 (chosen by the launch plan; see PrefetchL2). kWide:
+// blocks of up to BwdMaxThreads threads instead of kBwdThreads (fewer registers per thread).
+template <typename T, int V, int NG, int P, bool kAcc, bool kWide>
+constexpr int kBwdBound = kWide ? BwdMaxThreads(sizeof(T), V, NG, P, kAcc) : kBwdThreads;
+
+template <typename T, int V, int NG, int P, bool kAcc, bool kPrefetch, bool kWide>
+__global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     GspnBwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
                   const T* __restrict__ h, const T* __restrict__ dh, T* __restrict__ dx,
                   T* __restrict__ dlam, T* __restrict__ dw, float* acc, float* __restrict__ part,
@@ -31,7 +35,8 @@ __global__ void __launch_bounds__(kBwdThreads)
   // [warps][2 line parities] mbarriers, then the tiles [2 or 3 kinds][2 parities][Lmax][Cs]
   // (BwdTiles: the saved-h tile only where the gate gradient is formed one line late).
   uint64_t* mbar = reinterpret_cast<uint64_t*>(smem_raw);
-  float* smem = reinterpret_cast<float*>(smem_raw) + MbarBytes(kBwdThreads) / sizeof(float);
+  float* smem = reinterpret_cast<float*>(smem_raw) +
+               MbarBytes(kBwdBound<T, V, NG, P, kAcc, kWide>) / sizeof(float);
   const BlockSlab bs = SlabOfBlock(a, V);
   const int Cs = a.Vs * V;  // tile rows: a whole slab wide in every block (as in the forward)
   const int64_t tile_size = int64_t(a.Lmax) * Cs;

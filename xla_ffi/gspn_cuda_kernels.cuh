@@ -61,6 +61,7 @@ namespace {
 // Threads per block (__launch_bounds__): the forward holds less state per thread, so it may use
 // 512 threads (<= 128 registers); the backward keeps <= 256 so that it may use up to 255
 // registers without spilling. With at most 8 positions per thread, these bound the line length.
+// (Instances that hold fewer registers take larger blocks: kFwdMaxThreads, BwdMaxThreads.)
 constexpr int kFwdThreads = 512;
 constexpr int kBwdThreads = 256;
 constexpr int kMaxPositions = 8;
@@ -360,6 +361,20 @@ __host__ __device__ constexpr int MbarBytes(int threads) { return threads / 32 *
 __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type_bytes, int NG,
                                                          int P) {
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
+}
+
+// Threads per block of the backward's wide instances (kWide: compiled where this exceeds 256, and
+// launched only for plans of more than 256 threads; the others' bound is kBwdThreads). With one
+// gate group per vector and one position per thread a thread holds few registers: float32 fits
+// 512 threads (122-128 registers, no spill), 16-bit types 512 without the dx sum (128 registers,
+// 56 bytes of local memory) and 384 with it (165, none). Lines of 128 positions then get 64-byte
+// slabs and 512 resident threads per multiprocessor instead of 256: 8 x 1152 x 128 x 128 G = 72
+// D = 1 ran 2.03 -> 1.60 ms in float32 and 1.24 -> 1.06 in bfloat16 (H100, docs/kernel_notes.md,
+// v16). Measured and not taken: 384 threads for the instances with several groups per vector,
+// which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
+__host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
+  if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
+  return type_bytes == 4 || !acc ? 512 : 384;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
