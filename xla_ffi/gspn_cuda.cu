@@ -291,8 +291,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub && Vs != forced_vs) continue;
       if (forced_vs && Vs != forced_vs) continue;
       const bool prefetch = prefetch_for(bytes, threads);
-      const bool spills =  // backward key
-          kind == 1 && Spills(KernelFor<T>(kind, V, NG, P, acc, prefetch, wide));
+      const void* kernel = KernelFor<T>(kind, V, NG, P, acc, prefetch, wide);
+      const bool spills = kind == 1 && Spills(kernel);  // backward key
       const int64_t blocks = grid_lines * ((vtot + Vs - 1) / Vs);
       // Neighbour synchronisation (NeighbourSync in the kernels) where the instance has it;
       // CGSPN_CUDA_FWD_SYNC=block or CGSPN_CUDA_BWD_SYNC=block forces a block barrier per line.
@@ -301,8 +301,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       Key key;
       if (kind == 0) {
         int per_sm = 0;
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-            &per_sm, KernelFor<T>(kind, V, NG, P, acc, prefetch, false), threads, smem);
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
         key = {bytes >= 32, std::min<int64_t>(blocks, sms), bytes >= 64,
                int64_t(per_sm) * threads, bytes, -P, 0, 0};
       } else if (V > 1) {
@@ -332,6 +331,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       a.nsub = nsub; a.npart = int(npart);
       a.neighbour_sync = neighbour_sync;
       a.prefetch = prefetch;
+      plan->kernel = kernel;
       plan->V = V; plan->NG = NG; plan->P = P;
       plan->threads = threads;
       plan->smem = smem;
@@ -340,8 +340,6 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  plan->kernel = KernelFor<T>(kind, V, NG, plan->P, acc, plan->a.prefetch,
-                              kind == 1 && plan->threads > kBwdThreads);
   SplitTail(plan, sizeof(T) * V, sms);
   return ffi::Error::Success();
 }
