@@ -4,7 +4,7 @@
 #   quick    - D = 1 kernel timings (no reference)
 #   tune     - the launch-plan sweep (experiments/tune_kernel.py;
 #              TUNE_FAMILY: one or more of plans slabs prefetch balance sync tail small
-#              fwdprefetch bwdthreads)
+#              fwdprefetch bwdthreads bwd512 bwdsync)
 #   model    - experiments/sm_bandwidth.cu, the standalone model of what one SM can stream
 #   batches  - one case at several batch sizes: the cost of a partial last wave
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k)
@@ -15,7 +15,8 @@
 #              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
 #   traffic  - Nsight Compute's DRAM bytes read and written, time and L2 hit rate of the kernels
 #              of NCU_CASES (same form): what a case moves against its byte floor
-# Logs and results go under $OUT (default runs/device).
+# Logs and results go under $OUT (default runs/device). Two kernel versions timed side by side in
+# one device call: experiments/cuda_device_ab.sh.
 set -u
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-runs/device}

@@ -19,19 +19,12 @@
 #include <cstdio>
 #include <vector>
 
+#include "cuda_check.h"
+
 constexpr int kThreads = 512;
 constexpr int kPieces = 5;  // 16-byte pieces per thread and line
 constexpr int kLineBytes = kThreads * kPieces * 16;
 constexpr int kStages = 3;
-
-#define CHECK(x)                                                                   \
-  do {                                                                             \
-    cudaError_t e_ = (x);                                                          \
-    if (e_ != cudaSuccess) {                                                       \
-      std::printf("%s:%d %s\n", __FILE__, __LINE__, cudaGetErrorString(e_));       \
-      std::exit(1);                                                                \
-    }                                                                              \
-  } while (0)
 
 // The plain stream: each thread loads its 5 x 16 bytes of a contiguous line one line ahead into
 // registers.

@@ -104,6 +104,10 @@ BWD512_SETTINGS = [{}, {"CGSPN_CUDA_P_BWD": "2"}, {"CGSPN_CUDA_PREFETCH_BWD": "0
                    {"CGSPN_CUDA_PREFETCH_BWD": "1"}, {}, {"CGSPN_CUDA_P_BWD": "2"}, {},
                    {"CGSPN_CUDA_P_BWD": "2"}]
 BWD512_CASES = [c for c in BENCH_CASES if c[2] == "float32" and c[0][1] // c[1] == 16]
+# The backward's neighbour synchronisation against a block barrier per line, with the plan's own
+# prefetch rule, at every case: since v16 the backward's blocks hold up to 512 threads (16
+# warps, more neighbours to wait for), which the sync family's measurement (v11) predates.
+BWD_SYNC_SETTINGS = [{}, {"CGSPN_CUDA_BWD_SYNC": "block"}]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -112,7 +116,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "tail": (TAIL_SETTINGS, TAIL_CASES), "small": (SMALL_SETTINGS, SMALL_CASES),
             "fwdprefetch": (FWD_PREFETCH_SETTINGS, FWD_PREFETCH_CASES),
             "bwdthreads": (BWD_THREADS_SETTINGS, BENCH_CASES, ("bwd",)),
-            "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",))}
+            "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",)),
+            "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
