@@ -41,8 +41,11 @@ __device__ __forceinline__ uint4 Mix(uint4 a, uint4 b) {
 
 // kVecs: 16-byte vectors per pixel (144: bfloat16, 288: float32, C = 1152); kLanes: vectors of
 // a block's slab; kW: the image side (lines and positions); kP: positions per thread (the block
-// has kLanes * kW / kP threads; a thread owns positions pl, pl + kW / kP, ...).
-template <int kVecs, int kLanes, int kW, int kP, bool kStores, bool kPrefetch>
+// has kLanes * kW / kP threads; a thread owns positions pl, pl + kW / kP, ...). kCluster > 1:
+// launched in clusters of that many blocks (neighbouring slabs) that end every line at a cluster
+// barrier instead of a block barrier, so that the pieces of one 128-byte line, which different
+// blocks own, are requested and written at the same time.
+template <int kVecs, int kLanes, int kW, int kP, bool kStores, bool kPrefetch, int kCluster = 1>
 __global__ void __launch_bounds__(kLanes * kW / kP) BwdPattern(Arrays a, uint32_t* out) {
   constexpr int kSlabs = kVecs / kLanes, kPt = kW / kP;
   const int img = blockIdx.x / kSlabs, slab = blockIdx.x % kSlabs;
@@ -90,7 +93,11 @@ __global__ void __launch_bounds__(kLanes * kW / kP) BwdPattern(Arrays a, uint32_
           for (int k = 0; k < 7; ++k) acc ^= q[k].x ^ q[k].y ^ q[k].z ^ q[k].w;
         }
       }
-      __syncthreads();
+      if constexpr (kCluster > 1)
+        asm volatile("barrier.cluster.arrive.release.aligned;\n"
+                     "barrier.cluster.wait.acquire.aligned;" ::: "memory");
+      else
+        __syncthreads();
     }
   }
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads of the reads-only rows alive
@@ -135,7 +142,13 @@ int main() {
   // One block per multiprocessor, as the kernel's registers allow.
   const int kOneBlockPerSm = 120 * 1024;
   using Kernel = void (*)(Arrays, uint32_t*);
-  struct Row { const char* name; Kernel kernel; int vecs, lanes, width, p; bool stores; };
+  struct Row {
+    const char* name;
+    Kernel kernel;
+    int vecs, lanes, width, p;
+    bool stores;
+    int cluster = 1;
+  };
   // The plans of the benchmark's G = C backwards (v16), then what else each shape could run.
   const Row rows[] = {
       {"bf16 64x64, 4 lanes, P 1 (the plan), L2 prefetch", BwdPattern<144, 4, 64, 1, true, true>,
@@ -148,12 +161,16 @@ int main() {
        8, 64, 1, true},
       {"bf16 64x64, 8 lanes (128 B), P 2, prefetch", BwdPattern<144, 8, 64, 2, true, true>, 144,
        8, 64, 2, true},
+      {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 in step",
+       BwdPattern<144, 4, 64, 1, true, true, 2>, 144, 4, 64, 1, true, 2},
       {"bf16 128x128, 2 lanes, P 1 (the plan)", BwdPattern<144, 2, 128, 1, true, false>, 144, 2,
        128, 1, true},
       {"bf16 128x128, 2 lanes, P 1, reads only", BwdPattern<144, 2, 128, 1, false, false>, 144,
        2, 128, 1, false},
       {"bf16 128x128, 4 lanes (64 B), P 1, prefetch", BwdPattern<144, 4, 128, 1, true, true>, 144,
        4, 128, 1, true},
+      {"bf16 128x128, 2 lanes, P 1, clusters of 4 in step",
+       BwdPattern<144, 2, 128, 1, true, false, 4>, 144, 2, 128, 1, true, 4},
       {"bf16 128x128, 4 lanes (64 B), P 2, prefetch", BwdPattern<144, 4, 128, 2, true, true>, 144,
        4, 128, 2, true},
       {"f32 64x64, 8 lanes (128 B), P 2 (the plan)", BwdPattern<288, 8, 64, 2, true, false>, 288,
@@ -164,6 +181,8 @@ int main() {
        288, 4, 128, 2, true},
       {"f32 128x128, 8 lanes (128 B), P 2", BwdPattern<288, 8, 128, 2, true, false>, 288, 8, 128,
        2, true},
+      {"f32 128x128, 4 lanes, P 2, clusters of 2 in step",
+       BwdPattern<288, 4, 128, 2, true, false, 2>, 288, 4, 128, 2, true, 2},
   };
   for (const Row& row : rows) {
     CHECK(cudaFuncSetAttribute(row.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -171,7 +190,19 @@ int main() {
     const int threads = row.lanes * row.width / row.p;
     const int blocks = int(pixels / (size_t(row.width) * row.width)) * (row.vecs / row.lanes);
     const double ms = median_ms(
-        [&] { row.kernel<<<blocks, threads, kOneBlockPerSm>>>(arr, out); });
+        [&] {
+          cudaLaunchConfig_t cfg{};
+          cfg.gridDim = dim3(blocks);
+          cfg.blockDim = dim3(threads);
+          cfg.dynamicSmemBytes = kOneBlockPerSm;
+          cudaLaunchAttribute cluster{};
+          cluster.id = cudaLaunchAttributeClusterDimension;
+          cluster.val.clusterDim.x = row.cluster;
+          cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+          cfg.attrs = &cluster;
+          cfg.numAttrs = 1;
+          CHECK(cudaLaunchKernelEx(&cfg, row.kernel, arr, out));
+        });
     // Bytes per pixel and vector: 7 loads, and 5 stores when the row stores.
     const double moved = double(pixels) * row.vecs * 16 * (row.stores ? 12 : 7);
     std::printf("| %s | %d | %d | %.3f | %.2f | %.1f |\n", row.name, blocks, threads, ms,
