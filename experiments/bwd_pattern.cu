@@ -44,8 +44,11 @@ __device__ __forceinline__ uint4 Mix(uint4 a, uint4 b) {
 // has kLanes * kW / kP threads; a thread owns positions pl, pl + kW / kP, ...). kCluster > 1:
 // launched in clusters of that many blocks (neighbouring slabs) that end every line at a cluster
 // barrier instead of a block barrier, so that the pieces of one 128-byte line, which different
-// blocks own, are requested and written at the same time.
-template <int kVecs, int kLanes, int kW, int kP, bool kStores, bool kPrefetch, int kCluster = 1>
+// blocks own, are requested and written at the same time. kSlack: the cluster barrier's wait
+// comes one line after its arrival (the block barrier stays): the blocks of a cluster stay within
+// a line of each other without waiting for each other's last line, as the kernel could afford.
+template <int kVecs, int kLanes, int kW, int kP, bool kStores, bool kPrefetch, int kCluster = 1,
+          bool kSlack = false>
 __global__ void __launch_bounds__(kLanes * kW / kP) BwdPattern(Arrays a, uint32_t* out) {
   constexpr int kSlabs = kVecs / kLanes, kPt = kW / kP;
   const int img = blockIdx.x / kSlabs, slab = blockIdx.x % kSlabs;
@@ -93,13 +96,20 @@ __global__ void __launch_bounds__(kLanes * kW / kP) BwdPattern(Arrays a, uint32_
           for (int k = 0; k < 7; ++k) acc ^= q[k].x ^ q[k].y ^ q[k].z ^ q[k].w;
         }
       }
-      if constexpr (kCluster > 1)
+      if constexpr (kCluster > 1 && !kSlack) {
         asm volatile("barrier.cluster.arrive.release.aligned;\n"
                      "barrier.cluster.wait.acquire.aligned;" ::: "memory");
-      else
+      } else {
         __syncthreads();
+        if constexpr (kCluster > 1) {  // wait for the previous line's phase, arrive for this one
+          if (t < kW - 1) asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+          asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+        }
+      }
     }
   }
+  if constexpr (kCluster > 1 && kSlack)
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads of the reads-only rows alive
 }
 
@@ -163,6 +173,8 @@ int main() {
        8, 64, 2, true},
       {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 in step",
        BwdPattern<144, 4, 64, 1, true, true, 2>, 144, 4, 64, 1, true, 2},
+      {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 within a line",
+       BwdPattern<144, 4, 64, 1, true, true, 2, true>, 144, 4, 64, 1, true, 2},
       {"bf16 128x128, 2 lanes, P 1 (the plan)", BwdPattern<144, 2, 128, 1, true, false>, 144, 2,
        128, 1, true},
       {"bf16 128x128, 2 lanes, P 1, reads only", BwdPattern<144, 2, 128, 1, false, false>, 144,
@@ -171,6 +183,8 @@ int main() {
        4, 128, 1, true},
       {"bf16 128x128, 2 lanes, P 1, clusters of 4 in step",
        BwdPattern<144, 2, 128, 1, true, false, 4>, 144, 2, 128, 1, true, 4},
+      {"bf16 128x128, 2 lanes, P 1, clusters of 4 within a line",
+       BwdPattern<144, 2, 128, 1, true, false, 4, true>, 144, 2, 128, 1, true, 4},
       {"bf16 128x128, 4 lanes (64 B), P 2, prefetch", BwdPattern<144, 4, 128, 2, true, true>, 144,
        4, 128, 2, true},
       {"f32 64x64, 8 lanes (128 B), P 2 (the plan)", BwdPattern<288, 8, 64, 2, true, false>, 288,
