@@ -10,8 +10,9 @@
 // line ahead into registers, with the L2::256B hint, optionally prefetches line t - 2 into L2,
 // and stores dlam, dx and the 3 gate-gradient vectors (formed from the loaded bits, so every load
 // is waited for), then a block barrier. Rows: the plans of the benchmark's two large shapes,
-// reads only, and other slab widths and positions per thread; each as % of the copy bandwidth
-// measured in the same run.
+// reads only, other slab widths and positions per thread, blocks in clusters, and the loads
+// staged through shared memory by cp.async; each as % of the copy bandwidth measured in the same
+// run.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -113,6 +114,53 @@ __global__ void __launch_bounds__(kLanes * kW / kP) BwdPattern(Arrays a, uint32_
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads of the reads-only rows alive
 }
 
+// The same pattern (one position per thread, bfloat16 or float32 layout), with the loads staged
+// through shared memory by cp.async (kStages line slots per thread, each 7 x 16 bytes, laid out
+// piece-major so that a warp's 16-byte accesses are contiguous) instead of a register set: what a
+// kernel that frees those registers for a wider block would stream. Needs kStages * 7 * 16 bytes
+// of dynamic shared memory per thread.
+template <int kVecs, int kLanes, int kW, int kStages>
+__global__ void __launch_bounds__(kLanes * kW) BwdPatternStaged(Arrays a, uint32_t* out) {
+  extern __shared__ uint4 slots[];  // [kStages][7][threads]
+  constexpr int kSlabs = kVecs / kLanes, kThreads = kLanes * kW;
+  const int img = blockIdx.x / kSlabs, slab = blockIdx.x % kSlabs;
+  const int pl = threadIdx.x / kLanes, vl = threadIdx.x % kLanes;
+  const size_t v = size_t(slab) * kLanes + vl;
+  auto pix = [&](int t) { return (size_t(img) * kW + t) * kW + pl; };
+  auto slot = [&](int t, int k) {
+    return slots + ((t % kStages) * 7 + k) * kThreads + threadIdx.x;
+  };
+  auto issue = [&](int t) {  // one commit group per line, empty past the first line
+    if (t >= 0) {
+      const size_t c = pix(t) * kVecs + v, g = pix(t) * 3 * kVecs + 3 * v;
+      const uint4* src[7] = {a.x + c, a.lam + c, a.dh + c, a.h + c, a.w + g, a.w + g + 1,
+                             a.w + g + 2};
+#pragma unroll
+      for (int k = 0; k < 7; ++k)
+        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+                     ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot(t, k)))),
+                     "l"(src[k]) : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+#pragma unroll
+  for (int i = 0; i < kStages - 1; ++i) issue(kW - 1 - i);
+  for (int t = kW - 1; t >= 0; --t) {
+    issue(t - (kStages - 1));
+    asm volatile("cp.async.wait_group %0;" ::"n"(kStages - 1) : "memory");  // line t's is in
+    uint4 q[7];
+#pragma unroll
+    for (int k = 0; k < 7; ++k) q[k] = *slot(t, k);
+    const size_t c = pix(t) * kVecs + v, g = pix(t) * 3 * kVecs + 3 * v;
+    a.dlam[c] = Mix(q[0], q[2]);
+    a.dx[c] = Mix(q[1], q[2]);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) a.dw[g + k] = Mix(q[4 + k], q[3]);
+    __syncthreads();
+  }
+  (void)out;  // the stores keep the loads alive
+}
+
 int main() {
   // 32 images of 64 x 64 (the same pixels as 8 of 128 x 128), float32's size: 1152 x 4 bytes.
   const size_t pixels = size_t(32) * 64 * 64, plane = pixels * 288 * 16;  // bytes of x
@@ -158,6 +206,7 @@ int main() {
     int vecs, lanes, width, p;
     bool stores;
     int cluster = 1;
+    int stages = 0;  // BwdPatternStaged's line slots (their shared memory); 0: register staging
   };
   // The plans of the benchmark's G = C backwards (v16), then what else each shape could run.
   const Row rows[] = {
@@ -171,6 +220,12 @@ int main() {
        8, 64, 1, true},
       {"bf16 64x64, 8 lanes (128 B), P 2, prefetch", BwdPattern<144, 8, 64, 2, true, true>, 144,
        8, 64, 2, true},
+      {"bf16 64x64, 4 lanes, P 1, cp.async 2 stages", BwdPatternStaged<144, 4, 64, 2>, 144, 4,
+       64, 1, true, 1, 2},
+      {"bf16 64x64, 8 lanes (128 B), P 1, cp.async 2 stages", BwdPatternStaged<144, 8, 64, 2>,
+       144, 8, 64, 1, true, 1, 2},
+      {"bf16 64x64, 8 lanes (128 B), P 1, cp.async 3 stages", BwdPatternStaged<144, 8, 64, 3>,
+       144, 8, 64, 1, true, 1, 3},
       {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 in step",
        BwdPattern<144, 4, 64, 1, true, true, 2>, 144, 4, 64, 1, true, 2},
       {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 within a line",
@@ -187,6 +242,8 @@ int main() {
        BwdPattern<144, 2, 128, 1, true, false, 4, true>, 144, 2, 128, 1, true, 4},
       {"bf16 128x128, 4 lanes (64 B), P 2, prefetch", BwdPattern<144, 4, 128, 2, true, true>, 144,
        4, 128, 2, true},
+      {"bf16 128x128, 4 lanes (64 B), P 1, cp.async 2 stages", BwdPatternStaged<144, 4, 128, 2>,
+       144, 4, 128, 1, true, 1, 2},
       {"f32 64x64, 8 lanes (128 B), P 2 (the plan)", BwdPattern<288, 8, 64, 2, true, false>, 288,
        8, 64, 2, true},
       {"f32 64x64, 4 lanes (64 B), P 1", BwdPattern<288, 4, 64, 1, true, false>, 288, 4, 64, 1,
@@ -199,16 +256,16 @@ int main() {
        BwdPattern<288, 4, 128, 2, true, false, 2>, 288, 4, 128, 2, true, 2},
   };
   for (const Row& row : rows) {
-    CHECK(cudaFuncSetAttribute(row.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               kOneBlockPerSm));
     const int threads = row.lanes * row.width / row.p;
+    const int smem = std::max(kOneBlockPerSm, row.stages * 7 * 16 * threads);
+    CHECK(cudaFuncSetAttribute(row.kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     const int blocks = int(pixels / (size_t(row.width) * row.width)) * (row.vecs / row.lanes);
     const double ms = median_ms(
         [&] {
           cudaLaunchConfig_t cfg{};
           cfg.gridDim = dim3(blocks);
           cfg.blockDim = dim3(threads);
-          cfg.dynamicSmemBytes = kOneBlockPerSm;
+          cfg.dynamicSmemBytes = smem;
           cudaLaunchAttribute cluster{};
           cluster.id = cudaLaunchAttributeClusterDimension;
           cluster.val.clusterDim.x = row.cluster;
