@@ -137,7 +137,7 @@ __global__ void __launch_bounds__(kLanes * kW) BwdPatternStaged(Arrays a, uint32
                              a.w + g + 2};
 #pragma unroll
       for (int k = 0; k < 7; ++k)
-        asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+        asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 16;"
                      ::"r"(static_cast<uint32_t>(__cvta_generic_to_shared(slot(t, k)))),
                      "l"(src[k]) : "memory");
     }
