@@ -161,6 +161,28 @@ __global__ void __launch_bounds__(kLanes * kW) BwdPatternStaged(Arrays a, uint32
   (void)out;  // the stores keep the loads alive
 }
 
+using Kernel = void (*)(Arrays, uint32_t*);
+struct Row {
+  const char* name;
+  Kernel kernel;
+  int vecs, lanes, width, p;
+  bool stores;
+  int cluster;
+  int stages;  // BwdPatternStaged's line slots (their shared memory); 0: register staging
+};
+// A row of each kernel, its fields read off the template arguments.
+template <int kVecs, int kLanes, int kW, int kP, bool kStores, bool kPrefetch, int kCluster = 1,
+          bool kSlack = false>
+Row Pattern(const char* name) {
+  return {name, BwdPattern<kVecs, kLanes, kW, kP, kStores, kPrefetch, kCluster, kSlack>, kVecs,
+          kLanes, kW, kP, kStores, kCluster, 0};
+}
+template <int kVecs, int kLanes, int kW, int kStages>
+Row Staged(const char* name) {
+  return {name, BwdPatternStaged<kVecs, kLanes, kW, kStages>, kVecs, kLanes, kW, 1, true, 1,
+          kStages};
+}
+
 int main() {
   // 32 images of 64 x 64 (the same pixels as 8 of 128 x 128), float32's size: 1152 x 4 bytes.
   const size_t pixels = size_t(32) * 64 * 64, plane = pixels * 288 * 16;  // bytes of x
@@ -199,61 +221,33 @@ int main() {
 
   // One block per multiprocessor, as the kernel's registers allow.
   const int kOneBlockPerSm = 120 * 1024;
-  using Kernel = void (*)(Arrays, uint32_t*);
-  struct Row {
-    const char* name;
-    Kernel kernel;
-    int vecs, lanes, width, p;
-    bool stores;
-    int cluster = 1;
-    int stages = 0;  // BwdPatternStaged's line slots (their shared memory); 0: register staging
-  };
   // The plans of the benchmark's G = C backwards (v16), then what else each shape could run.
   const Row rows[] = {
-      {"bf16 64x64, 4 lanes, P 1 (the plan), L2 prefetch", BwdPattern<144, 4, 64, 1, true, true>,
-       144, 4, 64, 1, true},
-      {"bf16 64x64, 4 lanes, P 1, no prefetch", BwdPattern<144, 4, 64, 1, true, false>, 144, 4,
-       64, 1, true},
-      {"bf16 64x64, 4 lanes, P 1, reads only", BwdPattern<144, 4, 64, 1, false, true>, 144, 4,
-       64, 1, false},
-      {"bf16 64x64, 8 lanes (128 B), P 1, prefetch", BwdPattern<144, 8, 64, 1, true, true>, 144,
-       8, 64, 1, true},
-      {"bf16 64x64, 8 lanes (128 B), P 2, prefetch", BwdPattern<144, 8, 64, 2, true, true>, 144,
-       8, 64, 2, true},
-      {"bf16 64x64, 4 lanes, P 1, cp.async 2 stages", BwdPatternStaged<144, 4, 64, 2>, 144, 4,
-       64, 1, true, 1, 2},
-      {"bf16 64x64, 8 lanes (128 B), P 1, cp.async 2 stages", BwdPatternStaged<144, 8, 64, 2>,
-       144, 8, 64, 1, true, 1, 2},
-      {"bf16 64x64, 8 lanes (128 B), P 1, cp.async 3 stages", BwdPatternStaged<144, 8, 64, 3>,
-       144, 8, 64, 1, true, 1, 3},
-      {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 in step",
-       BwdPattern<144, 4, 64, 1, true, true, 2>, 144, 4, 64, 1, true, 2},
-      {"bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 within a line",
-       BwdPattern<144, 4, 64, 1, true, true, 2, true>, 144, 4, 64, 1, true, 2},
-      {"bf16 128x128, 2 lanes, P 1 (the plan)", BwdPattern<144, 2, 128, 1, true, false>, 144, 2,
-       128, 1, true},
-      {"bf16 128x128, 2 lanes, P 1, reads only", BwdPattern<144, 2, 128, 1, false, false>, 144,
-       2, 128, 1, false},
-      {"bf16 128x128, 4 lanes (64 B), P 1, prefetch", BwdPattern<144, 4, 128, 1, true, true>, 144,
-       4, 128, 1, true},
-      {"bf16 128x128, 2 lanes, P 1, clusters of 4 in step",
-       BwdPattern<144, 2, 128, 1, true, false, 4>, 144, 2, 128, 1, true, 4},
-      {"bf16 128x128, 2 lanes, P 1, clusters of 4 within a line",
-       BwdPattern<144, 2, 128, 1, true, false, 4, true>, 144, 2, 128, 1, true, 4},
-      {"bf16 128x128, 4 lanes (64 B), P 2, prefetch", BwdPattern<144, 4, 128, 2, true, true>, 144,
-       4, 128, 2, true},
-      {"bf16 128x128, 4 lanes (64 B), P 1, cp.async 2 stages", BwdPatternStaged<144, 4, 128, 2>,
-       144, 4, 128, 1, true, 1, 2},
-      {"f32 64x64, 8 lanes (128 B), P 2 (the plan)", BwdPattern<288, 8, 64, 2, true, false>, 288,
-       8, 64, 2, true},
-      {"f32 64x64, 4 lanes (64 B), P 1", BwdPattern<288, 4, 64, 1, true, false>, 288, 4, 64, 1,
-       true},
-      {"f32 128x128, 4 lanes (64 B), P 2 (the plan)", BwdPattern<288, 4, 128, 2, true, false>,
-       288, 4, 128, 2, true},
-      {"f32 128x128, 8 lanes (128 B), P 2", BwdPattern<288, 8, 128, 2, true, false>, 288, 8, 128,
-       2, true},
-      {"f32 128x128, 4 lanes, P 2, clusters of 2 in step",
-       BwdPattern<288, 4, 128, 2, true, false, 2>, 288, 4, 128, 2, true, 2},
+      Pattern<144, 4, 64, 1, true, true>("bf16 64x64, 4 lanes, P 1 (the plan), L2 prefetch"),
+      Pattern<144, 4, 64, 1, true, false>("bf16 64x64, 4 lanes, P 1, no prefetch"),
+      Pattern<144, 4, 64, 1, false, true>("bf16 64x64, 4 lanes, P 1, reads only"),
+      Pattern<144, 8, 64, 1, true, true>("bf16 64x64, 8 lanes (128 B), P 1, prefetch"),
+      Pattern<144, 8, 64, 2, true, true>("bf16 64x64, 8 lanes (128 B), P 2, prefetch"),
+      Staged<144, 4, 64, 2>("bf16 64x64, 4 lanes, P 1, cp.async 2 stages"),
+      Staged<144, 8, 64, 2>("bf16 64x64, 8 lanes (128 B), P 1, cp.async 2 stages"),
+      Staged<144, 8, 64, 3>("bf16 64x64, 8 lanes (128 B), P 1, cp.async 3 stages"),
+      Pattern<144, 4, 64, 1, true, true, 2>(
+          "bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 in step"),
+      Pattern<144, 4, 64, 1, true, true, 2, true>(
+          "bf16 64x64, 4 lanes, P 1, prefetch, clusters of 2 within a line"),
+      Pattern<144, 2, 128, 1, true, false>("bf16 128x128, 2 lanes, P 1 (the plan)"),
+      Pattern<144, 2, 128, 1, false, false>("bf16 128x128, 2 lanes, P 1, reads only"),
+      Pattern<144, 4, 128, 1, true, true>("bf16 128x128, 4 lanes (64 B), P 1, prefetch"),
+      Pattern<144, 2, 128, 1, true, false, 4>("bf16 128x128, 2 lanes, P 1, clusters of 4 in step"),
+      Pattern<144, 2, 128, 1, true, false, 4, true>(
+          "bf16 128x128, 2 lanes, P 1, clusters of 4 within a line"),
+      Pattern<144, 4, 128, 2, true, true>("bf16 128x128, 4 lanes (64 B), P 2, prefetch"),
+      Staged<144, 4, 128, 2>("bf16 128x128, 4 lanes (64 B), P 1, cp.async 2 stages"),
+      Pattern<288, 8, 64, 2, true, false>("f32 64x64, 8 lanes (128 B), P 2 (the plan)"),
+      Pattern<288, 4, 64, 1, true, false>("f32 64x64, 4 lanes (64 B), P 1"),
+      Pattern<288, 4, 128, 2, true, false>("f32 128x128, 4 lanes (64 B), P 2 (the plan)"),
+      Pattern<288, 8, 128, 2, true, false>("f32 128x128, 8 lanes (128 B), P 2"),
+      Pattern<288, 4, 128, 2, true, false, 2>("f32 128x128, 4 lanes, P 2, clusters of 2 in step"),
   };
   for (const Row& row : rows) {
     const int threads = row.lanes * row.width / row.p;
