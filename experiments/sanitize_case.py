@@ -5,7 +5,8 @@ Sizes are odd so that tiles are not full: C = 12 (scalar path, group lanes that 
 launch), C = 40 (16-byte vectors, partial last slab), C = 24 with G = 12 (two groups per vector),
 H != W, chunked and global, all three dtypes; and lines of 127 positions with the backward's
 slab forced to 4 or 3 lanes, so that its wide blocks (BwdMaxThreads: 508 or 381 threads of 512
-or 384) run with a partial last slab.
+or 384) run with a partial last slab; the same with G = C, whose wide blocks stage their inputs
+through shared memory (BwdStaged: cp.async into per-thread slots).
 """
 import os
 
@@ -22,7 +23,9 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 7, 5, 24), 12, ("bt", "lr"), {}),
          ((1, 3, 127, 40), 5, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "4"}),
-         ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "3"})]
+         ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "3"}),
+         ((1, 3, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
+         ((1, 3, 127, 40), 40, ("bt", "lr", "tb"), {"CGSPN_CUDA_VS_BWD": "4"})]
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     os.environ.pop("CGSPN_CUDA_VS_BWD", None)  # the handler reads its knobs at every call

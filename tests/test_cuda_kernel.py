@@ -245,7 +245,8 @@ def test_768_thread_forward(knobs, monkeypatch):
 
 # The backward with one gate group per vector and one position per thread runs blocks of more
 # than 256 threads where the plan asks for them (BwdMaxThreads: float32 512; 16-bit 512, or 384
-# with the dx sum of D > 1), through its wide instance. The handler's printed plan says which
+# with the dx sum of D > 1), through its wide instance; so does G = C, whose wide instances
+# stage their inputs through shared memory (BwdStaged). The handler's printed plan says which
 # block size each case got.
 @pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
     ((2, 6, 128, 96), 6, "float32", ("tb", "bt", "lr", "rl"), {}, 512),
@@ -259,8 +260,16 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 64, 64, 128), 8, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 64, 64, 128), 8, "bfloat16", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
     ((2, 6, 128, 96), 6, "bfloat16", ("bt",), {"CGSPN_CUDA_VS_BWD": "2"}, 256),
+    # G = C: the staged instances (BwdStaged), inputs through shared memory.
+    ((2, 64, 64, 128), 128, "bfloat16", ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_VS_BWD": "8"},
+     512),
+    ((2, 64, 64, 128), 128, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 64, 64, 64), 64, "float32", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 48, 64, 128), 128, "float16", ("bt", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
-        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256"])
+        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16_D4",
+        "staged_bf16_D1", "staged_f32_D2", "staged_f16_D2", "staged_bf16_128"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)

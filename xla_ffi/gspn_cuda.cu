@@ -281,7 +281,13 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       // The backward's wide instance only for blocks that need it (BwdMaxThreads).
       const bool wide = kind == 1 && threads > kBwdThreads;
       const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
-      const size_t smem = size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound);
+      // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
+      const size_t slots = kind == 1 && BwdStaged(V, NG, P, wide)
+                               ? size_t(2) * threads *
+                                     BwdSlotBytes(int(sizeof(T)), V, NG, acc)
+                               : 0;
+      const size_t smem =
+          size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound) + slots;
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;

@@ -57,6 +57,13 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
   const NeighbourSync sync(mbar, bs.Vs, a.Pt, P);
   // The gate gradient formed in its own line (BwdSameLineDw) or one line late.
   constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
+  // Inputs staged through shared memory (BwdStaged): two slots per thread after the tiles,
+  // [2 sets][threads] at BwdSlotBytes apart, filled by cp.async.
+  constexpr bool kStaged = BwdStaged(V, NG, P, kWide);
+  constexpr int kSlot = BwdSlotBytes(sizeof(T), V, NG, kAcc);
+  static_assert(!kStaged || (P == 1 && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
+                             sizeof(Pack<T, NG>) == 16 && sizeof(float) * V % 16 == 0),
+                "a staged slot holds one position's inputs, in 16-byte pieces");
   static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
   int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
 
@@ -102,6 +109,19 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
       }
     };
     auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
+      if constexpr (kStaged) {  // copies into the slot `in`, one commit group per line
+        for_inputs(in, t, [](auto& pack, const T* p) { CopyAsync16(&pack.r, p); },
+                   [&](int j, int64_t pix) {
+                     // The running dx sum (see below): cp.async reads through L2, coherent.
+                     if constexpr (kAcc)
+                       if (!first_dir)
+#pragma unroll
+                         for (int i = 0; i < V; i += 4)
+                           CopyAsync16(in[j].acc + i, accd + pix * C + i);
+                   });
+        CopyCommit();
+        return;
+      }
       for_inputs(in, t, [](auto& pack, const T* p) { pack.Load(p); }, [&](int j, int64_t pix) {
         // The running dx sum, written by this block's previous direction (other threads,
         // before a barrier): an ordinary coherent load, not the read-only path.
@@ -138,6 +158,10 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     // t + 1 used), then process line t from `cur`.
     auto step = [&](int t, const BwdIn<T, V, NG, kAcc>(&cur)[P], BwdIn<T, V, NG, kAcc>(&ahead)[P]) {
       if (t > 0) load(ahead, t - 1);
+      if constexpr (kStaged) {
+        if (t == 0) CopyCommit();  // every line one group, so that the wait below counts right
+        CopyWait<1>();             // line t's copies (the group before line t - 1's) have landed
+      }
       if constexpr (kPrefetch)
         if (t > 1) prefetch(ahead, t - 2);
       // Line t + 1 (this block's previous line, unless t is a direction's first) must be in
@@ -332,8 +356,14 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
       ++nline;
     };
 
-    // The two register sets swap roles by unrolling, never by copying (see the forward).
-    BwdIn<T, V, NG, kAcc> r0[P], r1[P];
+    // The two register sets swap roles by unrolling, never by copying (see the forward). Staged:
+    // the two sets are this thread's slots in shared memory.
+    using Set = BwdIn<T, V, NG, kAcc>[P];
+    Set regs0, regs1;
+    char* slots = reinterpret_cast<char*>(smem + BwdTiles(sizeof(T), NG) * tile_size);
+    Set& r0 = kStaged ? *reinterpret_cast<Set*>(slots + threadIdx.x * kSlot) : regs0;
+    Set& r1 = kStaged ? *reinterpret_cast<Set*>(slots + (blockDim.x + threadIdx.x) * kSlot)
+                      : regs1;
     load(r0, T_steps - 1);
     for (int t = T_steps - 1; t >= 0; t -= 2) {
       step(t, r0, r1);

@@ -143,6 +143,22 @@ struct Pack {
   }
 };
 
+// Copies 16 bytes from global to shared memory asynchronously (cp.async, through L2 only, with
+// the L2::256B hint of Pack::Load); CopyCommit closes the copies a thread issued since its last
+// commit into a group, CopyWait<N> waits until at most N of its groups are pending.
+__device__ __forceinline__ void CopyAsync16(void* smem_dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+               ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem_dst))), "l"(src)
+               : "memory");
+}
+__device__ __forceinline__ void CopyCommit() {
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+template <int N>
+__device__ __forceinline__ void CopyWait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
 // Asks L2 to fetch the sector at p from DRAM, holding no register: the lines two ahead are
 // requested this way, so that the register loads one line ahead find them in L2.
 __device__ __forceinline__ void PrefetchL2(const void* p) {
@@ -373,8 +389,27 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
 // v16). Measured and not taken: 384 threads for the instances with several groups per vector,
 // which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
+  if (V > 1 && NG == V && P == 1) return 512;  // staged (BwdStaged)
   if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
   return type_bytes == 4 || !acc ? 512 : 384;
+}
+
+// The wide instances with one gate group per channel (G = C: NG = V, every pack 16 bytes) stage
+// their inputs through shared memory instead of two register sets: cp.async copies line t - 1's
+// into a per-thread slot while line t reads its own from the other. Without the 56 registers of
+// the sets they fit 512-thread blocks (ptxas: bfloat16 ~123 registers, float32 ~121), i.e.
+// 128-byte slabs at lines of 64 positions, whose memory pattern streams at 86% of copy where the
+// 64-byte slabs of 256-thread blocks stream at 78% (experiments/bwd_pattern.cu;
+// docs/kernel_notes.md, "What bounds the 16-bit G = C backward").
+__host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
+  return wide && V > 1 && NG == V && P == 1;
+}
+// Bytes of one thread's slot (one line's inputs, BwdIn): rounded up to an odd number of 16-byte
+// units, so that the 8 threads of a quarter warp, accessing 16 bytes each at this stride, hit
+// distinct banks.
+__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int V, int NG, bool acc) {
+  const int units = (4 * 16 + 3 * NG * type_bytes + (acc ? V * 4 : 4) + 15) / 16;
+  return (units | 1) * 16;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
