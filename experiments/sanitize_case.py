@@ -25,7 +25,8 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "3"}),
          ((1, 3, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
-         ((1, 3, 127, 40), 40, ("bt", "lr", "tb"), {"CGSPN_CUDA_VS_BWD": "4"})]
+         ((1, 3, 127, 40), 40, ("bt", "lr", "tb"), {"CGSPN_CUDA_VS_BWD": "4"}),
+         ((1, 4, 127, 40), 40, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "4"})]  # even T: ends on r1
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     os.environ.pop("CGSPN_CUDA_VS_BWD", None)  # the handler reads its knobs at every call

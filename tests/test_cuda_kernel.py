@@ -267,9 +267,11 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 64, 64, 64), 64, "float32", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 48, 64, 128), 128, "float16", ("bt", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
+    ((2, 64, 64, 128), 128, "bfloat16", ("tb", "lr"),
+     {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
         "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16_D4",
-        "staged_bf16_D1", "staged_f32_D2", "staged_f16_D2", "staged_bf16_128"])
+        "staged_bf16_D1", "staged_f32_D2", "staged_f16_D2", "staged_bf16_128", "staged_tail2"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)

@@ -112,12 +112,15 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
       if constexpr (kStaged) {  // copies into the slot `in`, one commit group per line
         for_inputs(in, t, [](auto& pack, const T* p) { CopyAsync16(&pack.r, p); },
                    [&](int j, int64_t pix) {
-                     // The running dx sum (see below): cp.async reads through L2, coherent.
-                     if constexpr (kAcc)
-                       if (!first_dir)
+                     // The running dx sum (see below): written by this block, so L1 holds no
+                     // stale copy.
+                     if constexpr (kAcc) {
+                       if (!first_dir) {
 #pragma unroll
                          for (int i = 0; i < V; i += 4)
                            CopyAsync16(in[j].acc + i, accd + pix * C + i);
+                       }
+                     }
                    });
         CopyCommit();
         return;

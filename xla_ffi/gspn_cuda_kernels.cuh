@@ -20,7 +20,8 @@
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
 // held as raw bits in registers until line t + 1 uses them; converting them earlier would make
-// the thread wait for them at the end of line t. Where the launch plan asks, those of line
+// the thread wait for them at the end of line t. (The backward's G = C instances in blocks of
+// more than 256 threads stage them in shared memory instead, by cp.async: BwdStaged.) Where the launch plan asks, those of line
 // t + 2 are prefetched into L2 at the same time (no registers), so that the register loads
 // wait for L2, not DRAM.
 //
@@ -143,11 +144,13 @@ struct Pack {
   }
 };
 
-// Copies 16 bytes from global to shared memory asynchronously (cp.async, through L2 only, with
-// the L2::256B hint of Pack::Load); CopyCommit closes the copies a thread issued since its last
-// commit into a group, CopyWait<N> waits until at most N of its groups are pending.
+// Copies 16 bytes from global to shared memory asynchronously (cp.async, with the L2::256B hint
+// of Pack::Load, allocating in L1 as Pack::Load does: the same-line form's loads of h at p -/+ 1
+// count on finding there what the neighbouring threads fetched); CopyCommit closes the copies a
+// thread issued since its last commit into a group, CopyWait<N> waits until at most N of its
+// groups are pending.
 __device__ __forceinline__ void CopyAsync16(void* smem_dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;"
+  asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 16;"
                ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem_dst))), "l"(src)
                : "memory");
 }
