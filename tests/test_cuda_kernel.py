@@ -245,9 +245,9 @@ def test_768_thread_forward(knobs, monkeypatch):
 
 # The backward with one gate group per vector and one position per thread runs blocks of more
 # than 256 threads where the plan asks for them (BwdMaxThreads: float32 512; 16-bit 512, or 384
-# with the dx sum of D > 1), through its wide instance; so does G = C, whose wide instances
-# stage their inputs through shared memory (BwdStaged). The handler's printed plan says which
-# block size each case got.
+# with the dx sum of D > 1), through its wide instance; so does G = C in 16-bit types at D = 1,
+# whose wide instances stage their inputs through shared memory (BwdStaged), by default only
+# with 128-byte slabs. The handler's printed plan says which block size each case got.
 @pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
     ((2, 6, 128, 96), 6, "float32", ("tb", "bt", "lr", "rl"), {}, 512),
     ((2, 64, 64, 128), 8, "float32", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
@@ -261,17 +261,21 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 64, 64, 128), 8, "bfloat16", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
     ((2, 6, 128, 96), 6, "bfloat16", ("bt",), {"CGSPN_CUDA_VS_BWD": "2"}, 256),
     # G = C: the staged instances (BwdStaged), inputs through shared memory.
-    ((2, 64, 64, 128), 128, "bfloat16", ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_VS_BWD": "8"},
-     512),
+    # (Enough slabs for a wave whatever their width, so that the block size decides.)
+    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {}, 512),
     ((2, 64, 64, 128), 128, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
-    ((2, 64, 64, 64), 64, "float32", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
-    ((2, 48, 64, 128), 128, "float16", ("bt", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 48, 64, 128), 128, "float16", ("bt",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
-    ((2, 64, 64, 128), 128, "bfloat16", ("tb", "lr"),
+    ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
      {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
+    # ... and not staged: with the dx sum (D > 1), 64-byte slabs unforced, float32.
+    ((2, 64, 64, 128), 128, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
+    ((8, 6, 128, 1152), 1152, "bfloat16", ("tb",), {}, 256),
+    ((2, 64, 64, 64), 64, "float32", ("tb",), {}, 256),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
-        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16_D4",
-        "staged_bf16_D1", "staged_f32_D2", "staged_f16_D2", "staged_bf16_128", "staged_tail2"])
+        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16",
+        "staged_bf16_forced", "staged_f16", "staged_bf16_64B", "staged_tail2",
+        "unstaged_bf16_D4", "unstaged_bf16_128", "unstaged_f32"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)

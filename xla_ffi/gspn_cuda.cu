@@ -140,8 +140,8 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 // forward 4% faster without the L2 prefetch (0.801 -> 0.770 ms), but every prefetching 128 x
 // 128 case 1-13% slower (bfloat16 G = 72 forward 0.520 -> 0.589). CGSPN_CUDA_TAIL_SPLIT=k forces k
 // where it is valid (1: no split), and CGSPN_CUDA_TAIL_WAVE=n takes n blocks for a wave, so that
-// the tests can split part of a small grid.
-void SplitTail(Plan* plan, int vector_bytes, int sms) {
+// the tests can split part of a small grid. automatic = false: only a forced split.
+void SplitTail(Plan* plan, int vector_bytes, int sms, bool automatic) {
   Launch& a = plan->a;
   const int64_t slabs = plan->blocks;
   a.tail_start = slabs;
@@ -161,7 +161,7 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   int k = 1;
   if (forced > 0) {
     if (valid(forced)) k = forced;
-  } else {
+  } else if (automatic) {
     while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= min_bytes)
       k *= 2;
   }
@@ -282,15 +282,17 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       const bool wide = kind == 1 && threads > kBwdThreads;
       const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
       // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
-      const size_t slots = kind == 1 && BwdStaged(V, NG, P, wide)
-                               ? size_t(2) * threads *
-                                     BwdSlotBytes(int(sizeof(T)), V, NG, acc)
-                               : 0;
+      const bool staged = kind == 1 && BwdStaged(V, NG, P, wide);
+      const size_t slots =
+          staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), V, NG, acc) : 0;
       const size_t smem =
           size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound) + slots;
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;
+      // Staged plans only with 128-byte slabs (64-byte ones ran 8-12% slower than 32-byte slabs
+      // of 256 threads, v17), unless a knob asks.
+      if (staged && bytes < 128 && Vs != forced_vs) continue;
       // Slabs that start mid-sector share that sector with the neighbouring block: only as
       // the whole pixel, the narrowest slab, or where a knob asks for it (to measure balanced
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
@@ -346,7 +348,10 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  SplitTail(plan, sizeof(T) * V, sms);
+  // No automatic split for staged plans: halves of 64 bytes made 32 x 1152 x 64 x 64 bfloat16
+  // G = C D = 1 2% slower (1.513 -> 1.543 ms, v17).
+  SplitTail(plan, sizeof(T) * V, sms,
+            !(kind == 1 && BwdStaged(V, plan->NG, plan->P, plan->threads > kBwdThreads)));
   return ffi::Error::Success();
 }
 

@@ -392,18 +392,21 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
 // v16). Measured and not taken: 384 threads for the instances with several groups per vector,
 // which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
-  if (V > 1 && NG == V && P == 1) return 512;  // staged (BwdStaged)
+  if (V > 1 && NG == V && P == 1) return type_bytes == 2 && !acc ? 512 : kBwdThreads;  // staged
   if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
   return type_bytes == 4 || !acc ? 512 : 384;
 }
 
-// The wide instances with one gate group per channel (G = C: NG = V, every pack 16 bytes) stage
-// their inputs through shared memory instead of two register sets: cp.async copies line t - 1's
-// into a per-thread slot while line t reads its own from the other. Without the 56 registers of
-// the sets they fit 512-thread blocks (ptxas: bfloat16 ~123 registers, float32 ~121), i.e.
-// 128-byte slabs at lines of 64 positions, whose memory pattern streams at 86% of copy where the
-// 64-byte slabs of 256-thread blocks stream at 78% (experiments/bwd_pattern.cu;
-// docs/kernel_notes.md, "What bounds the 16-bit G = C backward").
+// The 16-bit wide instances with one gate group per channel (G = C: NG = V, every pack 16 bytes)
+// and no dx sum (D = 1) stage their inputs through shared memory instead of two register sets:
+// cp.async copies line t - 1's into a per-thread slot while line t reads its own from the other.
+// Without the 56 registers of the sets they fit 512-thread blocks (ptxas: bfloat16 124
+// registers, float16 126), i.e. 128-byte slabs at lines of 64 positions. H100 (docs/kernel_notes.md,
+// v17): 32 x 1152 x 64 x 64 bfloat16 G = C D = 1 1.556 -> 1.513 ms, where the memory pattern
+// alone would allow 1.39 (experiments/bwd_pattern.cu: the kernel is now bound by its warps'
+// latency, not its pattern). Measured and not taken: float32 (2-5% slower than two positions per
+// thread), the dx sum of D > 1 (0-3% slower), 64-byte slabs at lines of 128 positions (8-12%
+// slower than 32-byte slabs in 256 threads; MakePlan keeps staged plans to 128-byte slabs).
 __host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
   return wide && V > 1 && NG == V && P == 1;
 }
