@@ -269,9 +269,9 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
      {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
     # ... and not staged: with the dx sum (D > 1), 64-byte slabs unforced, float32.
-    ((2, 64, 64, 128), 128, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
+    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
     ((8, 6, 128, 1152), 1152, "bfloat16", ("tb",), {}, 256),
-    ((2, 64, 64, 64), 64, "float32", ("tb",), {}, 256),
+    ((8, 6, 64, 1152), 1152, "float32", ("tb",), {}, 256),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
         "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16",
         "staged_bf16_forced", "staged_f16", "staged_bf16_64B", "staged_tail2",
