@@ -108,6 +108,14 @@ BWD512_CASES = [c for c in BENCH_CASES if c[2] == "float32" and c[0][1] // c[1] 
 # prefetch rule, at every case: since v16 the backward's blocks hold up to 512 threads (16
 # warps, more neighbours to wait for), which the sync family's measurement (v11) predates.
 BWD_SYNC_SETTINGS = [{}, {"CGSPN_CUDA_BWD_SYNC": "block"}]
+# The 16-bit G = C backward staged through shared memory in 512-thread blocks (BwdStaged, v17)
+# against the plans it replaced (64-byte slabs at 64 x 64: VS_BWD=4; 32-byte slabs at 128 x 128:
+# VS_BWD=2; two positions per thread: P_BWD=2), without its L2 prefetch, and with the tail split
+# it goes without; at every large G = C case (the others must keep their plans).
+BWD_STAGED_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_TAIL_SPLIT": "2"},
+                       {"CGSPN_CUDA_VS_BWD": "4"}, {"CGSPN_CUDA_VS_BWD": "2"},
+                       {"CGSPN_CUDA_P_BWD": "2"}]
+BWD_STAGED_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -117,7 +125,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdprefetch": (FWD_PREFETCH_SETTINGS, FWD_PREFETCH_CASES),
             "bwdthreads": (BWD_THREADS_SETTINGS, BENCH_CASES, ("bwd",)),
             "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",)),
-            "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",))}
+            "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",)),
+            "bwdstaged": (BWD_STAGED_SETTINGS, BWD_STAGED_CASES, ("bwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
@@ -237,7 +246,8 @@ def main():
                         "neighbour synchronisation against a block barrier; tail: the "
                         "split of the last wave's slabs; small: the plans of the small shape; "
                         "fwdprefetch: the 16-bit forward's L2 prefetch; bwdthreads: the "
-                        "backward's blocks of more than 256 threads")
+                        "backward's blocks of more than 256 threads; bwdstaged: the staged "
+                        "16-bit G = C backward against the plans it replaced")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
