@@ -282,9 +282,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       const bool wide = kind == 1 && threads > kBwdThreads;
       const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
       // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
-      const bool staged = kind == 1 && BwdStaged(V, NG, P, wide);
-      const size_t slots =
-          staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), V, NG, acc) : 0;
+      const bool staged = kind == 1 && BwdStaged(int(sizeof(T)), V, NG, P, acc, wide);
+      const size_t slots = staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), NG) : 0;
       const size_t smem =
           size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound) + slots;
       if (smem > size_t(smem_optin)) break;
@@ -351,7 +350,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   // No automatic split for staged plans: halves of 64 bytes made 32 x 1152 x 64 x 64 bfloat16
   // G = C D = 1 2% slower (1.513 -> 1.543 ms, v17).
   SplitTail(plan, sizeof(T) * V, sms,
-            !(kind == 1 && BwdStaged(V, plan->NG, plan->P, plan->threads > kBwdThreads)));
+            !(kind == 1 && BwdStaged(int(sizeof(T)), V, plan->NG, plan->P, acc,
+                                     plan->threads > kBwdThreads)));
   return ffi::Error::Success();
 }
 

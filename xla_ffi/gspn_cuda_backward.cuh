@@ -59,10 +59,10 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
   constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
   // Inputs staged through shared memory (BwdStaged): two slots per thread after the tiles,
   // [2 sets][threads] at BwdSlotBytes apart, filled by cp.async.
-  constexpr bool kStaged = BwdStaged(V, NG, P, kWide);
-  constexpr int kSlot = BwdSlotBytes(sizeof(T), V, NG, kAcc);
-  static_assert(!kStaged || (P == 1 && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
-                             sizeof(Pack<T, NG>) == 16 && sizeof(float) * V % 16 == 0),
+  constexpr bool kStaged = BwdStaged(sizeof(T), V, NG, P, kAcc, kWide);
+  constexpr int kSlot = BwdSlotBytes(sizeof(T), NG);
+  static_assert(!kStaged || (P == 1 && !kAcc && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
+                             sizeof(Pack<T, NG>) == 16),
                 "a staged slot holds one position's inputs, in 16-byte pieces");
   static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
   int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
@@ -110,18 +110,9 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     };
     auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
       if constexpr (kStaged) {  // copies into the slot `in`, one commit group per line
+        // (No dx sum: BwdStaged excludes D > 1.)
         for_inputs(in, t, [](auto& pack, const T* p) { CopyAsync16(&pack.r, p); },
-                   [&](int j, int64_t pix) {
-                     // The running dx sum (see below): written by this block, so L1 holds no
-                     // stale copy.
-                     if constexpr (kAcc) {
-                       if (!first_dir) {
-#pragma unroll
-                         for (int i = 0; i < V; i += 4)
-                           CopyAsync16(in[j].acc + i, accd + pix * C + i);
-                       }
-                     }
-                   });
+                   [](int, int64_t) {});
         CopyCommit();
         return;
       }
@@ -296,10 +287,12 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
         Pack<T, V>::Store(dlamd + pix * C, out);
 #pragma unroll
         for (int i = 0; i < V; ++i) out[i] = z[j][i] * lv[i];
-        if constexpr (kAcc)
-          if (!first_dir)
+        if constexpr (kAcc) {
+          if (!first_dir) {
 #pragma unroll
             for (int i = 0; i < V; ++i) out[i] += cur[j].acc[i];
+          }
+        }
         if (last_dir)
           Pack<T, V>::Store(dxd + pix * C, out);
         else

@@ -20,10 +20,10 @@
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
 // held as raw bits in registers until line t + 1 uses them; converting them earlier would make
-// the thread wait for them at the end of line t. (The backward's G = C instances in blocks of
-// more than 256 threads stage them in shared memory instead, by cp.async: BwdStaged.) Where the launch plan asks, those of line
-// t + 2 are prefetched into L2 at the same time (no registers), so that the register loads
-// wait for L2, not DRAM.
+// the thread wait for them at the end of line t. (The backward's 16-bit G = C instances of
+// 512-thread blocks stage them in shared memory instead, by cp.async: BwdStaged.) Where the
+// launch plan asks, those of line t + 2 are prefetched into L2 at the same time (no registers),
+// so that the register loads wait for L2, not DRAM.
 //
 // Gates. Channel c uses group c / S (S = C / G). When S < V a vector spans NG = V / S groups
 // whose 3 * NG gates are contiguous; otherwise the whole vector uses one group's 3 gates. The
@@ -402,19 +402,20 @@ __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, i
 // cp.async copies line t - 1's into a per-thread slot while line t reads its own from the other.
 // Without the 56 registers of the sets they fit 512-thread blocks (ptxas: bfloat16 124
 // registers, float16 126), i.e. 128-byte slabs at lines of 64 positions. H100 (docs/kernel_notes.md,
-// v17): 32 x 1152 x 64 x 64 bfloat16 G = C D = 1 1.556 -> 1.513 ms, where the memory pattern
+// v17): 32 x 1152 x 64 x 64 bfloat16 G = C D = 1 1.54-1.56 -> 1.51-1.53 ms; the memory pattern
 // alone would allow 1.39 (experiments/bwd_pattern.cu: the kernel is now bound by its warps'
 // latency, not its pattern). Measured and not taken: float32 (2-5% slower than two positions per
 // thread), the dx sum of D > 1 (0-3% slower), 64-byte slabs at lines of 128 positions (8-12%
 // slower than 32-byte slabs in 256 threads; MakePlan keeps staged plans to 128-byte slabs).
-__host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
-  return wide && V > 1 && NG == V && P == 1;
+__host__ __device__ constexpr bool BwdStaged(int type_bytes, int V, int NG, int P, bool acc,
+                                             bool wide) {
+  return wide && type_bytes == 2 && !acc && V > 1 && NG == V && P == 1;
 }
 // Bytes of one thread's slot (one line's inputs, BwdIn): rounded up to an odd number of 16-byte
 // units, so that the 8 threads of a quarter warp, accessing 16 bytes each at this stride, hit
 // distinct banks.
-__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int V, int NG, bool acc) {
-  const int units = (4 * 16 + 3 * NG * type_bytes + (acc ? V * 4 : 4) + 15) / 16;
+__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int NG) {
+  const int units = (4 * 16 + 3 * NG * type_bytes + 4 + 15) / 16;  // BwdIn without the dx sum
   return (units | 1) * 16;
 }
 
