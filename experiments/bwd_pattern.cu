@@ -19,7 +19,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <vector>
 
 #include "cuda_check.h"
 
@@ -193,24 +192,7 @@ int main() {
   const Arrays arr{at(0), at(1), at(2), at(3), at(4), at(7), at(8), at(9)};
   uint32_t* out;
   CHECK(cudaMalloc(&out, 4));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  auto median_ms = [&](auto&& launch) {
-    std::vector<float> ms;
-    for (int rep = 0; rep < 15; ++rep) {
-      CHECK(cudaEventRecord(e0));
-      launch();
-      CHECK(cudaEventRecord(e1));
-      CHECK(cudaEventSynchronize(e1));
-      CHECK(cudaGetLastError());
-      float t;
-      CHECK(cudaEventElapsedTime(&t, e0, e1));
-      if (rep >= 3) ms.push_back(t);
-    }
-    std::sort(ms.begin(), ms.end());
-    return ms[ms.size() / 2];
-  };
+  auto median_ms = [](auto&& launch) { return MedianMs(15, 3, [&](int) { launch(); }); };
   // Copy bandwidth (read + write) as the benchmark measures it: one device-to-device copy.
   const double copy_ms = median_ms([&] {
     CHECK(cudaMemcpyAsync(mem + 6 * plane, mem, 6 * plane, cudaMemcpyDeviceToDevice));

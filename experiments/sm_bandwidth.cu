@@ -221,9 +221,6 @@ int main() {
   CHECK(cudaMalloc(&out, 4));
   const int smem = kStages * kLineBytes;
   CHECK(cudaFuncSetAttribute(BulkStream, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
 
   uint4* hout;
   CHECK(cudaMalloc(&hout, bytes / 5));
@@ -262,10 +259,8 @@ int main() {
     const int n = model ? path.width : lines;  // lines per block
     const int all = model ? images * (144 / path.lanes) : 264;
     for (int blocks : {1, 36, 132, all}) {
-      std::vector<float> ms;
-      for (int rep = 0; rep < 12; ++rep) {
+      const double t = 1e-3 * MedianMs(12, 2, [&](int rep) {
         const char* buf = bufs[rep % nbuf];
-        CHECK(cudaEventRecord(e0));
         const uint4* b4 = reinterpret_cast<const uint4*>(buf);
         if (path.kind == 0)
           LdgStream<<<blocks, kThreads>>>(b4, lines, out);
@@ -273,15 +268,7 @@ int main() {
           BulkStream<<<blocks, kThreads + 32, smem>>>(buf, lines, path.piece, out);
         else
           path.model<<<blocks, threads, kOneBlockPerSm>>>(b4, hout, images, out);
-        CHECK(cudaEventRecord(e1));
-        CHECK(cudaEventSynchronize(e1));
-        CHECK(cudaGetLastError());
-        float t;
-        CHECK(cudaEventElapsedTime(&t, e0, e1));
-        if (rep >= 2) ms.push_back(t);
-      }
-      std::sort(ms.begin(), ms.end());
-      const double t = ms[ms.size() / 2] * 1e-3;
+      });
       const double total = double(n) * threads * kPieces * 16 * blocks / t / 1e9;
       std::printf("| %s | %d | %.3f | %.2f | %.0f | %.1f |\n", path.name, blocks, t * 1e3,
                   t * 1e6 / n / ((blocks + 131) / 132), total, total / std::min(blocks, 132));

@@ -113,6 +113,7 @@ struct Plan {
   Launch a;
   const void* kernel;
   int V, NG, P, threads;  // (the L2 prefetch: a.prefetch)
+  bool staged;            // the backward's inputs staged through shared memory (BwdStaged)
   size_t smem;
   int64_t blocks;
 };
@@ -134,14 +135,16 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 // The tail split (SlabOfBlock in the kernels): the slabs of the last, partial wave are each
 // scanned by k blocks of Vs / k lanes, the largest k (a power of 2) whose blocks still fit one
 // wave, with whole gate groups (a multiple of nsub lanes; not with the second launch's partial
-// sums) and slabs of at least 32 bytes per pixel, 64 where the kernel prefetches into L2.
+// sums) and slabs of at least 32 bytes per pixel, 64 where the kernel prefetches into L2,
+// kStagedSlabBytes where it stages (v17: halves of 64 bytes made 32 x 1152 x 64 x 64 bfloat16
+// G = C D = 1 2% slower, 1.513 -> 1.543 ms; so staged plans are not split unless forced).
 // Measured (H100, docs/kernel_notes.md, v13): halves of 64 bytes made the 32 x 1152 x 64 x 64
 // bfloat16 forwards 1-2% faster; halves of 32 bytes made the 8 x 1152 x 128 x 128 bfloat16 G = C
 // forward 4% faster without the L2 prefetch (0.801 -> 0.770 ms), but every prefetching 128 x
 // 128 case 1-13% slower (bfloat16 G = 72 forward 0.520 -> 0.589). CGSPN_CUDA_TAIL_SPLIT=k forces k
 // where it is valid (1: no split), and CGSPN_CUDA_TAIL_WAVE=n takes n blocks for a wave, so that
-// the tests can split part of a small grid. automatic = false: only a forced split.
-void SplitTail(Plan* plan, int vector_bytes, int sms, bool automatic) {
+// the tests can split part of a small grid.
+void SplitTail(Plan* plan, int vector_bytes, int sms) {
   Launch& a = plan->a;
   const int64_t slabs = plan->blocks;
   a.tail_start = slabs;
@@ -157,11 +160,11 @@ void SplitTail(Plan* plan, int vector_bytes, int sms, bool automatic) {
   auto valid = [&](int k) {
     return a.Vs % k == 0 && (a.Vs / k) % a.nsub == 0 && (k == 1 || a.npart == 1);
   };
-  const int min_bytes = a.prefetch ? 64 : 32;
+  const int min_bytes = plan->staged ? kStagedSlabBytes : a.prefetch ? 64 : 32;
   int k = 1;
   if (forced > 0) {
     if (valid(forced)) k = forced;
-  } else if (automatic) {
+  } else {
     while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= min_bytes)
       k *= 2;
   }
@@ -282,7 +285,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       const bool wide = kind == 1 && threads > kBwdThreads;
       const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
       // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
-      const bool staged = kind == 1 && BwdStaged(int(sizeof(T)), V, NG, P, acc, wide);
+      const bool staged = kind == 1 && BwdStaged(V, NG, P, wide);
       const size_t slots = staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), NG) : 0;
       const size_t smem =
           size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound) + slots;
@@ -291,7 +294,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (bytes > 128 && Vs > nsub) break;
       // Staged plans only with 128-byte slabs (64-byte ones ran 8-12% slower than 32-byte slabs
       // of 256 threads, v17), unless a knob asks.
-      if (staged && bytes < 128 && Vs != forced_vs) continue;
+      if (staged && bytes < kStagedSlabBytes && Vs != forced_vs) continue;
       // Slabs that start mid-sector share that sector with the neighbouring block: only as
       // the whole pixel, the narrowest slab, or where a knob asks for it (to measure balanced
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
@@ -341,17 +344,14 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       plan->kernel = kernel;
       plan->V = V; plan->NG = NG; plan->P = P;
       plan->threads = threads;
+      plan->staged = staged;
       plan->smem = smem;
       plan->blocks = blocks;
     }
   }
   if (!found)
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
-  // No automatic split for staged plans: halves of 64 bytes made 32 x 1152 x 64 x 64 bfloat16
-  // G = C D = 1 2% slower (1.513 -> 1.543 ms, v17).
-  SplitTail(plan, sizeof(T) * V, sms,
-            !(kind == 1 && BwdStaged(int(sizeof(T)), V, plan->NG, plan->P, acc,
-                                     plan->threads > kBwdThreads)));
+  SplitTail(plan, sizeof(T) * V, sms);
   return ffi::Error::Success();
 }
 

@@ -59,9 +59,9 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
   constexpr bool kSame = BwdSameLineDw(sizeof(T), NG);
   // Inputs staged through shared memory (BwdStaged): two slots per thread after the tiles,
   // [2 sets][threads] at BwdSlotBytes apart, filled by cp.async.
-  constexpr bool kStaged = BwdStaged(sizeof(T), V, NG, P, kAcc, kWide);
+  constexpr bool kStaged = BwdStaged(V, NG, P, kWide);
   constexpr int kSlot = BwdSlotBytes(sizeof(T), NG);
-  static_assert(!kStaged || (P == 1 && !kAcc && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
+  static_assert(!kStaged || (sizeof(T) == 2 && !kAcc && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
                              sizeof(Pack<T, NG>) == 16),
                 "a staged slot holds one position's inputs, in 16-byte pieces");
   static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");

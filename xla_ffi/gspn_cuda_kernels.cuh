@@ -406,11 +406,13 @@ __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, i
 // alone would allow 1.39 (experiments/bwd_pattern.cu: the kernel is now bound by its warps'
 // latency, not its pattern). Measured and not taken: float32 (2-5% slower than two positions per
 // thread), the dx sum of D > 1 (0-3% slower), 64-byte slabs at lines of 128 positions (8-12%
-// slower than 32-byte slabs in 256 threads; MakePlan keeps staged plans to 128-byte slabs).
-__host__ __device__ constexpr bool BwdStaged(int type_bytes, int V, int NG, int P, bool acc,
-                                             bool wide) {
-  return wide && type_bytes == 2 && !acc && V > 1 && NG == V && P == 1;
+// slower than 32-byte slabs in 256 threads; MakePlan keeps staged slabs, tail split included, to
+// kStagedSlabBytes). BwdMaxThreads gives wide instances with NG = V only to 16-bit types without
+// the dx sum, so that `wide` here implies both.
+__host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
+  return wide && V > 1 && NG == V && P == 1;
 }
+constexpr int kStagedSlabBytes = 128;
 // Bytes of one thread's slot (one line's inputs, BwdIn): rounded up to an odd number of 16-byte
 // units, so that the 8 threads of a quarter warp, accessing 16 bytes each at this stride, hit
 // distinct banks.
