@@ -6,7 +6,8 @@ launch), C = 40 (16-byte vectors, partial last slab), C = 24 with G = 12 (two gr
 H != W, chunked and global, all three dtypes; and lines of 127 positions with the backward's
 slab forced to 4 or 3 lanes, so that its wide blocks (BwdMaxThreads: 508 or 381 threads of 512
 or 384) run with a partial last slab; the same with G = C and one direction, whose 16-bit wide
-blocks stage their inputs through shared memory (BwdStaged: cp.async into per-thread slots).
+blocks stage their inputs through shared memory (BwdStaged: cp.async into per-thread slots),
+also with half vectors (4 channels of 8 bytes per thread, blocks of up to 1024 threads).
 """
 import os
 
@@ -26,10 +27,15 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 3, 127, 40), 5, ("bt", "tb"), {"CGSPN_CUDA_VS_BWD": "3"}),
          ((1, 3, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_VS_BWD": "4"}),
-         ((1, 4, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"})]  # even T: ends on r1
+         ((1, 4, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),  # even T: ends on r1
+         # Half vectors (BwdHalfVector): 1016 threads with a partial last slab, then 610.
+         ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_HALF_BWD": "1"}),
+         ((1, 4, 61, 40), 40, ("tb",), {"CGSPN_CUDA_HALF_BWD": "1"})]
+KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_BWD")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
-    os.environ.pop("CGSPN_CUDA_VS_BWD", None)  # the handler reads its knobs at every call
+    for key in KNOBS:  # the handler reads its knobs at every call
+        os.environ.pop(key, None)
     os.environ.update(knobs)
     for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
         for chunk in (None, 2):

@@ -268,13 +268,24 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
     ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
      {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
+    # Half vectors (CGSPN_CUDA_HALF_BWD=1: 4 channels of 8 bytes per thread, staged): 16 lanes
+    # of 64 positions, 12 lanes, 8 lanes of 128 positions, and under the tail split.
+    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {"CGSPN_CUDA_HALF_BWD": "1"}, 1024),
+    ((2, 64, 64, 128), 128, "float16", ("rl",), {"CGSPN_CUDA_HALF_BWD": "1"}, 1024),
+    ((2, 6, 64, 96), 96, "bfloat16", ("tb",),
+     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "12"}, 768),
+    ((2, 6, 128, 96), 96, "bfloat16", ("bt",), {"CGSPN_CUDA_HALF_BWD": "1"}, 1024),
+    ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
+     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2",
+      "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
     # ... and not staged: with the dx sum (D > 1), 64-byte slabs unforced, float32.
     ((8, 6, 64, 1152), 1152, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
     ((8, 6, 128, 1152), 1152, "bfloat16", ("tb",), {}, 256),
     ((8, 6, 64, 1152), 1152, "float32", ("tb",), {}, 256),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
         "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16",
-        "staged_bf16_forced", "staged_f16", "staged_bf16_64B", "staged_tail2",
+        "staged_bf16_forced", "staged_f16", "staged_bf16_64B", "staged_tail2", "half_bf16",
+        "half_f16", "half_bf16_12", "half_bf16_128", "half_tail2",
         "unstaged_bf16_D4", "unstaged_bf16_128", "unstaged_f32"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():

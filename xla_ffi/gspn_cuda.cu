@@ -80,10 +80,21 @@ const void* BwdKernelPrefetch(int P, bool prefetch, bool wide) {
                   : BwdKernelP<T, V, NG, kAcc, false>(P, wide);
 }
 
+// The 16-bit G = C backward with half vectors (BwdHalfVector): wide, staged, P = 1, D = 1.
+template <typename T>
+const void* HalfVectorBwdKernel(bool prefetch) {
+  if constexpr (sizeof(T) == 2)
+    return prefetch ? reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, true, true>)
+                    : reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
+  return nullptr;
+}
+
 // kind 0: forward; 1: backward (acc: the running dx sum, when D > 1; prefetch: see
 // BwdKernelPrefetch; wide: a block of more than kBwdThreads, BwdMaxThreads).
 template <typename T>
 const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch, bool wide) {
+  if (V > 1 && V * sizeof(T) == 8)  // half vectors: only this instance exists
+    return kind == 1 && !acc && P == 1 && wide ? HalfVectorBwdKernel<T>(prefetch) : nullptr;
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
     constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
     if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
@@ -174,6 +185,15 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   plan->blocks = a.tail_start + tail * k;
 }
 
+// Whether the 16-bit G = C backward at D = 1 takes half vectors (4 channels, 8-byte accesses) in
+// blocks of up to kBwdHalfThreads: CGSPN_CUDA_HALF_BWD=1 / 0 forces it on / off.
+bool BwdHalfVector(int64_t Lmax) {
+  const char* knob = std::getenv("CGSPN_CUDA_HALF_BWD");
+  if (knob) return std::string(knob) != "0";
+  (void)Lmax;
+  return false;
+}
+
 // Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
 // (2 shared tiles), 1 backward (4 or 6 tiles: BwdTiles). The rules come from the sweeps of
 // experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and v5):
@@ -207,9 +227,13 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         "gspn_scan (CUDA): lines longer than " + std::to_string(max_threads * kMaxPositions) +
         " positions (H or W) are not supported by the " + (kind == 0 ? "forward" : "backward") +
         " kernel; use backend='reference'");
+  // Half vectors (4 channels of 8 bytes) for the 16-bit G = C backward at D = 1: twice the
+  // threads per slab, each with half the arithmetic of a line (BwdHalfVector).
+  const bool half = kind == 1 && vec == 8 && S == 1 && s.D == 1 && vector_ok &&
+                    Lmax <= kBwdHalfThreads && BwdHalfVector(Lmax);
   // The vector path holds at most 2 positions per thread (registers); longer lines take the
   // scalar path.
-  const int V = vector_ok && Lmax <= 2 * int64_t(max_threads) ? vec : 1;
+  const int V = half ? vec / 2 : vector_ok && Lmax <= 2 * int64_t(max_threads) ? vec : 1;
   const int NG = S < V ? int(V / S) : 1;
   const int64_t lanes = S >= V ? S / V : 1;  // vector lanes of one group
   int full_sub = 1;  // the largest power of 2 (<= 32) dividing the group's lanes
@@ -258,7 +282,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   using Key = std::array<int64_t, 8>;
   bool found = false;
   Key best_key{};
-  const int max_p = V > 1 ? 2 : kMaxPositions;
+  const int max_p = half ? 1 : V > 1 ? 2 : kMaxPositions;
   // Fewest positions per thread whose line fits one block of kFwdThreads / kBwdThreads; the
   // backward's instances with larger blocks (BwdMaxThreads) may take fewer (below).
   int min_p = 1;
@@ -286,7 +310,8 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
       // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
       const bool staged = kind == 1 && BwdStaged(V, NG, P, wide);
-      const size_t slots = staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), NG) : 0;
+      const size_t slots =
+          staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), V, NG) : 0;
       const size_t smem =
           size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound) + slots;
       if (smem > size_t(smem_optin)) break;
@@ -294,7 +319,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (bytes > 128 && Vs > nsub) break;
       // Staged plans only with 128-byte slabs (64-byte ones ran 8-12% slower than 32-byte slabs
       // of 256 threads, v17), unless a knob asks.
-      if (staged && bytes < kStagedSlabBytes && Vs != forced_vs) continue;
+      if (staged && !half && bytes < kStagedSlabBytes && Vs != forced_vs) continue;
       // Slabs that start mid-sector share that sector with the neighbouring block: only as
       // the whole pixel, the narrowest slab, or where a knob asks for it (to measure balanced
       // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).

@@ -60,10 +60,10 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
   // Inputs staged through shared memory (BwdStaged): two slots per thread after the tiles,
   // [2 sets][threads] at BwdSlotBytes apart, filled by cp.async.
   constexpr bool kStaged = BwdStaged(V, NG, P, kWide);
-  constexpr int kSlot = BwdSlotBytes(sizeof(T), NG);
+  constexpr int kSlot = BwdSlotBytes(sizeof(T), V, NG);
   static_assert(!kStaged || (sizeof(T) == 2 && !kAcc && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
-                             sizeof(Pack<T, NG>) == 16),
-                "a staged slot holds one position's inputs, in 16-byte pieces");
+                             sizeof(Pack<T, NG>) == sizeof(Pack<T, V>)),
+                "a staged slot holds one position's inputs, in pieces of one vector");
   static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
   int nline = 0;  // lines scanned so far, over all directions: the mbarrier phase
 
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
       if constexpr (kStaged) {  // copies into the slot `in`, one commit group per line
         // (No dx sum: BwdStaged excludes D > 1.)
-        for_inputs(in, t, [](auto& pack, const T* p) { CopyAsync16(&pack.r, p); },
+        for_inputs(in, t, [](auto& pack, const T* p) { CopyAsync<sizeof(pack.r)>(&pack.r, p); },
                    [](int, int64_t) {});
         CopyCommit();
         return;

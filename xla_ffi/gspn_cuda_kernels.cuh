@@ -144,14 +144,16 @@ struct Pack {
   }
 };
 
-// Copies 16 bytes from global to shared memory asynchronously (cp.async, with the L2::256B hint
-// of Pack::Load, allocating in L1 as Pack::Load does: the same-line form's loads of h at p -/+ 1
-// count on finding there what the neighbouring threads fetched); CopyCommit closes the copies a
-// thread issued since its last commit into a group, CopyWait<N> waits until at most N of its
-// groups are pending.
-__device__ __forceinline__ void CopyAsync16(void* smem_dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], 16;"
-               ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem_dst))), "l"(src)
+// Copies N (4, 8 or 16) bytes from global to shared memory asynchronously (cp.async, with the
+// L2::256B hint of Pack::Load, allocating in L1 as Pack::Load does: the same-line form's loads of
+// h at p -/+ 1 count on finding there what the neighbouring threads fetched); CopyCommit closes
+// the copies a thread issued since its last commit into a group, CopyWait<N> waits until at most
+// N of its groups are pending.
+template <int N>
+__device__ __forceinline__ void CopyAsync(void* smem_dst, const void* src) {
+  static_assert(N == 4 || N == 8 || N == 16, "cp.async copies 4, 8 or 16 bytes");
+  asm volatile("cp.async.ca.shared.global.L2::256B [%0], [%1], %2;"
+               ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(smem_dst))), "l"(src), "n"(N)
                : "memory");
 }
 __device__ __forceinline__ void CopyCommit() {
@@ -382,6 +384,15 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
+// The 16-bit G = C backward with half vectors (4 channels, 8-byte accesses: BwdHalfVector in
+// gspn_cuda.cu): twice the threads of the full vectors for the same slab, each with half their
+// arithmetic per line. ptxas fits it without spill in 80 registers (768 threads), in 64 with 52
+// bytes of spill (1024).
+#ifndef CGSPN_HALF_THREADS
+#define CGSPN_HALF_THREADS 1024
+#endif
+constexpr int kBwdHalfThreads = CGSPN_HALF_THREADS;
+
 // Threads per block of the backward's wide instances (kWide: compiled where this exceeds 256, and
 // launched only for plans of more than 256 threads; the others' bound is kBwdThreads). With one
 // gate group per vector and one position per thread a thread holds few registers: float32 fits
@@ -392,6 +403,8 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
 // v16). Measured and not taken: 384 threads for the instances with several groups per vector,
 // which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
+  if (V > 1 && NG == V && P == 1 && V * type_bytes == 8)  // half vectors: staged, BwdHalfVector
+    return !acc ? kBwdHalfThreads : kBwdThreads;
   if (V > 1 && NG == V && P == 1) return type_bytes == 2 && !acc ? 512 : kBwdThreads;  // staged
   if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
   return type_bytes == 4 || !acc ? 512 : 384;
@@ -413,12 +426,14 @@ __host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
   return wide && V > 1 && NG == V && P == 1;
 }
 constexpr int kStagedSlabBytes = 128;
-// Bytes of one thread's slot (one line's inputs, BwdIn): rounded up to an odd number of 16-byte
-// units, so that the 8 threads of a quarter warp, accessing 16 bytes each at this stride, hit
-// distinct banks.
-__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int NG) {
-  const int units = (4 * 16 + 3 * NG * type_bytes + 4 + 15) / 16;  // BwdIn without the dx sum
-  return (units | 1) * 16;
+// Bytes of one thread's slot (one line's inputs, BwdIn, without the dx sum), in units of one
+// pack (V channels: 16 bytes, or 8 for half vectors): rounded up to an odd number of units, so
+// that the threads of one shared-memory wavefront (8 of 16 bytes, 16 of 8), accessing a unit each
+// at this stride, hit distinct banks.
+__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int V, int NG) {
+  const int unit = V * type_bytes;
+  const int units = (4 * unit + 3 * NG * type_bytes + 4 + unit - 1) / unit;
+  return (units | 1) * unit;
 }
 
 // The backward's gate gradient. With 16-bit types and several gate groups per vector (NG > 1:
