@@ -28,10 +28,11 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 3, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 4, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),  # even T: ends on r1
-         # Half vectors (BwdHalfVector): 1016 threads with a partial last slab, then 610.
-         ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_HALF_BWD": "1"}),
-         ((1, 4, 61, 40), 40, ("tb",), {"CGSPN_CUDA_HALF_BWD": "1"})]
-KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_BWD")
+         # Half vectors (HalfVector), forward and backward, with partial last slabs.
+         ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_HALF_FWD": "1", "CGSPN_CUDA_HALF_BWD": "1"}),
+         ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1",
+                                             "CGSPN_CUDA_HALF_BWD": "1"})]
+KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

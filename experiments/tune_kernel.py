@@ -117,14 +117,25 @@ BWD_STAGED_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_TAIL_S
                        {"CGSPN_CUDA_P_BWD": "2"}]
 BWD_STAGED_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152]
 # The 16-bit G = C backward at D = 1 with half vectors (CGSPN_CUDA_HALF_BWD=1: 4 channels of 8
-# bytes per thread, blocks of up to 1024 threads) against the full vectors' staged plan: its own
-# plan, without the L2 prefetch, and at 12 and 8 lanes (96- and 64-byte slabs).
-BWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_BWD": "1"},
-                     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_PREFETCH_BWD": "0"},
-                     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "12"},
-                     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "8"}, {}]
+# bytes per thread, staged) against the full vectors' staged plan: at 12, 8, 6 and 4 lanes (96-,
+# 64-, 48- and 32-byte slabs; lanes a block cannot hold are ignored), with the L2 prefetch and
+# the tail split.
+_HALF_BWD = {"CGSPN_CUDA_HALF_BWD": "1"}
+BWD_HALF_SETTINGS = [{}, _HALF_BWD] + [dict(_HALF_BWD, CGSPN_CUDA_VS_BWD=str(v))
+                                       for v in (8, 6, 4)] + [
+    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD="8", CGSPN_CUDA_PREFETCH_BWD="1"),
+    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD="4", CGSPN_CUDA_PREFETCH_BWD="1"),
+    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD="8", CGSPN_CUDA_TAIL_SPLIT="2"), {}]
 BWD_HALF_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152 and c[2] != "float32"
                   and c[3] == 1]
+# The same for the 16-bit G = C forward (CGSPN_CUDA_HALF_FWD=1, blocks of up to 768 threads), at
+# D = 1 and 4.
+_HALF_FWD = {"CGSPN_CUDA_HALF_FWD": "1"}
+FWD_HALF_SETTINGS = [{}, _HALF_FWD] + [dict(_HALF_FWD, CGSPN_CUDA_VS_FWD=str(v))
+                                       for v in (8, 6, 4)] + [
+    dict(_HALF_FWD, CGSPN_CUDA_PREFETCH_FWD="1"),
+    dict(_HALF_FWD, CGSPN_CUDA_VS_FWD="8", CGSPN_CUDA_PREFETCH_FWD="1"), {}]
+FWD_HALF_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152 and c[2] != "float32"]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -136,11 +147,12 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",)),
             "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",)),
             "bwdstaged": (BWD_STAGED_SETTINGS, BWD_STAGED_CASES, ("bwd",)),
-            "bwdhalf": (BWD_HALF_SETTINGS, BWD_HALF_CASES, ("bwd",))}
+            "bwdhalf": (BWD_HALF_SETTINGS, BWD_HALF_CASES, ("bwd",)),
+            "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
-         "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):

@@ -268,13 +268,13 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
     ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
      {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
-    # Half vectors (CGSPN_CUDA_HALF_BWD=1: 4 channels of 8 bytes per thread, staged): 16 lanes
-    # of 64 positions, 12 lanes, 8 lanes of 128 positions, and under the tail split.
-    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {"CGSPN_CUDA_HALF_BWD": "1"}, 1024),
-    ((2, 64, 64, 128), 128, "float16", ("rl",), {"CGSPN_CUDA_HALF_BWD": "1"}, 1024),
+    # Half vectors (CGSPN_CUDA_HALF_BWD=1: 4 channels of 8 bytes per thread, staged): 12 lanes
+    # of 64 positions, 8 lanes, 4 lanes of 128 positions, and under the tail split.
+    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {"CGSPN_CUDA_HALF_BWD": "1"}, 768),
+    ((2, 64, 64, 128), 128, "float16", ("rl",), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
     ((2, 6, 64, 96), 96, "bfloat16", ("tb",),
-     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "12"}, 768),
-    ((2, 6, 128, 96), 96, "bfloat16", ("bt",), {"CGSPN_CUDA_HALF_BWD": "1"}, 1024),
+     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "8"}, 512),
+    ((2, 6, 128, 96), 96, "bfloat16", ("bt",), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
     ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
      {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2",
       "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
@@ -285,7 +285,7 @@ def test_768_thread_forward(knobs, monkeypatch):
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
         "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16",
         "staged_bf16_forced", "staged_f16", "staged_bf16_64B", "staged_tail2", "half_bf16",
-        "half_f16", "half_bf16_12", "half_bf16_128", "half_tail2",
+        "half_f16", "half_bf16_8", "half_bf16_128", "half_tail2",
         "unstaged_bf16_D4", "unstaged_bf16_128", "unstaged_f32"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
@@ -294,6 +294,24 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
     check((shape, G), directions, dtype, chunk=3)
     plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
     assert plans and all(f" threads={threads} " in ln for ln in plans), plans
+
+
+# The 16-bit G = C forward with half vectors (CGSPN_CUDA_HALF_FWD=1: 4 channels of 8 bytes per
+# thread, blocks of up to 768 threads) at several slab widths, and under the tail split.
+@pytest.mark.parametrize("shape,dtype,knobs,threads", [
+    ((2, 6, 64, 96), "bfloat16", {"CGSPN_CUDA_VS_FWD": "12"}, 768),
+    ((2, 6, 128, 96), "float16", {"CGSPN_CUDA_VS_FWD": "4"}, 512),
+    ((2, 6, 64, 96), "bfloat16", {"CGSPN_CUDA_VS_FWD": "8"}, 512),
+    ((2, 5, 64, 96), "bfloat16",
+     {"CGSPN_CUDA_VS_FWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
+], ids=["bf16_12", "f16_128", "bf16_8", "bf16_tail2"])
+def test_half_vector_forward(shape, dtype, knobs, threads, monkeypatch, capfd):
+    for key, value in dict(knobs, CGSPN_CUDA_HALF_FWD="1", CGSPN_CUDA_VERBOSE="1").items():
+        monkeypatch.setenv(key, value)
+    check((shape, shape[-1]), ("tb", "bt", "lr", "rl"), dtype)
+    check((shape, shape[-1]), ("rl", "tb"), dtype, chunk=3)
+    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA forward:" in ln]
+    assert plans and all(" V=4 " in ln and f" threads={threads} " in ln for ln in plans), plans
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

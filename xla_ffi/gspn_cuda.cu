@@ -80,12 +80,15 @@ const void* BwdKernelPrefetch(int P, bool prefetch, bool wide) {
                   : BwdKernelP<T, V, NG, kAcc, false>(P, wide);
 }
 
-// The 16-bit G = C backward with half vectors (BwdHalfVector): wide, staged, P = 1, D = 1.
+// The 16-bit G = C instances with half vectors (HalfVector): the forward's with P = 1, the
+// backward's wide and staged, P = 1, D = 1.
 template <typename T>
-const void* HalfVectorBwdKernel(bool prefetch) {
-  if constexpr (sizeof(T) == 2)
+const void* HalfVectorKernel(int kind, bool prefetch) {
+  if constexpr (sizeof(T) == 2) {
+    if (kind == 0) return reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 4, 1>);
     return prefetch ? reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, true, true>)
                     : reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
+  }
   return nullptr;
 }
 
@@ -93,8 +96,8 @@ const void* HalfVectorBwdKernel(bool prefetch) {
 // BwdKernelPrefetch; wide: a block of more than kBwdThreads, BwdMaxThreads).
 template <typename T>
 const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch, bool wide) {
-  if (V > 1 && V * sizeof(T) == 8)  // half vectors: only this instance exists
-    return kind == 1 && !acc && P == 1 && wide ? HalfVectorBwdKernel<T>(prefetch) : nullptr;
+  if (V > 1 && V * sizeof(T) == 8)  // half vectors: only these instances exist
+    return P == 1 && (kind == 0 || (!acc && wide)) ? HalfVectorKernel<T>(kind, prefetch) : nullptr;
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
     constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
     if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
@@ -106,6 +109,7 @@ const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch, b
 // The launch bound of a forward instance (kFwdMaxThreads; every P > 1 instance has 512).
 template <typename T>
 int FwdMaxThreads(int V, int NG, int P) {
+  if (V > 1 && V * sizeof(T) == 8) return kFwdMaxThreads<T, 4, 4, 1>;  // half vectors
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) {
     return P == 1 ? kFwdMaxThreads<T, decltype(v)::value, decltype(ng)::value, 1> : kFwdThreads;
   });
@@ -185,12 +189,13 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   plan->blocks = a.tail_start + tail * k;
 }
 
-// Whether the 16-bit G = C backward at D = 1 takes half vectors (4 channels, 8-byte accesses) in
-// blocks of up to kBwdHalfThreads: CGSPN_CUDA_HALF_BWD=1 / 0 forces it on / off.
-bool BwdHalfVector(int64_t Lmax) {
-  const char* knob = std::getenv("CGSPN_CUDA_HALF_BWD");
+// Whether a 16-bit G = C call takes half vectors (4 channels, 8-byte accesses): the forward in
+// blocks of up to 768 threads, the backward (D = 1) of up to kBwdHalfThreads.
+// CGSPN_CUDA_HALF_FWD / _BWD = 1 / 0 force it on / off.
+bool HalfVector(int kind, const ScanShape& s) {
+  const char* knob = std::getenv(kind == 0 ? "CGSPN_CUDA_HALF_FWD" : "CGSPN_CUDA_HALF_BWD");
   if (knob) return std::string(knob) != "0";
-  (void)Lmax;
+  (void)s;
   return false;
 }
 
@@ -211,9 +216,10 @@ bool BwdHalfVector(int64_t Lmax) {
 //  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
 //    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
 //    least one block per multiprocessor where the problem allows.
+// try_half: with half vectors where the call allows them (HalfVector); MakePlan falls back.
 template <typename T>
-ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
-                    bool normalize, bool aligned, int kind, Plan* plan) {
+ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
+                    bool normalize, bool aligned, int kind, bool try_half, Plan* plan) {
   const int64_t S = s.C / s.G;
   const int vec = 16 / int(sizeof(T));
   // The vector path needs whole 16-byte vectors per pixel and groups that either fill whole
@@ -227,10 +233,11 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         "gspn_scan (CUDA): lines longer than " + std::to_string(max_threads * kMaxPositions) +
         " positions (H or W) are not supported by the " + (kind == 0 ? "forward" : "backward") +
         " kernel; use backend='reference'");
-  // Half vectors (4 channels of 8 bytes) for the 16-bit G = C backward at D = 1: twice the
-  // threads per slab, each with half the arithmetic of a line (BwdHalfVector).
-  const bool half = kind == 1 && vec == 8 && S == 1 && s.D == 1 && vector_ok &&
-                    Lmax <= kBwdHalfThreads && BwdHalfVector(Lmax);
+  // Half vectors (4 channels of 8 bytes) for 16-bit G = C (the backward at D = 1): twice the
+  // threads per slab, each with half the arithmetic of a line (HalfVector).
+  const bool half = try_half && vec == 8 && S == 1 && vector_ok &&
+                    (kind == 0 ? Lmax <= kFwdThreads : s.D == 1 && Lmax <= kBwdHalfThreads);
+  if (try_half && !half) return ffi::Error::Internal("gspn_scan (CUDA): no half vectors here");
   // The vector path holds at most 2 positions per thread (registers); longer lines take the
   // scalar path.
   const int V = half ? vec / 2 : vector_ok && Lmax <= 2 * int64_t(max_threads) ? vec : 1;
@@ -307,6 +314,7 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       const int threads = (Vs * Pt + 31) / 32 * 32;  // whole warps: the shuffles use full masks
       // The backward's wide instance only for blocks that need it (BwdMaxThreads).
       const bool wide = kind == 1 && threads > kBwdThreads;
+      if (half && kind == 1 && !wide) continue;  // the backward's half vectors: wide instances
       const int bound = kind == 1 && !wide ? kBwdThreads : p_threads;  // the instance's
       // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
       const bool staged = kind == 1 && BwdStaged(V, NG, P, wide);
@@ -378,6 +386,17 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     return ffi::Error::Internal("gspn_scan (CUDA): no launch configuration fits this call");
   SplitTail(plan, sizeof(T) * V, sms);
   return ffi::Error::Success();
+}
+
+// The launch plan of one call (PlanCall): with half vectors where the rule (HalfVector) asks and
+// a plan of them fits the call, else with whole ones.
+template <typename T>
+ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
+                    bool normalize, bool aligned, int kind, Plan* plan) {
+  if (HalfVector(kind, s) &&
+      PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, true, plan).success())
+    return ffi::Error::Success();
+  return PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, false, plan);
 }
 
 // Launches a plan's kernel on the stream. With CGSPN_CUDA_VERBOSE=1 it also prints the plan, the

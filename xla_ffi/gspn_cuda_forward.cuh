@@ -38,9 +38,13 @@ struct FwdIn {
 // holds few: float32 with one gate group per vector, 80 registers. Lines of 128 positions then
 // get 96-byte slabs and 768 resident threads per multiprocessor instead of 64-byte slabs and 512
 // (8 x 1152 x 128 x 128 G = 72: 22 KB of loads in flight per multiprocessor, against 34 KB at
-// 64 x 64, where 384-thread blocks fit twice).
+// 64 x 64, where 384-thread blocks fit twice). Also the 16-bit half vectors (4 channels of 8
+// bytes: HalfVector in gspn_cuda.cu), 80 registers.
 template <typename T, int V, int NG, int P>
-constexpr int kFwdMaxThreads = (sizeof(T) == 4 && V > 1 && NG == 1 && P == 1) ? 768 : kFwdThreads;
+constexpr int kFwdMaxThreads =
+    (sizeof(T) == 4 && V > 1 && NG == 1 && P == 1) || (sizeof(T) == 2 && V == 4 && P == 1)
+        ? 768
+        : kFwdThreads;
 
 template <typename T, int V, int NG, int P>
 __global__ void __launch_bounds__(kFwdMaxThreads<T, V, NG, P>)

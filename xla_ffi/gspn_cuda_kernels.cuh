@@ -384,12 +384,12 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
-// The 16-bit G = C backward with half vectors (4 channels, 8-byte accesses: BwdHalfVector in
+// The 16-bit G = C backward with half vectors (4 channels, 8-byte accesses: HalfVector in
 // gspn_cuda.cu): twice the threads of the full vectors for the same slab, each with half their
 // arithmetic per line. ptxas fits it without spill in 80 registers (768 threads), in 64 with 52
 // bytes of spill (1024).
 #ifndef CGSPN_HALF_THREADS
-#define CGSPN_HALF_THREADS 1024
+#define CGSPN_HALF_THREADS 768
 #endif
 constexpr int kBwdHalfThreads = CGSPN_HALF_THREADS;
 
@@ -403,7 +403,7 @@ constexpr int kBwdHalfThreads = CGSPN_HALF_THREADS;
 // v16). Measured and not taken: 384 threads for the instances with several groups per vector,
 // which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
-  if (V > 1 && NG == V && P == 1 && V * type_bytes == 8)  // half vectors: staged, BwdHalfVector
+  if (V > 1 && NG == V && P == 1 && V * type_bytes == 8)  // half vectors: staged, HalfVector
     return !acc ? kBwdHalfThreads : kBwdThreads;
   if (V > 1 && NG == V && P == 1) return type_bytes == 2 && !acc ? 512 : kBwdThreads;  // staged
   if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
