@@ -5,9 +5,10 @@ Sizes are odd so that tiles are not full: C = 12 (scalar path, group lanes that 
 launch), C = 40 (16-byte vectors, partial last slab), C = 24 with G = 12 (two groups per vector),
 H != W, chunked and global, all three dtypes; and lines of 127 positions with the backward's
 slab forced to 4 or 3 lanes, so that its wide blocks (BwdMaxThreads: 508 or 381 threads of 512
-or 384) run with a partial last slab; the same with G = C and one direction, whose 16-bit wide
-blocks stage their inputs through shared memory (BwdStaged: cp.async into per-thread slots),
-also with half vectors (4 channels of 8 bytes per thread, blocks of up to 1024 threads).
+or 384) run with a partial last slab; the same with G = C and one direction, whose 16-bit
+backward takes half vectors (4 channels of 8 bytes per thread) in wide blocks that stage their
+inputs through shared memory (BwdStaged: cp.async into per-thread slots), as does its forward
+(in blocks of up to 768 threads).
 """
 import os
 
@@ -28,10 +29,10 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 3, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 4, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),  # even T: ends on r1
-         # Half vectors (HalfVector), forward and backward, with partial last slabs.
-         ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_HALF_FWD": "1", "CGSPN_CUDA_HALF_BWD": "1"}),
-         ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1",
-                                             "CGSPN_CUDA_HALF_BWD": "1"})]
+         # Half vectors (HalfVector) by the plan's own choice, forward and backward, with partial
+         # last slabs; the forward also at D = 2 (forced).
+         ((1, 3, 127, 40), 40, ("bt",), {}), ((1, 4, 61, 40), 40, ("bt",), {}),
+         ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD")
 
 for (B, H, W, C), G, dirs, knobs in CASES:

@@ -108,34 +108,20 @@ BWD512_CASES = [c for c in BENCH_CASES if c[2] == "float32" and c[0][1] // c[1] 
 # prefetch rule, at every case: since v16 the backward's blocks hold up to 512 threads (16
 # warps, more neighbours to wait for), which the sync family's measurement (v11) predates.
 BWD_SYNC_SETTINGS = [{}, {"CGSPN_CUDA_BWD_SYNC": "block"}]
-# The 16-bit G = C backward staged through shared memory in 512-thread blocks (BwdStaged, v17)
-# against the plans it replaced (64-byte slabs at 64 x 64: VS_BWD=4; 32-byte slabs at 128 x 128:
-# VS_BWD=2; two positions per thread: P_BWD=2), without its L2 prefetch, and with the tail split
-# it goes without; at every large G = C case (the others must keep their plans).
-BWD_STAGED_SETTINGS = [{}, {"CGSPN_CUDA_PREFETCH_BWD": "0"}, {"CGSPN_CUDA_TAIL_SPLIT": "2"},
-                       {"CGSPN_CUDA_VS_BWD": "4"}, {"CGSPN_CUDA_VS_BWD": "2"},
-                       {"CGSPN_CUDA_P_BWD": "2"}]
-BWD_STAGED_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152]
-# The 16-bit G = C backward at D = 1 with half vectors (CGSPN_CUDA_HALF_BWD=1: 4 channels of 8
-# bytes per thread, staged) against the full vectors' staged plan: at 12, 8, 6 and 4 lanes (96-,
-# 64-, 48- and 32-byte slabs; lanes a block cannot hold are ignored), with the L2 prefetch and
-# the tail split.
+# Half vectors (HalfVector, v18: 4 channels of 8 bytes per thread) for 16-bit types, G = C and
+# G = C / 16. The backward (D = 1; G = C staged, 512-thread blocks): half and whole vectors
+# forced, narrower slabs (6 or 4 lanes; lanes a block cannot hold are ignored), the tail split
+# and the L2 prefetch. The forward (blocks of up to 768 threads; by default only at D = 1): half
+# and whole forced at every D, and slab widths of 8, 6 and 4 lanes.
 _HALF_BWD = {"CGSPN_CUDA_HALF_BWD": "1"}
-BWD_HALF_SETTINGS = [{}, _HALF_BWD] + [dict(_HALF_BWD, CGSPN_CUDA_VS_BWD=str(v))
-                                       for v in (8, 6, 4)] + [
-    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD="8", CGSPN_CUDA_PREFETCH_BWD="1"),
-    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD="4", CGSPN_CUDA_PREFETCH_BWD="1"),
-    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD="8", CGSPN_CUDA_TAIL_SPLIT="2"), {}]
-BWD_HALF_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152 and c[2] != "float32"
-                  and c[3] == 1]
-# The same for the 16-bit G = C forward (CGSPN_CUDA_HALF_FWD=1, blocks of up to 768 threads), at
-# D = 1 and 4.
+BWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_BWD": "0"}, _HALF_BWD] + [
+    dict(_HALF_BWD, CGSPN_CUDA_VS_BWD=str(v)) for v in (6, 4)] + [
+    dict(_HALF_BWD, CGSPN_CUDA_TAIL_SPLIT="2"), dict(_HALF_BWD, CGSPN_CUDA_PREFETCH_BWD="1"), {}]
+BWD_HALF_CASES = [c for c in BENCH_CASES if c[2] != "float32" and c[3] == 1]
 _HALF_FWD = {"CGSPN_CUDA_HALF_FWD": "1"}
-FWD_HALF_SETTINGS = [{}, _HALF_FWD] + [dict(_HALF_FWD, CGSPN_CUDA_VS_FWD=str(v))
-                                       for v in (8, 6, 4)] + [
-    dict(_HALF_FWD, CGSPN_CUDA_PREFETCH_FWD="1"),
-    dict(_HALF_FWD, CGSPN_CUDA_VS_FWD="8", CGSPN_CUDA_PREFETCH_FWD="1"), {}]
-FWD_HALF_CASES = [c for c in BENCH_CASES if c[1] == c[0][1] == 1152 and c[2] != "float32"]
+FWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_FWD": "0"}, _HALF_FWD] + [
+    dict(_HALF_FWD, CGSPN_CUDA_VS_FWD=str(v)) for v in (8, 6, 4)] + [{}]
+FWD_HALF_CASES = [c for c in BENCH_CASES if c[2] != "float32"]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -146,7 +132,6 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdthreads": (BWD_THREADS_SETTINGS, BENCH_CASES, ("bwd",)),
             "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",)),
             "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",)),
-            "bwdstaged": (BWD_STAGED_SETTINGS, BWD_STAGED_CASES, ("bwd",)),
             "bwdhalf": (BWD_HALF_SETTINGS, BWD_HALF_CASES, ("bwd",)),
             "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
@@ -268,8 +253,8 @@ def main():
                         "neighbour synchronisation against a block barrier; tail: the "
                         "split of the last wave's slabs; small: the plans of the small shape; "
                         "fwdprefetch: the 16-bit forward's L2 prefetch; bwdthreads: the "
-                        "backward's blocks of more than 256 threads; bwdstaged: the staged "
-                        "16-bit G = C backward against the plans it replaced")
+                        "backward's blocks of more than 256 threads; bwdhalf, fwdhalf: the "
+                        "16-bit G = C half vectors against whole ones")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -245,9 +245,8 @@ def test_768_thread_forward(knobs, monkeypatch):
 
 # The backward with one gate group per vector and one position per thread runs blocks of more
 # than 256 threads where the plan asks for them (BwdMaxThreads: float32 512; 16-bit 512, or 384
-# with the dx sum of D > 1), through its wide instance; so does G = C in 16-bit types at D = 1,
-# whose wide instances stage their inputs through shared memory (BwdStaged), by default only
-# with 128-byte slabs. The handler's printed plan says which block size each case got.
+# with the dx sum of D > 1), through its wide instance. The handler's printed plan says which
+# block size each case got.
 @pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
     ((2, 6, 128, 96), 6, "float32", ("tb", "bt", "lr", "rl"), {}, 512),
     ((2, 64, 64, 128), 8, "float32", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
@@ -260,33 +259,13 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 64, 64, 128), 8, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 64, 64, 128), 8, "bfloat16", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
     ((2, 6, 128, 96), 6, "bfloat16", ("bt",), {"CGSPN_CUDA_VS_BWD": "2"}, 256),
-    # G = C: the staged instances (BwdStaged), inputs through shared memory.
-    # (Enough slabs for a wave whatever their width, so that the block size decides.)
-    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {}, 512),
-    ((2, 64, 64, 128), 128, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
-    ((2, 48, 64, 128), 128, "float16", ("bt",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
-    ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}, 512),
-    ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
-     {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
-    # Half vectors (CGSPN_CUDA_HALF_BWD=1: 4 channels of 8 bytes per thread, staged): 12 lanes
-    # of 64 positions, 8 lanes, 4 lanes of 128 positions, and under the tail split.
-    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {"CGSPN_CUDA_HALF_BWD": "1"}, 768),
-    ((2, 64, 64, 128), 128, "float16", ("rl",), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
-    ((2, 6, 64, 96), 96, "bfloat16", ("tb",),
-     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "8"}, 512),
-    ((2, 6, 128, 96), 96, "bfloat16", ("bt",), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
-    ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
-     {"CGSPN_CUDA_HALF_BWD": "1", "CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2",
-      "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
-    # ... and not staged: with the dx sum (D > 1), 64-byte slabs unforced, float32.
+    # G = C: 256 threads with the dx sum (D > 1), with whole vectors, in float32.
     ((8, 6, 64, 1152), 1152, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
-    ((8, 6, 128, 1152), 1152, "bfloat16", ("tb",), {}, 256),
+    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {"CGSPN_CUDA_HALF_BWD": "0"}, 256),
     ((8, 6, 64, 1152), 1152, "float32", ("tb",), {}, 256),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
-        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "staged_bf16",
-        "staged_bf16_forced", "staged_f16", "staged_bf16_64B", "staged_tail2", "half_bf16",
-        "half_f16", "half_bf16_8", "half_bf16_128", "half_tail2",
-        "unstaged_bf16_D4", "unstaged_bf16_128", "unstaged_f32"])
+        "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "G=C_bf16_D4", "G=C_bf16_whole",
+        "G=C_f32"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)
@@ -296,20 +275,54 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
     assert plans and all(f" threads={threads} " in ln for ln in plans), plans
 
 
-# The 16-bit G = C forward with half vectors (CGSPN_CUDA_HALF_FWD=1: 4 channels of 8 bytes per
-# thread, blocks of up to 768 threads) at several slab widths, and under the tail split.
-@pytest.mark.parametrize("shape,dtype,knobs,threads", [
-    ((2, 6, 64, 96), "bfloat16", {"CGSPN_CUDA_VS_FWD": "12"}, 768),
-    ((2, 6, 128, 96), "float16", {"CGSPN_CUDA_VS_FWD": "4"}, 512),
-    ((2, 6, 64, 96), "bfloat16", {"CGSPN_CUDA_VS_FWD": "8"}, 512),
-    ((2, 5, 64, 96), "bfloat16",
+# The 16-bit backward at D = 1 with half vectors (HalfVector: 4 channels of 8 bytes per thread,
+# 512-thread blocks; by default for G = C, whose instance stages its inputs through shared memory
+# by cp.async): the plan's own (64-byte slabs at lines of 64 positions, 32-byte at 128), forced
+# narrower, the tail split; and forced for one gate group per vector (G = C / 16, 4 lanes per
+# group: shuffles), with and without the L2 prefetch.
+_HALF_BWD = {"CGSPN_CUDA_HALF_BWD": "1"}
+
+
+@pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
+    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {}, 512),
+    ((2, 48, 64, 128), 128, "float16", ("bt",), {}, 512),
+    ((2, 6, 128, 96), 96, "bfloat16", ("tb",), {}, 512),
+    ((2, 6, 64, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
+    ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
+     {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
+    ((2, 6, 64, 128), 8, "bfloat16", ("tb",), _HALF_BWD, 512),
+    ((2, 6, 128, 96), 6, "float16", ("bt",), dict(_HALF_BWD, CGSPN_CUDA_PREFETCH_BWD="1"), 512),
+    ((2, 64, 64, 128), 8, "bfloat16", ("rl",),
+     dict(_HALF_BWD, CGSPN_CUDA_TAIL_SPLIT="2", CGSPN_CUDA_TAIL_WAVE="3"), 512),
+], ids=["bf16", "f16", "bf16_128", "bf16_6_lanes", "bf16_tail2", "S16_bf16", "S16_f16_prefetch",
+        "S16_tail2"])
+def test_half_vector_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
+    for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
+        monkeypatch.setenv(key, value)
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=3)
+    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
+    assert plans and all(" V=4 " in ln and f" threads={threads} " in ln for ln in plans), plans
+
+
+# The 16-bit forward with half vectors (CGSPN_CUDA_HALF_FWD=1: 4 channels of 8 bytes per thread,
+# blocks of up to 768 threads; by default for G = C at D = 1) at several slab widths, under the
+# tail split, and with one gate group per vector.
+@pytest.mark.parametrize("shape,G,dtype,knobs,threads", [
+    ((2, 6, 64, 96), 96, "bfloat16", {"CGSPN_CUDA_VS_FWD": "12"}, 768),
+    ((2, 6, 128, 96), 96, "float16", {"CGSPN_CUDA_VS_FWD": "4"}, 512),
+    ((2, 6, 64, 96), 96, "bfloat16", {"CGSPN_CUDA_VS_FWD": "8"}, 512),
+    ((2, 5, 64, 96), 96, "bfloat16",
      {"CGSPN_CUDA_VS_FWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
-], ids=["bf16_12", "f16_128", "bf16_8", "bf16_tail2"])
-def test_half_vector_forward(shape, dtype, knobs, threads, monkeypatch, capfd):
+    ((2, 6, 128, 96), 6, "bfloat16", {"CGSPN_CUDA_VS_FWD": "6"}, 768),
+    ((2, 6, 64, 128), 8, "float16", {"CGSPN_CUDA_VS_FWD": "8", "CGSPN_CUDA_PREFETCH_FWD": "1"},
+     512),
+], ids=["bf16_12", "f16_128", "bf16_8", "bf16_tail2", "S16_bf16", "S16_f16_prefetch"])
+def test_half_vector_forward(shape, G, dtype, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_HALF_FWD="1", CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)
-    check((shape, shape[-1]), ("tb", "bt", "lr", "rl"), dtype)
-    check((shape, shape[-1]), ("rl", "tb"), dtype, chunk=3)
+    check((shape, G), ("tb", "bt", "lr", "rl"), dtype)
+    check((shape, G), ("rl", "tb"), dtype, chunk=3)
     plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA forward:" in ln]
     assert plans and all(" V=4 " in ln and f" threads={threads} " in ln for ln in plans), plans
 

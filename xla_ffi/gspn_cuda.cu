@@ -81,13 +81,18 @@ const void* BwdKernelPrefetch(int P, bool prefetch, bool wide) {
 }
 
 // The 16-bit G = C instances with half vectors (HalfVector): the forward's with P = 1, the
-// backward's wide and staged, P = 1, D = 1.
+// backward's wide and staged, P = 1, D = 1, without the L2 prefetch.
 template <typename T>
-const void* HalfVectorKernel(int kind, bool prefetch) {
+const void* HalfVectorKernel(int kind, int NG, bool prefetch) {
   if constexpr (sizeof(T) == 2) {
+    if (NG == 1) {  // G = C / 16 and the like: one group per vector (not staged)
+      if (kind == 0) return reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 1, 1>);
+      return prefetch
+                 ? reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 1, 1, false, true, true>)
+                 : reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 1, 1, false, false, true>);
+    }
     if (kind == 0) return reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 4, 1>);
-    return prefetch ? reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, true, true>)
-                    : reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
+    if (!prefetch) return reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
   }
   return nullptr;
 }
@@ -97,7 +102,8 @@ const void* HalfVectorKernel(int kind, bool prefetch) {
 template <typename T>
 const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch, bool wide) {
   if (V > 1 && V * sizeof(T) == 8)  // half vectors: only these instances exist
-    return P == 1 && (kind == 0 || (!acc && wide)) ? HalfVectorKernel<T>(kind, prefetch) : nullptr;
+    return P == 1 && (kind == 0 || (!acc && wide)) ? HalfVectorKernel<T>(kind, NG, prefetch)
+                                                   : nullptr;
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
     constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
     if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
@@ -150,9 +156,9 @@ bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 // The tail split (SlabOfBlock in the kernels): the slabs of the last, partial wave are each
 // scanned by k blocks of Vs / k lanes, the largest k (a power of 2) whose blocks still fit one
 // wave, with whole gate groups (a multiple of nsub lanes; not with the second launch's partial
-// sums) and slabs of at least 32 bytes per pixel, 64 where the kernel prefetches into L2,
-// kStagedSlabBytes where it stages (v17: halves of 64 bytes made 32 x 1152 x 64 x 64 bfloat16
-// G = C D = 1 2% slower, 1.513 -> 1.543 ms; so staged plans are not split unless forced).
+// sums) and slabs of at least 32 bytes per pixel, 64 where the kernel prefetches into L2; never
+// where it stages, unless forced (BwdStaged; v18: halves of 32 bytes made 32 x 1152 x 64 x 64
+// bfloat16 G = C D = 1 5% slower, 1.39 -> 1.46 ms, and 128 x 128 1%).
 // Measured (H100, docs/kernel_notes.md, v13): halves of 64 bytes made the 32 x 1152 x 64 x 64
 // bfloat16 forwards 1-2% faster; halves of 32 bytes made the 8 x 1152 x 128 x 128 bfloat16 G = C
 // forward 4% faster without the L2 prefetch (0.801 -> 0.770 ms), but every prefetching 128 x
@@ -175,11 +181,11 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   auto valid = [&](int k) {
     return a.Vs % k == 0 && (a.Vs / k) % a.nsub == 0 && (k == 1 || a.npart == 1);
   };
-  const int min_bytes = plan->staged ? kStagedSlabBytes : a.prefetch ? 64 : 32;
+  const int min_bytes = a.prefetch ? 64 : 32;
   int k = 1;
   if (forced > 0) {
     if (valid(forced)) k = forced;
-  } else {
+  } else if (!plan->staged) {
     while (valid(2 * k) && tail * 2 * k <= slots && a.Vs / (2 * k) * vector_bytes >= min_bytes)
       k *= 2;
   }
@@ -189,14 +195,18 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   plan->blocks = a.tail_start + tail * k;
 }
 
-// Whether a 16-bit G = C call takes half vectors (4 channels, 8-byte accesses): the forward in
-// blocks of up to 768 threads, the backward (D = 1) of up to kBwdHalfThreads.
+// Whether a 16-bit G = C call takes half vectors (4 channels of 8 bytes per thread instead of 8
+// of 16; PlanCall falls back to whole ones where no plan of them fits): the backward at D = 1
+// always (512-thread blocks, staged: BwdStaged), the forward only at D = 1 (blocks of up to 768
+// threads: kFwdMaxThreads). H100 (docs/kernel_notes.md, v18), bfloat16, half against whole:
+// backward 32 x 1152 x 64 x 64 1.39-1.40 ms against 1.51-1.52, 8 x 1152 x 128 x 128 1.60
+// against 1.82; forward at D = 1 0.684 against 0.696 and 0.706 against 0.773, but at D = 4,
+// whose grids of whole vectors fill 9-17 waves, 2.73 against 2.67 and 3.19 against 2.70.
 // CGSPN_CUDA_HALF_FWD / _BWD = 1 / 0 force it on / off.
 bool HalfVector(int kind, const ScanShape& s) {
   const char* knob = std::getenv(kind == 0 ? "CGSPN_CUDA_HALF_FWD" : "CGSPN_CUDA_HALF_BWD");
   if (knob) return std::string(knob) != "0";
-  (void)s;
-  return false;
+  return s.D == 1 && s.G == s.C;
 }
 
 // Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
@@ -235,8 +245,8 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         " kernel; use backend='reference'");
   // Half vectors (4 channels of 8 bytes) for 16-bit G = C (the backward at D = 1): twice the
   // threads per slab, each with half the arithmetic of a line (HalfVector).
-  const bool half = try_half && vec == 8 && S == 1 && vector_ok &&
-                    (kind == 0 ? Lmax <= kFwdThreads : s.D == 1 && Lmax <= kBwdHalfThreads);
+  const bool half = try_half && vec == 8 && (S == 1 || S % vec == 0) && vector_ok &&
+                    (kind == 0 ? Lmax <= kFwdThreads : s.D == 1 && Lmax <= 512);
   if (try_half && !half) return ffi::Error::Internal("gspn_scan (CUDA): no half vectors here");
   // The vector path holds at most 2 positions per thread (registers); longer lines take the
   // scalar path.
@@ -268,6 +278,7 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (prefetch_knob) return kPrefetchL2<T> && std::string(prefetch_knob) != "0";
       return kPrefetchL2<T> && NG == 1 && slab_bytes >= 128;
     }
+    if (half && NG > 1) return false;  // G = C: 1.1-2.3x slower with it (v18): not compiled
     if (prefetch_knob) return std::string(prefetch_knob) != "0";
     return (kPrefetchL2<T> || S > 1) && slab_bytes >= 64 && !(s.D > 1 && slab_bytes < 128) &&
            (block_threads <= kBwdThreads || (sizeof(T) == 2 && slab_bytes >= 128));
@@ -325,13 +336,15 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       if (smem > size_t(smem_optin)) break;
       const int64_t bytes = int64_t(Vs) * V * sizeof(T);  // of a pixel, per block
       if (bytes > 128 && Vs > nsub) break;
-      // Staged plans only with 128-byte slabs (64-byte ones ran 8-12% slower than 32-byte slabs
-      // of 256 threads, v17), unless a knob asks.
-      if (staged && !half && bytes < kStagedSlabBytes && Vs != forced_vs) continue;
       // Slabs that start mid-sector share that sector with the neighbouring block: only as
       // the whole pixel, the narrowest slab, or where a knob asks for it (to measure balanced
-      // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18).
-      if (bytes % 32 != 0 && Vs != vs_cap && Vs != nsub && Vs != forced_vs) continue;
+      // waves: 3-lane slabs at 128 x 128 bf16 give 2.91 equal waves instead of 2.18). The
+      // forward's half vectors also take 16-byte multiples: at lines of 128 positions 48-byte
+      // slabs in 768 threads ran 0.706 ms, 32-byte ones in 512 0.881 (v18, 8 x 1152 x 128 x 128
+      // bfloat16; the whole vectors' plan 0.773).
+      const bool half_fwd_ok = half && kind == 0 && bytes % 16 == 0;
+      if (bytes % 32 != 0 && !half_fwd_ok && Vs != vs_cap && Vs != nsub && Vs != forced_vs)
+        continue;
       if (forced_vs && Vs != forced_vs) continue;
       const bool prefetch = prefetch_for(bytes, threads);
       const void* kernel = KernelFor<T>(kind, V, NG, P, acc, prefetch, wide);

@@ -384,15 +384,6 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
   return backward ? !(type_bytes == 2 && P == 2 && NG >= 4) : P == 1;
 }
 
-// The 16-bit G = C backward with half vectors (4 channels, 8-byte accesses: HalfVector in
-// gspn_cuda.cu): twice the threads of the full vectors for the same slab, each with half their
-// arithmetic per line. ptxas fits it without spill in 80 registers (768 threads), in 64 with 52
-// bytes of spill (1024).
-#ifndef CGSPN_HALF_THREADS
-#define CGSPN_HALF_THREADS 768
-#endif
-constexpr int kBwdHalfThreads = CGSPN_HALF_THREADS;
-
 // Threads per block of the backward's wide instances (kWide: compiled where this exceeds 256, and
 // launched only for plans of more than 256 threads; the others' bound is kBwdThreads). With one
 // gate group per vector and one position per thread a thread holds few registers: float32 fits
@@ -402,30 +393,30 @@ constexpr int kBwdHalfThreads = CGSPN_HALF_THREADS;
 // D = 1 ran 2.03 -> 1.60 ms in float32 and 1.24 -> 1.06 in bfloat16 (H100, docs/kernel_notes.md,
 // v16). Measured and not taken: 384 threads for the instances with several groups per vector,
 // which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
+// The 16-bit G = C half vectors (V = 4, staged: BwdStaged) without the dx sum take 512 too.
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
-  if (V > 1 && NG == V && P == 1 && V * type_bytes == 8)  // half vectors: staged, HalfVector
-    return !acc ? kBwdHalfThreads : kBwdThreads;
-  if (V > 1 && NG == V && P == 1) return type_bytes == 2 && !acc ? 512 : kBwdThreads;  // staged
+  if (V > 1 && NG == V && P == 1) return V * type_bytes == 8 && !acc ? 512 : kBwdThreads;
   if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
   return type_bytes == 4 || !acc ? 512 : 384;
 }
 
-// The 16-bit wide instances with one gate group per channel (G = C: NG = V, every pack 16 bytes)
-// and no dx sum (D = 1) stage their inputs through shared memory instead of two register sets:
-// cp.async copies line t - 1's into a per-thread slot while line t reads its own from the other.
-// Without the 56 registers of the sets they fit 512-thread blocks (ptxas: bfloat16 124
-// registers, float16 126), i.e. 128-byte slabs at lines of 64 positions. H100 (docs/kernel_notes.md,
-// v17): 32 x 1152 x 64 x 64 bfloat16 G = C D = 1 1.54-1.56 -> 1.51-1.53 ms; the memory pattern
-// alone would allow 1.39 (experiments/bwd_pattern.cu: the kernel is now bound by its warps'
-// latency, not its pattern). Measured and not taken: float32 (2-5% slower than two positions per
-// thread), the dx sum of D > 1 (0-3% slower), 64-byte slabs at lines of 128 positions (8-12%
-// slower than 32-byte slabs in 256 threads; MakePlan keeps staged slabs, tail split included, to
-// kStagedSlabBytes). BwdMaxThreads gives wide instances with NG = V only to 16-bit types without
-// the dx sum, so that `wide` here implies both.
+// The 16-bit G = C backward at D = 1 with half vectors (4 channels of 8 bytes per thread: the
+// plan's HalfVector in gspn_cuda.cu) stages its inputs through shared memory instead of two
+// register sets: cp.async copies line t - 1's into a per-thread slot while line t reads its own
+// from the other. Without the registers of the sets a thread holds 93 (no spill): 512-thread
+// blocks, 64-byte slabs at lines of 64 positions, 32-byte at 128. Each warp then does half the
+// arithmetic of a line that the 8-channel vectors did: the latency of that per-line work, not the
+// memory pattern, had bound them (v17). H100 (docs/kernel_notes.md, v18): 32 x 1152 x 64 x 64
+// bfloat16 1.51 -> 1.39-1.40 ms, 8 x 1152 x 128 x 128 1.82 -> 1.60. Measured and not taken:
+// the 8-channel vectors staged in 512-thread blocks (v17, 128-byte slabs: 1.51 ms), half vectors
+// in blocks of 768 (80 registers: 1.41-1.49 ms) or 1024 threads (64 registers and 52 bytes of
+// spill: 1.81), with the L2 prefetch (1.54; 128 x 128: 3.6), with the tail split (1.46), float32
+// (2-5% slower than two positions per thread), the dx sum of D > 1 (0-3% slower). BwdMaxThreads
+// gives wide instances with NG = V only to half vectors without the dx sum, so that `wide` here
+// implies all of it.
 __host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
   return wide && V > 1 && NG == V && P == 1;
 }
-constexpr int kStagedSlabBytes = 128;
 // Bytes of one thread's slot (one line's inputs, BwdIn, without the dx sum), in units of one
 // pack (V channels: 16 bytes, or 8 for half vectors): rounded up to an odd number of units, so
 // that the threads of one shared-memory wavefront (8 of 16 bytes, 16 of 8), accessing a unit each
