@@ -80,19 +80,17 @@ const void* BwdKernelPrefetch(int P, bool prefetch, bool wide) {
                   : BwdKernelP<T, V, NG, kAcc, false>(P, wide);
 }
 
-// The 16-bit G = C instances with half vectors (HalfVector): the forward's with P = 1, the
-// backward's wide and staged, P = 1, D = 1, without the L2 prefetch.
+// The 16-bit instances with half vectors (HalfVector): the forward's with P = 1 for G = C and
+// for one gate group per vector; the backward's for G = C, wide and staged, P = 1, D = 1,
+// without the L2 prefetch.
 template <typename T>
 const void* HalfVectorKernel(int kind, int NG, bool prefetch) {
   if constexpr (sizeof(T) == 2) {
-    if (NG == 1) {  // G = C / 16 and the like: one group per vector (not staged)
-      if (kind == 0) return reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 1, 1>);
-      return prefetch
-                 ? reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 1, 1, false, true, true>)
-                 : reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 1, 1, false, false, true>);
-    }
-    if (kind == 0) return reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 4, 1>);
-    if (!prefetch) return reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
+    if (kind == 0)
+      return NG == 1 ? reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 1, 1>)
+                     : reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 4, 1>);
+    if (NG == 4 && !prefetch)
+      return reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
   }
   return nullptr;
 }
@@ -135,6 +133,7 @@ struct Plan {
   const void* kernel;
   int V, NG, P, threads;  // (the L2 prefetch: a.prefetch)
   bool staged;            // the backward's inputs staged through shared memory (BwdStaged)
+  double waves;           // slabs (before the tail split) over the blocks resident at once
   size_t smem;
   int64_t blocks;
 };
@@ -177,6 +176,7 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   const int forced_wave = EnvInt("CGSPN_CUDA_TAIL_WAVE");
   const int64_t slots = forced_wave > 0 ? forced_wave : int64_t(std::max(per_sm, 1)) * sms;
   const int64_t tail = slabs % slots;
+  plan->waves = double(slabs) / double(slots);
   const int forced = EnvInt("CGSPN_CUDA_TAIL_SPLIT");
   auto valid = [&](int k) {
     return a.Vs % k == 0 && (a.Vs / k) % a.nsub == 0 && (k == 1 || a.npart == 1);
@@ -195,37 +195,27 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
   plan->blocks = a.tail_start + tail * k;
 }
 
-// Whether a 16-bit G = C call takes half vectors (4 channels of 8 bytes per thread instead of 8
-// of 16; PlanCall falls back to whole ones where no plan of them fits): the backward at D = 1
-// always (512-thread blocks, staged: BwdStaged), the forward only at D = 1 (blocks of up to 768
-// threads: kFwdMaxThreads). H100 (docs/kernel_notes.md, v18), bfloat16, half against whole:
-// backward 32 x 1152 x 64 x 64 1.39-1.40 ms against 1.51-1.52, 8 x 1152 x 128 x 128 1.60
-// against 1.82; forward at D = 1 0.684 against 0.696 and 0.706 against 0.773, but at D = 4,
-// whose grids of whole vectors fill 9-17 waves, 2.73 against 2.67 and 3.19 against 2.70.
+// Whether a 16-bit call takes half vectors (4 channels of 8 bytes per thread instead of 8 of 16;
+// PlanCall falls back to whole ones where no plan of them fits), given the plan of whole ones:
+//  - the backward for G = C at D = 1 (512-thread blocks, staged: BwdStaged). H100, bfloat16
+//    (docs/kernel_notes.md, v18): 32 x 1152 x 64 x 64 1.39-1.40 ms against 1.51-1.55,
+//    8 x 1152 x 128 x 128 1.59-1.60 against 1.82, 8 x 192 x 128 x 128 0.285 against 0.337. For
+//    one gate group per vector (G = C / 16: 4 lanes a group) it was 1.2-1.4x slower.
+//  - the forward (blocks of up to 768 threads) where the whole vectors' grid fills few waves
+//    (fewer than 5 for G = C, whose threads have 8 groups' arithmetic per line, else 3): more
+//    threads per slab then pay, and cost ~2% to 1.3x in full waves. Half against whole: G = C
+//    0.677 against 0.691 ms at 4.36 waves (32 x 1152 x 64 x 64, D = 1), 0.708 against 0.773 at
+//    2.18, 0.168 against 0.193 at 0.36, 0.48 against 0.52 at 1.45; 2.72 against 2.67 at 17.5
+//    and 3.16 against 2.70 at 8.7. G = C / 16: 0.474 against 0.498 at 2.18, 0.325 against 0.337
+//    at 1.45; 0.461 against 0.386 at 4.36.
 // CGSPN_CUDA_HALF_FWD / _BWD = 1 / 0 force it on / off.
-bool HalfVector(int kind, const ScanShape& s) {
+bool HalfVector(int kind, const ScanShape& s, const Plan* whole) {
   const char* knob = std::getenv(kind == 0 ? "CGSPN_CUDA_HALF_FWD" : "CGSPN_CUDA_HALF_BWD");
   if (knob) return std::string(knob) != "0";
-  return s.D == 1 && s.G == s.C;
+  if (kind == 1) return s.D == 1 && s.G == s.C;
+  return whole != nullptr && whole->V == 8 && whole->waves < (s.G == s.C ? 5.0 : 3.0);
 }
 
-// Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
-// (2 shared tiles), 1 backward (4 or 6 tiles: BwdTiles). The rules come from the sweeps of
-// experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and v5):
-//  - the slab width (bytes of a pixel that one block streams) matters most: at the same
-//    occupancy, 32-byte slabs ran at ~75% of the copy bandwidth, 64-byte at ~87%, 128-byte at
-//    ~91%. Wider than 128 bytes is not tried.
-//  - forward: one position per thread (two spilled registers), then the slab (>= 64 bytes if
-//    possible) that keeps the most threads resident per multiprocessor, the wider on ties.
-//  - backward: the group reduction in one launch first, then an instance that does not spill,
-//    then one with the neighbour synchronisation, then the widest slab; two positions per
-//    thread where that widens it (the backward holds ~170-250 registers, so one 256-thread
-//    block per multiprocessor: width is what is left to gain), and a block of more than 256
-//    threads before a wider slab (one gate group per vector and one position per thread:
-//    BwdMaxThreads).
-//  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
-//    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
-//    least one block per multiprocessor where the problem allows.
 // try_half: with half vectors where the call allows them (HalfVector); MakePlan falls back.
 template <typename T>
 ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
@@ -243,10 +233,11 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         "gspn_scan (CUDA): lines longer than " + std::to_string(max_threads * kMaxPositions) +
         " positions (H or W) are not supported by the " + (kind == 0 ? "forward" : "backward") +
         " kernel; use backend='reference'");
-  // Half vectors (4 channels of 8 bytes) for 16-bit G = C (the backward at D = 1): twice the
-  // threads per slab, each with half the arithmetic of a line (HalfVector).
-  const bool half = try_half && vec == 8 && (S == 1 || S % vec == 0) && vector_ok &&
-                    (kind == 0 ? Lmax <= kFwdThreads : s.D == 1 && Lmax <= 512);
+  // Half vectors (4 channels of 8 bytes) for 16-bit types (the backward: G = C at D = 1): twice
+  // the threads per slab, each with half the arithmetic of a line (HalfVector).
+  const bool half = try_half && vec == 8 && vector_ok &&
+                    (kind == 0 ? (S == 1 || S % vec == 0) && Lmax <= kFwdThreads
+                               : S == 1 && s.D == 1 && Lmax <= 512);
   if (try_half && !half) return ffi::Error::Internal("gspn_scan (CUDA): no half vectors here");
   // The vector path holds at most 2 positions per thread (registers); longer lines take the
   // scalar path.
@@ -401,15 +392,17 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   return ffi::Error::Success();
 }
 
-// The launch plan of one call (PlanCall): with half vectors where the rule (HalfVector) asks and
-// a plan of them fits the call, else with whole ones.
+// The launch plan of one call (PlanCall): of whole vectors, or of half ones where the rule
+// (HalfVector) asks and a plan of them fits the call.
 template <typename T>
 ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
                     bool normalize, bool aligned, int kind, Plan* plan) {
-  if (HalfVector(kind, s) &&
-      PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, true, plan).success())
-    return ffi::Error::Success();
-  return PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, false, plan);
+  const ffi::Error whole = PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, false, plan);
+  if (sizeof(T) != 2 || !HalfVector(kind, s, whole.success() ? plan : nullptr)) return whole;
+  Plan half{};
+  if (!PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, true, &half).success()) return whole;
+  *plan = half;
+  return ffi::Error::Success();
 }
 
 // Launches a plan's kernel on the stream. With CGSPN_CUDA_VERBOSE=1 it also prints the plan, the
