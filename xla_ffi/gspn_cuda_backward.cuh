@@ -1,7 +1,7 @@
-// The backward (and its small second launch) kernel of gspn_scan (device code). The layout of the work, the neighbour exchange,
-// the latency hiding and the gate normalisation it shares with the other kernels are described
-// in gspn_cuda_kernels.cuh, with the building blocks (packs, gates, launch parameters,
-// mbarriers). Part of gspn_cuda.cu's translation unit.
+// The backward (and its small second launch) kernel of gspn_scan (device code). The layout of
+// the work, the neighbour exchange, the latency hiding and the gate normalisation it shares with
+// the other kernels are described in gspn_cuda_kernels.cuh, with the building blocks (packs,
+// gates, launch parameters, mbarriers). Part of gspn_cuda.cu's translation unit.
 #pragma once
 
 #include "gspn_cuda_kernels.cuh"

@@ -6,8 +6,9 @@
 // Layout of the work. A thread block owns whole lines: for one image b and one slab of Cs
 // consecutive channels it scans all T lines of a direction, and on each line all L positions.
 // Threads are laid out as Vs "vector lanes" (fastest) by Pt "position lanes"; a thread owns one
-// vector of V consecutive channels (16 bytes: 4 float32 or 8 bfloat16/float16, or a single
-// channel on the scalar path) at P positions p = pl, pl + Pt, ... of every line. Because the
+// vector of V consecutive channels (16 bytes: 4 float32 or 8 bfloat16/float16; half of one, 4
+// channels of 8 bytes, for 16-bit types where the plan asks: HalfVector in gspn_cuda.cu; or a
+// single channel on the scalar path) at P positions p = pl, pl + Pt, ... of every line. Because the
 // arrays are channels-last, the lanes of a warp read consecutive 16-byte pieces of each pixel:
 // every load and store is coalesced whatever the direction; a direction is only a base offset
 // and two strides (cgspn::LineGeometry), nothing is ever transposed in memory.
@@ -20,8 +21,8 @@
 // Latency. x, lam and the gates (and, in the backward, dh, the saved h and the running dx sum)
 // of line t + 1 do not depend on the scan, so their loads are issued at the top of line t and
 // held as raw bits in registers until line t + 1 uses them; converting them earlier would make
-// the thread wait for them at the end of line t. (The backward's 16-bit G = C instances of
-// 512-thread blocks stage them in shared memory instead, by cp.async: BwdStaged.) Where the
+// the thread wait for them at the end of line t. (The backward's 16-bit G = C half-vector
+// instances stage them in shared memory instead, by cp.async: BwdStaged.) Where the
 // launch plan asks, those of line t + 2 are prefetched into L2 at the same time (no registers),
 // so that the register loads wait for L2, not DRAM.
 //
