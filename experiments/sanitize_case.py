@@ -30,9 +30,10 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 3, 127, 40), 40, ("bt",), {"CGSPN_CUDA_VS_BWD": "4"}),
          ((1, 4, 127, 40), 40, ("tb",), {"CGSPN_CUDA_VS_BWD": "4"}),  # even T: ends on r1
          # Half vectors (HalfVector) by the plan's own choice, forward and backward, with partial
-         # last slabs; the forward also at D = 2 (forced).
+         # last slabs; also at D = 2 (forced: the backward with the dx sum).
          ((1, 3, 127, 40), 40, ("bt",), {}), ((1, 4, 61, 40), 40, ("bt",), {}),
-         ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1"})]
+         ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1",
+                                             "CGSPN_CUDA_HALF_BWD": "1"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD")
 
 for (B, H, W, C), G, dirs, knobs in CASES:

@@ -109,15 +109,15 @@ BWD512_CASES = [c for c in BENCH_CASES if c[2] == "float32" and c[0][1] // c[1] 
 # warps, more neighbours to wait for), which the sync family's measurement (v11) predates.
 BWD_SYNC_SETTINGS = [{}, {"CGSPN_CUDA_BWD_SYNC": "block"}]
 # Half vectors (HalfVector, v18: 4 channels of 8 bytes per thread) for 16-bit types, G = C and
-# G = C / 16. The backward (D = 1; G = C staged, 512-thread blocks): half and whole vectors
-# forced, narrower slabs (6 or 4 lanes; lanes a block cannot hold are ignored), the tail split
-# and the L2 prefetch. The forward (blocks of up to 768 threads; by default only at D = 1): half
-# and whole forced at every D, and slab widths of 8, 6 and 4 lanes.
+# G = C / 16. The backward (G = C staged, 512-thread blocks; at D = 4 with the dx sum): half and
+# whole vectors forced, narrower slabs (6 or 4 lanes; lanes a block cannot hold are ignored),
+# the tail split and the L2 prefetch. The forward (blocks of up to 768 threads; by default where
+# whole vectors fill few waves): half and whole forced, and slab widths of 8, 6 and 4 lanes.
 _HALF_BWD = {"CGSPN_CUDA_HALF_BWD": "1"}
 BWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_BWD": "0"}, _HALF_BWD] + [
     dict(_HALF_BWD, CGSPN_CUDA_VS_BWD=str(v)) for v in (6, 4)] + [
     dict(_HALF_BWD, CGSPN_CUDA_TAIL_SPLIT="2"), dict(_HALF_BWD, CGSPN_CUDA_PREFETCH_BWD="1"), {}]
-BWD_HALF_CASES = [c for c in BENCH_CASES if c[2] != "float32" and c[3] == 1]
+BWD_HALF_CASES = [c for c in BENCH_CASES if c[2] != "float32" and (c[3] == 1 or c[1] == c[0][1])]
 _HALF_FWD = {"CGSPN_CUDA_HALF_FWD": "1"}
 FWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_FWD": "0"}, _HALF_FWD] + [
     dict(_HALF_FWD, CGSPN_CUDA_VS_FWD=str(v)) for v in (8, 6, 4)] + [{}]

@@ -81,16 +81,17 @@ const void* BwdKernelPrefetch(int P, bool prefetch, bool wide) {
 }
 
 // The 16-bit instances with half vectors (HalfVector): the forward's with P = 1 for G = C and
-// for one gate group per vector; the backward's for G = C, wide and staged, P = 1, D = 1,
-// without the L2 prefetch.
+// for one gate group per vector; the backward's for G = C, wide and staged, P = 1, with and
+// without the dx sum, without the L2 prefetch.
 template <typename T>
-const void* HalfVectorKernel(int kind, int NG, bool prefetch) {
+const void* HalfVectorKernel(int kind, int NG, bool acc, bool prefetch) {
   if constexpr (sizeof(T) == 2) {
     if (kind == 0)
       return NG == 1 ? reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 1, 1>)
                      : reinterpret_cast<const void*>(GspnFwdKernel<T, 4, 4, 1>);
     if (NG == 4 && !prefetch)
-      return reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
+      return acc ? reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, true, false, true>)
+                 : reinterpret_cast<const void*>(GspnBwdKernel<T, 4, 4, 1, false, false, true>);
   }
   return nullptr;
 }
@@ -100,8 +101,7 @@ const void* HalfVectorKernel(int kind, int NG, bool prefetch) {
 template <typename T>
 const void* KernelFor(int kind, int V, int NG, int P, bool acc, bool prefetch, bool wide) {
   if (V > 1 && V * sizeof(T) == 8)  // half vectors: only these instances exist
-    return P == 1 && (kind == 0 || (!acc && wide)) ? HalfVectorKernel<T>(kind, NG, prefetch)
-                                                   : nullptr;
+    return P == 1 && (kind == 0 || wide) ? HalfVectorKernel<T>(kind, NG, acc, prefetch) : nullptr;
   return DispatchVNG<T>(V, NG, [&](auto v, auto ng) -> const void* {
     constexpr int kV = decltype(v)::value, kNG = decltype(ng)::value;
     if (kind == 0) return FwdKernelP<T, kV, kNG>(P);
@@ -237,7 +237,7 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
   // the threads per slab, each with half the arithmetic of a line (HalfVector).
   const bool half = try_half && vec == 8 && vector_ok &&
                     (kind == 0 ? (S == 1 || S % vec == 0) && Lmax <= kFwdThreads
-                               : S == 1 && s.D == 1 && Lmax <= 512);
+                               : S == 1 && Lmax <= 512);
   if (try_half && !half) return ffi::Error::Internal("gspn_scan (CUDA): no half vectors here");
   // The vector path holds at most 2 positions per thread (registers); longer lines take the
   // scalar path.
@@ -321,7 +321,7 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
       // Staged instances (BwdStaged) add their threads' two slots of inputs after the tiles.
       const bool staged = kind == 1 && BwdStaged(V, NG, P, wide);
       const size_t slots =
-          staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), V, NG) : 0;
+          staged ? size_t(2) * threads * BwdSlotBytes(int(sizeof(T)), V, NG, acc) : 0;
       const size_t smem =
           size_t(tiles) * Lmax * Vs * V * sizeof(float) + MbarBytes(bound) + slots;
       if (smem > size_t(smem_optin)) break;

@@ -60,8 +60,8 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
   // Inputs staged through shared memory (BwdStaged): two slots per thread after the tiles,
   // [2 sets][threads] at BwdSlotBytes apart, filled by cp.async.
   constexpr bool kStaged = BwdStaged(V, NG, P, kWide);
-  constexpr int kSlot = BwdSlotBytes(sizeof(T), V, NG);
-  static_assert(!kStaged || (sizeof(T) == 2 && !kAcc && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
+  constexpr int kSlot = BwdSlotBytes(sizeof(T), V, NG, kAcc);
+  static_assert(!kStaged || (sizeof(T) == 2 && sizeof(BwdIn<T, V, NG, kAcc>) <= kSlot &&
                              sizeof(Pack<T, NG>) == sizeof(Pack<T, V>)),
                 "a staged slot holds one position's inputs, in pieces of one vector");
   static_assert(!kSame || NG > 1, "the same-line form has no lane reduction");
@@ -110,9 +110,16 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     };
     auto load = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
       if constexpr (kStaged) {  // copies into the slot `in`, one commit group per line
-        // (No dx sum: BwdStaged excludes D > 1.)
         for_inputs(in, t, [](auto& pack, const T* p) { CopyAsync<sizeof(pack.r)>(&pack.r, p); },
-                   [](int, int64_t) {});
+                   [&](int j, int64_t pix) {
+                     // The running dx sum (see below), through L1 like that load: 8-byte pieces,
+                     // since a slot's sum need not be 16-byte aligned.
+                     if constexpr (kAcc)
+                       if (!first_dir)
+#pragma unroll
+                         for (int i = 0; i < V; i += 2)
+                           CopyAsync<8>(&in[j].acc[i], accd + pix * C + i);
+                   });
         CopyCommit();
         return;
       }

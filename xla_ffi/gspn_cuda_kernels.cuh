@@ -394,9 +394,9 @@ __host__ __device__ constexpr bool NeighbourSyncCompiled(bool backward, int type
 // D = 1 ran 2.03 -> 1.60 ms in float32 and 1.24 -> 1.06 in bfloat16 (H100, docs/kernel_notes.md,
 // v16). Measured and not taken: 384 threads for the instances with several groups per vector,
 // which ptxas fits in 168 registers without spill (slabs of 6 lanes ran up to 1.5x slower).
-// The 16-bit G = C half vectors (V = 4, staged: BwdStaged) without the dx sum take 512 too.
+// The 16-bit G = C half vectors (V = 4, staged: BwdStaged) take 512 too.
 __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, int P, bool acc) {
-  if (V > 1 && NG == V && P == 1) return V * type_bytes == 8 && !acc ? 512 : kBwdThreads;
+  if (V > 1 && NG == V && P == 1) return V * type_bytes == 8 ? 512 : kBwdThreads;
   if (V == 1 || NG != 1 || P != 1) return kBwdThreads;
   return type_bytes == 4 || !acc ? 512 : 384;
 }
@@ -418,13 +418,13 @@ __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, i
 __host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
   return wide && V > 1 && NG == V && P == 1;
 }
-// Bytes of one thread's slot (one line's inputs, BwdIn, without the dx sum), in units of one
+// Bytes of one thread's slot (one line's inputs, BwdIn; acc: with the dx sum), in units of one
 // pack (V channels: 16 bytes, or 8 for half vectors): rounded up to an odd number of units, so
 // that the threads of one shared-memory wavefront (8 of 16 bytes, 16 of 8), accessing a unit each
 // at this stride, hit distinct banks.
-__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int V, int NG) {
+__host__ __device__ constexpr int BwdSlotBytes(int type_bytes, int V, int NG, bool acc) {
   const int unit = V * type_bytes;
-  const int units = (4 * unit + 3 * NG * type_bytes + 4 + unit - 1) / unit;
+  const int units = (4 * unit + 3 * NG * type_bytes + (acc ? 4 * V : 4) + unit - 1) / unit;
   return (units | 1) * unit;
 }
 
