@@ -259,8 +259,9 @@ def test_768_thread_forward(knobs, monkeypatch):
     ((2, 64, 64, 128), 8, "bfloat16", ("rl",), {"CGSPN_CUDA_VS_BWD": "8"}, 512),
     ((2, 64, 64, 128), 8, "bfloat16", ("tb", "lr"), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
     ((2, 6, 128, 96), 6, "bfloat16", ("bt",), {"CGSPN_CUDA_VS_BWD": "2"}, 256),
-    # G = C: 256 threads with the dx sum (D > 1), with whole vectors, in float32.
-    ((8, 6, 64, 1152), 1152, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
+    # G = C: 256 threads with the dx sum at lines of 128 positions, with whole vectors, in
+    # float32.
+    ((8, 6, 128, 1152), 1152, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 256),
     ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {"CGSPN_CUDA_HALF_BWD": "0"}, 256),
     ((8, 6, 64, 1152), 1152, "float32", ("tb",), {}, 256),
 ], ids=["f32_D4_128", "f32_D2_64", "f32_D2_tail2", "f32_D1_128", "f32_G=C_256", "bf16_D1_128",
@@ -278,7 +279,7 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
 # The 16-bit G = C backward with half vectors (HalfVector: 4 channels of 8 bytes per thread,
 # 512-thread blocks, inputs staged through shared memory by cp.async): the plan's own at D = 1
 # (64-byte slabs at lines of 64 positions, 32-byte at 128), forced narrower, the tail split; and
-# forced with the dx sum of D > 1, staged too.
+# with the dx sum of D > 1, staged too.
 @pytest.mark.parametrize("shape,G,dtype,directions,knobs,threads", [
     ((8, 6, 64, 1152), 1152, "bfloat16", ("tb",), {}, 512),
     ((2, 48, 64, 128), 128, "float16", ("bt",), {}, 512),
@@ -286,11 +287,11 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
     ((2, 6, 64, 96), 96, "bfloat16", ("tb",), {"CGSPN_CUDA_VS_BWD": "6"}, 384),
     ((2, 64, 64, 128), 128, "bfloat16", ("lr",),
      {"CGSPN_CUDA_VS_BWD": "8", "CGSPN_CUDA_TAIL_SPLIT": "2", "CGSPN_CUDA_TAIL_WAVE": "5"}, 512),
-    # With the dx sum (D > 1, forced).
-    ((2, 6, 64, 96), 96, "bfloat16", ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_HALF_BWD": "1"},
-     512),
-    ((2, 48, 64, 128), 128, "float16", ("bt", "lr"), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
-], ids=["bf16", "f16", "bf16_128", "bf16_6_lanes", "bf16_tail2", "bf16_D4", "f16_D2"])
+    # With the dx sum (D > 1): the plan's own at lines of up to 64 positions, forced at 128.
+    ((2, 6, 64, 96), 96, "bfloat16", ("tb", "bt", "lr", "rl"), {}, 512),
+    ((2, 48, 64, 128), 128, "float16", ("bt", "lr"), {}, 512),
+    ((2, 6, 128, 96), 96, "bfloat16", ("bt", "rl"), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
+], ids=["bf16", "f16", "bf16_128", "bf16_6_lanes", "bf16_tail2", "bf16_D4", "f16_D2", "bf16_D2_128"])
 def test_half_vector_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)

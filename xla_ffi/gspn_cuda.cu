@@ -197,10 +197,12 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
 
 // Whether a 16-bit call takes half vectors (4 channels of 8 bytes per thread instead of 8 of 16;
 // PlanCall falls back to whole ones where no plan of them fits), given the plan of whole ones:
-//  - the backward for G = C at D = 1 (512-thread blocks, staged: BwdStaged). H100, bfloat16
-//    (docs/kernel_notes.md, v18): 32 x 1152 x 64 x 64 1.39-1.40 ms against 1.51-1.55,
-//    8 x 1152 x 128 x 128 1.59-1.60 against 1.82, 8 x 192 x 128 x 128 0.285 against 0.337. For
-//    one gate group per vector (G = C / 16: 4 lanes a group) it was 1.2-1.4x slower.
+//  - the backward for G = C (512-thread blocks, staged: BwdStaged) at D = 1, and with the dx sum
+//    of D > 1 at lines of up to 64 positions. H100, bfloat16 (docs/kernel_notes.md, v18):
+//    32 x 1152 x 64 x 64 1.39-1.40 ms against 1.51-1.55, 8 x 1152 x 128 x 128 1.59-1.60 against
+//    1.82, 8 x 192 x 128 x 128 0.285 against 0.337; at D = 4 6.58 against 7.33 at 64 x 64, but
+//    9.71 against 8.28 at 8 x 1152 x 128 x 128 (8 x 192 x 128 x 128: 1.27 against 1.46). For one
+//    gate group per vector (G = C / 16: 4 lanes a group) it was 1.2-1.4x slower at D = 1.
 //  - the forward (blocks of up to 768 threads) where the whole vectors' grid fills few waves
 //    (fewer than 5 for G = C, whose threads have 8 groups' arithmetic per line, else 3): more
 //    threads per slab then pay, and cost ~2% to 1.3x in full waves. Half against whole: G = C
@@ -212,7 +214,7 @@ void SplitTail(Plan* plan, int vector_bytes, int sms) {
 bool HalfVector(int kind, const ScanShape& s, const Plan* whole) {
   const char* knob = std::getenv(kind == 0 ? "CGSPN_CUDA_HALF_FWD" : "CGSPN_CUDA_HALF_BWD");
   if (knob) return std::string(knob) != "0";
-  if (kind == 1) return s.D == 1 && s.G == s.C;
+  if (kind == 1) return s.G == s.C && (s.D == 1 || std::max(s.H, s.W) <= 64);
   return whole != nullptr && whole->V == 8 && whole->waves < (s.G == s.C ? 5.0 : 3.0);
 }
 
