@@ -218,7 +218,25 @@ bool HalfVector(int kind, const ScanShape& s, const Plan* whole) {
   return whole != nullptr && whole->V == 8 && whole->waves < (s.G == s.C ? 5.0 : 3.0);
 }
 
-// try_half: with half vectors where the call allows them (HalfVector); MakePlan falls back.
+// Chooses the vector width, positions per thread and slab width of one call. kind: 0 forward
+// (2 shared tiles), 1 backward (4 or 6 tiles: BwdTiles). try_half: with half vectors where the
+// call allows them (HalfVector; an error where it does not, and MakePlan falls back). The rules
+// come from the sweeps of experiments/tune_kernel.py on an H100 (docs/kernel_notes.md, v4 and
+// v5):
+//  - the slab width (bytes of a pixel that one block streams) matters most: at the same
+//    occupancy, 32-byte slabs ran at ~75% of the copy bandwidth, 64-byte at ~87%, 128-byte at
+//    ~91%. Wider than 128 bytes is not tried.
+//  - forward: one position per thread (two spilled registers), then the slab (>= 64 bytes if
+//    possible) that keeps the most threads resident per multiprocessor, the wider on ties.
+//  - backward: the group reduction in one launch first, then an instance that does not spill,
+//    then one with the neighbour synchronisation, then the widest slab; two positions per
+//    thread where that widens it (the backward holds ~170-250 registers, so one 256-thread
+//    block per multiprocessor: width is what is left to gain), and a block of more than 256
+//    threads before a wider slab (one gate group per vector and one position per thread:
+//    BwdMaxThreads).
+//  - both: slabs of at least one 32-byte sector per pixel where the channels allow (16-byte
+//    slabs ran at 13% of the copy bandwidth in the backward at 8x192x128x128 bf16, v5), then at
+//    least one block per multiprocessor where the problem allows.
 template <typename T>
 ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
                     bool normalize, bool aligned, int kind, bool try_half, Plan* plan) {
@@ -235,8 +253,8 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         "gspn_scan (CUDA): lines longer than " + std::to_string(max_threads * kMaxPositions) +
         " positions (H or W) are not supported by the " + (kind == 0 ? "forward" : "backward") +
         " kernel; use backend='reference'");
-  // Half vectors (4 channels of 8 bytes) for 16-bit types (the backward: G = C at D = 1): twice
-  // the threads per slab, each with half the arithmetic of a line (HalfVector).
+  // Half vectors (4 channels of 8 bytes) for 16-bit types (the backward: G = C only): twice the
+  // threads per slab, each with half the arithmetic of a line (HalfVector).
   const bool half = try_half && vec == 8 && vector_ok &&
                     (kind == 0 ? (S == 1 || S % vec == 0) && Lmax <= kFwdThreads
                                : S == 1 && Lmax <= 512);

@@ -8,8 +8,8 @@
 // Threads are laid out as Vs "vector lanes" (fastest) by Pt "position lanes"; a thread owns one
 // vector of V consecutive channels (16 bytes: 4 float32 or 8 bfloat16/float16; half of one, 4
 // channels of 8 bytes, for 16-bit types where the plan asks: HalfVector in gspn_cuda.cu; or a
-// single channel on the scalar path) at P positions p = pl, pl + Pt, ... of every line. Because the
-// arrays are channels-last, the lanes of a warp read consecutive 16-byte pieces of each pixel:
+// single channel on the scalar path) at P positions p = pl, pl + Pt, ... of every line. Because
+// the arrays are channels-last, the lanes of a warp read consecutive 16-byte pieces of each pixel:
 // every load and store is coalesced whatever the direction; a direction is only a base offset
 // and two strides (cgspn::LineGeometry), nothing is ever transposed in memory.
 //
@@ -401,20 +401,20 @@ __host__ __device__ constexpr int BwdMaxThreads(int type_bytes, int V, int NG, i
   return type_bytes == 4 || !acc ? 512 : 384;
 }
 
-// The 16-bit G = C backward at D = 1 with half vectors (4 channels of 8 bytes per thread: the
-// plan's HalfVector in gspn_cuda.cu) stages its inputs through shared memory instead of two
-// register sets: cp.async copies line t - 1's into a per-thread slot while line t reads its own
-// from the other. Without the registers of the sets a thread holds 93 (no spill): 512-thread
-// blocks, 64-byte slabs at lines of 64 positions, 32-byte at 128. Each warp then does half the
-// arithmetic of a line that the 8-channel vectors did: the latency of that per-line work, not the
-// memory pattern, had bound them (v17). H100 (docs/kernel_notes.md, v18): 32 x 1152 x 64 x 64
-// bfloat16 1.51 -> 1.39-1.40 ms, 8 x 1152 x 128 x 128 1.82 -> 1.60. Measured and not taken:
-// the 8-channel vectors staged in 512-thread blocks (v17, 128-byte slabs: 1.51 ms), half vectors
-// in blocks of 768 (80 registers: 1.41-1.49 ms) or 1024 threads (64 registers and 52 bytes of
-// spill: 1.81), with the L2 prefetch (1.54; 128 x 128: 3.6), with the tail split (1.46), float32
-// (2-5% slower than two positions per thread), the dx sum of D > 1 (0-3% slower). BwdMaxThreads
-// gives wide instances with NG = V only to half vectors without the dx sum, so that `wide` here
-// implies all of it.
+// The 16-bit G = C backward with half vectors (4 channels of 8 bytes per thread: the plan's
+// HalfVector in gspn_cuda.cu) stages its inputs (and, when D > 1, the running dx sum) through
+// shared memory instead of two register sets: cp.async copies line t - 1's into a per-thread slot
+// while line t reads its own from the other. Without the registers of the sets a thread holds 93
+// (no spill): 512-thread blocks, 64-byte slabs at lines of 64 positions, 32-byte at 128. Each
+// warp then does half the arithmetic of a line that the 8-channel vectors did: the latency of
+// that per-line work, not the memory pattern, had bound them (v17). H100 (docs/kernel_notes.md,
+// v18): 32 x 1152 x 64 x 64 bfloat16 1.51 -> 1.39-1.40 ms, 8 x 1152 x 128 x 128 1.82 -> 1.60.
+// Measured and not taken: the 8-channel vectors staged in 512-thread blocks (v17, 128-byte slabs:
+// 1.51 ms), half vectors in blocks of 768 (80 registers: 1.41-1.49 ms) or 1024 threads (64
+// registers and 52 bytes of spill: 1.81), with the L2 prefetch (1.54; 128 x 128: 3.6), with the
+// tail split (1.46), float32 staging (2-5% slower than two positions per thread, v17).
+// BwdMaxThreads gives wide instances with NG = V only to half vectors, and only 16-bit ones are
+// compiled.
 __host__ __device__ constexpr bool BwdStaged(int V, int NG, int P, bool wide) {
   return wide && V > 1 && NG == V && P == 1;
 }
