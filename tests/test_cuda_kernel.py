@@ -268,12 +268,17 @@ def test_768_thread_forward(knobs, monkeypatch):
         "bf16_D1_64_prefetch", "bf16_D2_384", "bf16_narrow_256", "G=C_bf16_D4", "G=C_bf16_whole",
         "G=C_f32"])
 def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
+    plans = _checked_backward_plans((shape, G), directions, dtype, knobs, monkeypatch, capfd)
+    assert plans and all(f" threads={threads} " in ln for ln in plans), plans
+
+
+def _checked_backward_plans(shape, directions, dtype, knobs, monkeypatch, capfd):
+    """Checks one case, global and chunked, under the knobs; returns the printed backward plans."""
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)
-    check((shape, G), directions, dtype)
-    check((shape, G), directions, dtype, chunk=3)
-    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
-    assert plans and all(f" threads={threads} " in ln for ln in plans), plans
+    check(shape, directions, dtype)
+    check(shape, directions, dtype, chunk=3)
+    return [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
 
 
 # The 16-bit G = C backward with half vectors (HalfVector: 4 channels of 8 bytes per thread,
@@ -293,11 +298,7 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
     ((2, 6, 128, 96), 96, "bfloat16", ("bt", "rl"), {"CGSPN_CUDA_HALF_BWD": "1"}, 512),
 ], ids=["bf16", "f16", "bf16_128", "bf16_6_lanes", "bf16_tail2", "bf16_D4", "f16_D2", "bf16_D2_128"])
 def test_half_vector_backward(shape, G, dtype, directions, knobs, threads, monkeypatch, capfd):
-    for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
-        monkeypatch.setenv(key, value)
-    check((shape, G), directions, dtype)
-    check((shape, G), directions, dtype, chunk=3)
-    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
+    plans = _checked_backward_plans((shape, G), directions, dtype, knobs, monkeypatch, capfd)
     assert plans and all(" V=4 " in ln and f" threads={threads} " in ln for ln in plans), plans
 
 

@@ -413,12 +413,19 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
 }
 
 // The launch plan of one call (PlanCall): of whole vectors, or of half ones where the rule
-// (HalfVector) asks and a plan of them fits the call.
+// (HalfVector) asks and a plan of them fits the call. The backward's rule needs no plan of whole
+// vectors, so it plans those only where the half ones do not fit; the forward's needs their
+// waves.
 template <typename T>
 ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t chunk,
                     bool normalize, bool aligned, int kind, Plan* plan) {
+  const bool half_types = sizeof(T) == 2;
+  if (half_types && kind == 1 && HalfVector(kind, s, nullptr) &&
+      PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, true, plan).success())
+    return ffi::Error::Success();
   const ffi::Error whole = PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, false, plan);
-  if (sizeof(T) != 2 || !HalfVector(kind, s, whole.success() ? plan : nullptr)) return whole;
+  if (!half_types || kind == 1 || !HalfVector(kind, s, whole.success() ? plan : nullptr))
+    return whole;
   Plan half{};
   if (!PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, true, &half).success()) return whole;
   *plan = half;
