@@ -16,7 +16,7 @@ namespace {
 template <typename T, int V, int NG, bool kAcc>
 struct BwdIn {
   Pack<T, V> x, lam, dh, hm;  // hm: the saved h of line t - 1 at this position
-  GatePack<T, NG, (NG == 1 && V > 1)> g;  // the 3 * NG gates
+  Pack<T, NG> g[3];
   float acc[kAcc ? V : 1];    // running float32 dx sum of the earlier directions
 };
 
@@ -103,7 +103,8 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
         op(in[j].lam, lamd + pix * C);
         op(in[j].dh, dhd + pix * C);
         if (need_h) op(in[j].hm, hd + (pix - geo.step_stride) * C);
-        in[j].g.ForLoads(wd + pix * G3, op);
+#pragma unroll
+        for (int k = 0; k < 3; ++k) op(in[j].g[k], wd + pix * G3 + k * NG);
         after(j, pix);
       }
     };
@@ -129,17 +130,17 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
           if (!first_dir) LoadF<V>(accd + pix * C, in[j].acc);
       });
     };
-    auto prefetch = [&](int t) {  // (packs of its own: GatePack::ForLoads writes to its pack)
-      BwdIn<T, V, NG, kAcc> unused[P];
-      for_inputs(unused, t, [](auto&, const T* p) { PrefetchL2(p); }, [](int, int64_t) {});
+    auto prefetch = [&](BwdIn<T, V, NG, kAcc>(&in)[P], int t) {
+      for_inputs(in, t, [](auto&, const T* p) { PrefetchL2(p); }, [](int, int64_t) {});
     };
 
     // One group's gate gradient (into out) from its weight gradient da, at position p of a line
     // whose gates are graw (group g of the vector).
-    auto finish_dw = [&](int p, const GatePack<T, NG, (NG == 1 && V > 1)>& graw, int g,
+    auto finish_dw = [&](int p, const Pack<T, NG> (&graw)[3], int g,
                          const float (&da)[3], float* out) {
       float gv[3 * NG], wa[3], wc[3];
-      graw.Unpack(gv);
+#pragma unroll
+      for (int k = 0; k < 3; ++k) graw[k].Unpack(gv + k * NG);
       Weights(gv + 3 * g, p > 0, p + 1 < L, a.normalize, wa, wc);
       GateGrad(da, wa, wc, a.normalize, out + 3 * g);
     };
@@ -148,7 +149,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     // gradient, its adjoint z and its gates. (That form reads the saved h of line t at p, loaded
     // with line t + 1, back from the shared tile: fewer registers.)
     float zold[P][V], u1[P][V];
-    GatePack<T, NG, (NG == 1 && V > 1)> gold[P];
+    Pack<T, NG> gold[P][3];
 #pragma unroll
     for (int j = 0; j < P; ++j)
 #pragma unroll
@@ -163,7 +164,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
         CopyWait<1>();             // line t's copies (the group before line t - 1's) have landed
       }
       if constexpr (kPrefetch)
-        if (t > 1) prefetch(t - 2);
+        if (t > 1) prefetch(ahead, t - 2);
       // Line t + 1 (this block's previous line, unless t is a direction's first) must be in
       // the tiles. (The same-line form first issues loads that do not need it, below.)
       if constexpr (!kSame)
@@ -309,7 +310,8 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
         float dwv[kSame ? 3 * NG : 1] = {};
         if (!restart) {  // publish a_0 z, a_2 z (and h_{t-1}) for line t - 1
           float gv[3 * NG], hm[V], u0[V], u2[V];
-          cur[j].g.Unpack(gv);
+#pragma unroll
+          for (int k = 0; k < 3; ++k) cur[j].g[k].Unpack(gv + k * NG);
           cur[j].hm.Unpack(hm);
           float hlv[V], hrv[V];
           if constexpr (kSame) {
@@ -341,7 +343,8 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
             StoreF<V>(tile(kH, now) + p * Cs + vl * V, hm);
 #pragma unroll
             for (int i = 0; i < V; ++i) zold[j][i] = z[j][i];
-            gold[j] = cur[j].g;
+#pragma unroll
+            for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
           }
         }
         if constexpr (kSame) {  // several groups per vector: no lane reduction

@@ -31,7 +31,8 @@ struct Positions {
 template <typename T, int V, int NG>
 struct FwdIn {
   Pack<T, V> x, lam;
-  GatePack<T, NG, (NG == 1 && V > 1)> g;  // the 3 * NG gates
+  // the 3 * NG gates: in two loads for 16-bit whole vectors with one group each (GatePack)
+  GatePack<T, NG, (NG == 1 && sizeof(T) == 2 && V == 8)> g;
 };
 
 // Threads per block of a forward instance: 768 (at most 85 registers each) where a thread

@@ -146,14 +146,14 @@ struct Pack {
 };
 
 // The 3 * NG gates that one vector uses at one pixel (3 * NG consecutive elements: group-major,
-// neighbour-minor), as raw bits. With several groups per vector, three packs of NG. With one
-// group per vector (kPair: the vector path, whose buffers are 16-byte aligned), two loads instead
-// of three: group n's gates start at element 3n, so the pair of elements from 3n + (n & 1) is
-// aligned to two elements, and the single one left is 3n + 2 or 3n. One load instruction fewer
-// per line, and fewer L2 tag lookups: at 8 x 1152 x 128 x 128 bfloat16 G = 72 the forward's L2
-// tag requests were its busiest memory unit (71%, against 63% for DRAM; docs/kernel_notes.md,
-// v19). Never reads past the group's 3 elements.
-template <typename T, int NG, bool kPair = NG == 1>
+// neighbour-minor), as raw bits: three packs of NG. kPair (NG = 1, on the vector path, whose
+// buffers are 16-byte aligned): two loads instead of three. Group n's gates start at element 3n,
+// so the pair of elements from 3n + (n & 1) is aligned to two elements, and the one left is
+// 3n + 2 or 3n; nothing past the group's 3 elements is read. Where it is used, by measurement
+// (H100, docs/kernel_notes.md, v19): the 16-bit forward with whole vectors, where 32 x 1152 x 64 x
+// 64 bfloat16 G = 72 ran 2-3% faster. Elsewhere it moved nothing or cost 1-2% (half vectors at
+// 128 x 128, the backward).
+template <typename T, int NG, bool kPair>
 struct GatePack {
   Pack<T, NG> g[3];
   // op(pack, its address) for each load (Load, and the L2 prefetch, use it).
