@@ -31,7 +31,8 @@ struct Positions {
 template <typename T, int V, int NG>
 struct FwdIn {
   Pack<T, V> x, lam;
-  Pack<T, NG> g[3];  // 3 * NG consecutive gates: group-major, neighbour-minor
+  // the 3 * NG gates: in two loads for 16-bit whole vectors with one group each (GatePack)
+  GatePack<T, NG, (NG == 1 && sizeof(T) == 2 && V == 8)> g;
 };
 
 // Threads per block of a forward instance: 768 (at most 85 registers each) where a thread
@@ -92,15 +93,15 @@ __global__ void __launch_bounds__(kFwdMaxThreads<T, V, NG, P>)
       const int64_t pix = line + poff[j];
       op(in[j].x, xd + pix * C);
       op(in[j].lam, lamd + pix * C);
-#pragma unroll
-      for (int k = 0; k < 3; ++k) op(in[j].g[k], wd + pix * G3 + k * NG);
+      in[j].g.ForLoads(wd + pix * G3, op);
     }
   };
   auto load = [&](FwdIn<T, V, NG>(&in)[P], int t) {
     for_inputs(in, t, [](auto& pack, const T* p) { pack.Load(p); });
   };
-  auto prefetch = [&](FwdIn<T, V, NG>(&in)[P], int t) {
-    for_inputs(in, t, [](auto&, const T* p) { PrefetchL2(p); });
+  auto prefetch = [&](int t) {  // (into packs of its own: GatePack::ForLoads writes to its pack)
+    FwdIn<T, V, NG> unused[P];
+    for_inputs(unused, t, [](auto&, const T* p) { PrefetchL2(p); });
   };
 
   float hown[P][V];  // this thread's h of the previous line
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads<T, V, NG, P>)
   auto step = [&](int t, const FwdIn<T, V, NG>(&cur)[P], FwdIn<T, V, NG>(&ahead)[P]) {
     if (t + 1 < T_steps) load(ahead, t + 1);
     if constexpr (kPrefetchL2<T>)
-      if (a.prefetch && t + 2 < T_steps) prefetch(ahead, t + 2);
+      if (a.prefetch && t + 2 < T_steps) prefetch(t + 2);
     if (neighbour_sync && t > 0) sync.WaitFor(t - 1);
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const float* prev = tile + ((t + 1) & 1) * tile_size;  // written by line t - 1
@@ -132,8 +133,7 @@ __global__ void __launch_bounds__(kFwdMaxThreads<T, V, NG, P>)
       float xv[V], lv[V], gv[3 * NG], hv[V];
       cur[j].x.Unpack(xv);
       cur[j].lam.Unpack(lv);
-#pragma unroll
-      for (int k = 0; k < 3; ++k) cur[j].g[k].Unpack(gv + k * NG);
+      cur[j].g.Unpack(gv);
 #pragma unroll
       for (int i = 0; i < V; ++i) hv[i] = lv[i] * xv[i];
       if (!restart) {

@@ -145,6 +145,50 @@ struct Pack {
   }
 };
 
+// The 3 * NG gates that one vector uses at one pixel (3 * NG consecutive elements: group-major,
+// neighbour-minor), as raw bits: three packs of NG. kPair (NG = 1, on the vector path, whose
+// buffers are 16-byte aligned): two loads instead of three. Group n's gates start at element 3n,
+// so the pair of elements from 3n + (n & 1) is aligned to two elements, and the one left is
+// 3n + 2 or 3n; nothing past the group's 3 elements is read. Where it is used, by measurement
+// (H100, docs/kernel_notes.md, v19): the 16-bit forward with whole vectors, where 32 x 1152 x 64 x
+// 64 bfloat16 G = 72 ran 2-3% faster. Elsewhere it moved nothing or cost 1-2% (half vectors at
+// 128 x 128, the backward).
+template <typename T, int NG, bool kPair>
+struct GatePack {
+  Pack<T, NG> g[3];
+  // op(pack, its address) for each load (Load, and the L2 prefetch, use it).
+  template <typename F>
+  __device__ __forceinline__ void ForLoads(const T* p, F&& op) {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) op(g[k], p + k * NG);
+  }
+  __device__ __forceinline__ void Unpack(float* out) const {
+#pragma unroll
+    for (int k = 0; k < 3; ++k) g[k].Unpack(out + k * NG);
+  }
+};
+template <typename T>
+struct GatePack<T, 1, true> {
+  Pack<T, 2> pair;
+  Pack<T, 1> single;
+  bool odd;  // group index n odd: the pair holds gates 1, 2 (else 0, 1)
+  template <typename F>
+  __device__ __forceinline__ void ForLoads(const T* p, F&& op) {
+    // 3n and n have the same parity; the buffer starts 16-byte aligned.
+    odd = (reinterpret_cast<uintptr_t>(p) / sizeof(T)) & 1;
+    op(pair, p + odd);
+    op(single, p + (odd ? 0 : 2));
+  }
+  __device__ __forceinline__ void Unpack(float* out) const {
+    float two[2], one;
+    pair.Unpack(two);
+    single.Unpack(&one);
+    out[0] = odd ? one : two[0];
+    out[1] = odd ? two[0] : two[1];
+    out[2] = odd ? two[1] : one;
+  }
+};
+
 // Copies N (4, 8 or 16) bytes from global to shared memory asynchronously (cp.async, with the
 // L2::256B hint of Pack::Load, allocating in L1 as Pack::Load does: the same-line form's loads of
 // h at p -/+ 1 count on finding there what the neighbouring threads fetched); CopyCommit closes
