@@ -331,6 +331,32 @@ def test_half_vector_forward(shape, G, dtype, knobs, threads, monkeypatch, capfd
         assert all(" V=8 " in ln for ln in err if "CUDA backward:" in ln)
 
 
+# The 16-bit forward with whole vectors and one gate group per vector loads a group's 3 gates
+# as an aligned pair and a single element, chosen by the parity of the group's index (GatePack in
+# xla_ffi/gspn_cuda_kernels.cuh). An odd G makes that parity change from pixel to pixel, an even
+# one keeps it per channel slab; also with the L2 prefetch (which addresses the same gates two
+# lines ahead) and with two positions per thread (lines longer than 512).
+@pytest.mark.parametrize("shape, G, knobs", [
+    ((2, 7, 9, 48), 3, {}),
+    ((2, 9, 6, 64), 4, {}),
+    ((1, 6, 7, 144), 1, {}),
+    ((2, 6, 64, 256), 16, {"CGSPN_CUDA_VS_FWD": "8", "CGSPN_CUDA_PREFETCH_FWD": "1"}),
+    ((1, 3, 600, 48), 3, {}),
+], ids=["G3_odd", "G4_even", "S144", "prefetch", "P2"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
+    for key, value in dict(knobs, CGSPN_CUDA_HALF_FWD="0", CGSPN_CUDA_VERBOSE="1").items():
+        monkeypatch.setenv(key, value)
+    check((shape, G), ("tb", "bt", "lr", "rl"), dtype)
+    check((shape, G), ("rl", "bt"), dtype, chunk=2, normalize=False)
+    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA forward:" in ln]
+    assert plans and all(" V=8 " in ln and " NG=1 " in ln for ln in plans), plans
+    if "CGSPN_CUDA_PREFETCH_FWD" in knobs:
+        assert all(" prefetch=1 " in ln for ln in plans), plans
+    if shape[2] > 512:
+        assert all(" P=2 " in ln for ln in plans), plans
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)
