@@ -8,7 +8,9 @@ slab forced to 4 or 3 lanes, so that its wide blocks (BwdMaxThreads: 508 or 381 
 or 384) run with a partial last slab; the same with G = C and one direction, whose 16-bit
 backward takes half vectors (4 channels of 8 bytes per thread) in wide blocks that stage their
 inputs through shared memory (BwdStaged: cp.async into per-thread slots), as does its forward
-(in blocks of up to 768 threads).
+(in blocks of up to 768 threads). G = 5 with C = 40 gives 16-bit vectors one gate group each, whose
+forward loads a group's gates as a pair and a single element (GatePack): odd G changes the pair's
+position from pixel to pixel, and the last group of the call ends the gate buffer.
 """
 import os
 
