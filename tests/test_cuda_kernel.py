@@ -272,13 +272,24 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
     assert plans and all(f" threads={threads} " in ln for ln in plans), plans
 
 
-def _checked_backward_plans(shape, directions, dtype, knobs, monkeypatch, capfd):
-    """Checks one case, global and chunked, under the knobs; returns the printed backward plans."""
+def _set_knobs(monkeypatch, knobs):
+    """Sets the launch-plan knobs, and CGSPN_CUDA_VERBOSE so that the handler prints its plans."""
     for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)
+
+
+def _printed_plans(capfd):
+    """The plans the handler printed since the last read: {"forward": [...], "backward": [...]}."""
+    err = capfd.readouterr().err.splitlines()
+    return {kind: [ln for ln in err if f"CUDA {kind}:" in ln] for kind in ("forward", "backward")}
+
+
+def _checked_backward_plans(shape, directions, dtype, knobs, monkeypatch, capfd):
+    """Checks one case, global and chunked, under the knobs; returns the printed backward plans."""
+    _set_knobs(monkeypatch, knobs)
     check(shape, directions, dtype)
     check(shape, directions, dtype, chunk=3)
-    return [ln for ln in capfd.readouterr().err.splitlines() if "CUDA backward:" in ln]
+    return _printed_plans(capfd)["backward"]
 
 
 # The 16-bit G = C backward with half vectors (HalfVector: 4 channels of 8 bytes per thread,
@@ -317,18 +328,16 @@ def test_half_vector_backward(shape, G, dtype, directions, knobs, threads, monke
      512),
 ], ids=["bf16_12", "f16_128", "bf16_8", "bf16_tail2", "S16_bf16", "S16_f16_prefetch"])
 def test_half_vector_forward(shape, G, dtype, knobs, threads, monkeypatch, capfd):
-    for key, value in dict(knobs, CGSPN_CUDA_HALF_FWD="1", CGSPN_CUDA_HALF_BWD="1",
-                           CGSPN_CUDA_VERBOSE="1").items():
-        monkeypatch.setenv(key, value)
+    _set_knobs(monkeypatch, dict(knobs, CGSPN_CUDA_HALF_FWD="1", CGSPN_CUDA_HALF_BWD="1"))
     check((shape, G), ("tb", "bt", "lr", "rl"), dtype)
     check((shape, G), ("rl", "tb"), dtype, chunk=3)
     if G != shape[-1]:
         check((shape, G), ("bt",), dtype)
-    err = capfd.readouterr().err.splitlines()
-    plans = [ln for ln in err if "CUDA forward:" in ln]
+    printed = _printed_plans(capfd)
+    plans = printed["forward"]
     assert plans and all(" V=4 " in ln and f" threads={threads} " in ln for ln in plans), plans
     if G != shape[-1]:
-        assert all(" V=8 " in ln for ln in err if "CUDA backward:" in ln)
+        assert all(" V=8 " in ln for ln in printed["backward"])
 
 
 # The 16-bit forward with whole vectors and one gate group per vector loads a group's 3 gates
@@ -345,11 +354,10 @@ def test_half_vector_forward(shape, G, dtype, knobs, threads, monkeypatch, capfd
 ], ids=["G3_odd", "G4_even", "S144", "prefetch", "P2"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
-    for key, value in dict(knobs, CGSPN_CUDA_HALF_FWD="0", CGSPN_CUDA_VERBOSE="1").items():
-        monkeypatch.setenv(key, value)
+    _set_knobs(monkeypatch, dict(knobs, CGSPN_CUDA_HALF_FWD="0"))
     check((shape, G), ("tb", "bt", "lr", "rl"), dtype)
     check((shape, G), ("rl", "bt"), dtype, chunk=2, normalize=False)
-    plans = [ln for ln in capfd.readouterr().err.splitlines() if "CUDA forward:" in ln]
+    plans = _printed_plans(capfd)["forward"]
     assert plans and all(" V=8 " in ln and " NG=1 " in ln for ln in plans), plans
     if "CGSPN_CUDA_PREFETCH_FWD" in knobs:
         assert all(" prefetch=1 " in ln for ln in plans), plans
