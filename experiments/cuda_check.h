@@ -1,6 +1,7 @@
 // For the standalone measurement programs in experiments/ (sm_bandwidth.cu, bwd_pattern.cu):
 // CHECK(call) exits with the file, line and CUDA's message when a runtime call fails; MedianMs
-// times launches with CUDA events.
+// times launches with CUDA events; SmemAddr and MbarWait are the device helpers of the programs
+// that stage through shared memory behind mbarriers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -42,3 +43,22 @@ float MedianMs(int reps, int warmup, Launch&& launch) {
   std::sort(ms.begin(), ms.end());
   return ms[ms.size() / 2];
 }
+
+#ifdef __CUDACC__
+#include <cstdint>
+
+__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+// Waits until the mbarrier at `bar` completes the phase of the given parity.
+__device__ __forceinline__ void MbarWait(uint64_t* bar, uint32_t parity) {
+  uint32_t done = 0;
+  while (!done)
+    asm volatile(
+        "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
+        "selp.u32 %0, 1, 0, p; }"
+        : "=r"(done)
+        : "r"(SmemAddr(bar)), "r"(parity)
+        : "memory");
+}
+#endif

@@ -52,10 +52,6 @@ __global__ void __launch_bounds__(kThreads) LdgStream(const uint4* in, int lines
   if (acc == 0x12345678u) out[0] = acc;  // keeps the loads alive
 }
 
-__device__ __forceinline__ uint32_t SmemAddr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // A model of the forward's line loop, bf16, C = 1152, G = C: blocks of kLanes lanes of 16 bytes
 // across channels by kW positions (a kW x kW image); block b reads slab b % nslab of image
 // b / nslab, as the kernel does; per thread and line 5 x 16 bytes of x, lam and gates, loaded
@@ -184,15 +180,7 @@ __global__ void __launch_bounds__(kThreads + 32)
       if (t + kStages - 1 < lines) issue(t + kStages - 1);
     } else {
       const int s = t % kStages;
-      const uint32_t bar = SmemAddr(&full[s]), parity = (t / kStages) & 1;
-      uint32_t done = 0;
-      while (!done)
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; "
-            "selp.u32 %0, 1, 0, p; }"
-            : "=r"(done)
-            : "r"(bar), "r"(parity)
-            : "memory");
+      MbarWait(&full[s], (t / kStages) & 1);
       const uint4* line = reinterpret_cast<const uint4*>(smem + s * kLineBytes);
 #pragma unroll
       for (int k = 0; k < kPieces; ++k) {
