@@ -271,9 +271,8 @@ struct TmaPlan {
 template <typename T>
 bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
                     bool normalize, const T* x, const T* lam, const T* w, TmaPlan* tp) {
-  if constexpr (sizeof(T) != 2) {
-    return false;
-  } else {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  {
     const char* knob_env = std::getenv("CGSPN_CUDA_TMA_FWD");
     const int knob = knob_env ? std::atoi(knob_env) : -1;
     if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8 || (s.C / s.G) % 8) return false;
