@@ -9,9 +9,11 @@
 // into shared memory. Six consumer warps scan from there. Blocks run in clusters of 2
 // neighbouring slabs that keep in lockstep: a cluster barrier per line, and line t + K is copied
 // only once both blocks finished line t, so that they read each pixel's neighbouring 96-byte
-// pieces together. (Measured on a standalone model, experiments/tma_forward.cu:
-// 8 x 1152 x 128 x 128 bfloat16 G = 72 0.411-0.415 ms against v19's 0.467; without the lockstep
-// 0.68-0.73; at 64 positions no gain. docs/kernel_notes.md, v20.)
+// pieces together. Measured (H100, docs/kernel_notes.md, v20): 8 x 1152 x 128 x 128 bfloat16
+// G = 72 0.474 -> 0.422 ms against the register forward in one run (D = 4 1.697 -> 1.582, float16
+// 0.479 -> 0.430, 16 x 768 x 96 x 96 G = 48 0.361 -> 0.320). The standalone model it follows
+// (experiments/tma_forward.cu) ran the same blocks without the lockstep at 0.68-0.73 ms, and
+// gained nothing at 64 positions, where the plan keeps the register forward.
 #pragma once
 
 #include <cuda.h>
