@@ -10,7 +10,9 @@ backward takes half vectors (4 channels of 8 bytes per thread) in wide blocks th
 inputs through shared memory (BwdStaged: cp.async into per-thread slots), as does its forward
 (in blocks of up to 768 threads). G = 5 with C = 40 gives 16-bit vectors one gate group each, whose
 forward loads a group's gates as a pair and a single element (GatePack): odd G changes the pair's
-position from pixel to pixel, and the last group of the call ends the gate buffer.
+position from pixel to pixel, and the last group of the call ends the gate buffer. C = 64 with
+G = 8, forced onto the TMA forward (CGSPN_CUDA_TMA_FWD=1; 16-bit only): row and column lines,
+a partial last slab (48 + 16 channels) whose tensor-map boxes run past C and past the gates.
 """
 import os
 
@@ -35,8 +37,9 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          # last slabs; also at D = 2 (forced: the backward with the dx sum).
          ((1, 3, 127, 40), 40, ("bt",), {}), ((1, 4, 61, 40), 40, ("bt",), {}),
          ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1",
-                                             "CGSPN_CUDA_HALF_BWD": "1"})]
-KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD")
+                                             "CGSPN_CUDA_HALF_BWD": "1"}),
+         ((1, 5, 72, 64), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD": "1"})]
+KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

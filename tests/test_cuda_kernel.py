@@ -365,6 +365,42 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
         assert all(" P=2 " in ln for ln in plans), plans
 
 
+# The TMA forward (xla_ffi/gspn_cuda_forward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
+# whole gate groups per 8-channel vector, lines of at most 128 positions, blocks of 48 channels
+# in clusters of two that keep in lockstep. The plan takes it on its own where every line is
+# longer than 64 positions; CGSPN_CUDA_TMA_FWD=1 forces it on shorter ones. Covered: row and
+# column lines (H != W), 8 and 16 channels per group, a partial last slab (C = 128: 48, 48, 32)
+# and a slab whose gate box runs past the last group, clusters whose two blocks belong to
+# different images and directions (B x slabs odd, H = W), chunks and unnormalised gates.
+@pytest.mark.parametrize("shape, G, directions, knobs", [
+    ((2, 100, 128, 128), 8, ("tb",), {}),
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD": "1"}),
+    ((3, 33, 33, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_FWD": "1"}),
+    ((1, 72, 128, 1152), 72, ("rl", "tb"), {}),
+    ((1, 128, 128, 64), 8, ("bt", "lr"), {}),
+], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
+    _set_knobs(monkeypatch, knobs)
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=5, normalize=False)
+    plans = _printed_plans(capfd)["forward"]
+    assert plans and all(" TMA " in ln for ln in plans), plans
+
+
+def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):
+    """3 G not a multiple of 8, lines of 64 positions without the knob, float32, and an odd
+    number of blocks: the register forward."""
+    _set_knobs(monkeypatch, {})
+    check(((2, 100, 128, 96), 6), ("tb",), "bfloat16")
+    check(((2, 64, 64, 128), 8), ("tb", "lr"), "bfloat16")
+    check(((2, 100, 128, 128), 8), ("tb",), "float32")
+    monkeypatch.setenv("CGSPN_CUDA_TMA_FWD", "1")
+    check(((3, 33, 40, 128), 8), ("lr",), "bfloat16")  # 9 blocks
+    plans = _printed_plans(capfd)["forward"]
+    assert len(plans) >= 4 and not any(" TMA " in ln for ln in plans), plans
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)

@@ -15,6 +15,7 @@
 #include "gspn.h"
 #include "gspn_cuda_forward.cuh"
 #include "gspn_cuda_backward.cuh"
+#include "gspn_cuda_forward_tma.cuh"
 
 namespace cgspn {
 namespace {
@@ -472,6 +473,11 @@ ffi::Error Forward(cudaStream_t st, const ScanShape& s, ffi::AnyBuffer x, ffi::A
   const T* wp = static_cast<const T*>(w.untyped_data());
   T* hp = static_cast<T*>(h->untyped_data());
   const bool aligned = Aligned16(xp) && Aligned16(lp) && Aligned16(wp) && Aligned16(hp);
+  if constexpr (sizeof(T) == 2) {
+    TmaPlan tp;
+    if (PlanTmaForward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, &tp))
+      return CudaError(LaunchTmaForward<T>(st, tp, hp), "forward launch (TMA)");
+  }
   Plan pl;
   if (ffi::Error e = MakePlan<T>(s, dirs, chunk, normalize, aligned, 0, &pl); e.failure()) return e;
   void* args[] = {&xp, &lp, &wp, &hp, &pl.a};

@@ -1,0 +1,366 @@
+// The forward of gspn_scan through tensor-memory-accelerator copies (device code), for 16-bit
+// types with one gate group per 8-channel vector on lines of at most 128 positions. Part of
+// gspn_cuda.cu's translation unit; the host side (the tensor maps, the plan rule) is there.
+//
+// Why a second forward: the register-load forward (gspn_cuda_forward.cuh) issues each thread's
+// loads one line ahead. On 16-bit G = C / 16 lines of 128 positions it reaches 68% of the copy
+// bandwidth. Here one producer thread per block copies each line's whole [positions x 48
+// channels] box of x and lam, and the box of the gates those channels use, K = 2 lines ahead
+// into shared memory. Six consumer warps scan from there. Blocks run in clusters of 2
+// neighbouring slabs that keep in lockstep: a cluster barrier per line, and line t + K is copied
+// only once both blocks finished line t, so that they read each pixel's neighbouring 96-byte
+// pieces together. Measured (H100, docs/kernel_notes.md, v20): 8 x 1152 x 128 x 128 bfloat16
+// G = 72 0.474 -> 0.422 ms against the register forward in one run (D = 4 1.697 -> 1.582, float16
+// 0.479 -> 0.430, 16 x 768 x 96 x 96 G = 48 0.361 -> 0.320). The standalone model it follows
+// (experiments/tma_forward.cu) ran the same blocks without the lockstep at 0.68-0.73 ms, and
+// gained nothing at 64 positions, where the plan keeps the register forward.
+#pragma once
+
+#include <cuda.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <type_traits>
+
+#include "gspn_cuda_kernels.cuh"
+
+namespace cgspn {
+namespace {
+
+constexpr int kTmaSlab = 48;      // channels per block (96 bytes of 16-bit types)
+constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces
+constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
+constexpr int kTmaMaxLine = 128;  // positions: items (kTmaSlab / 8 per position) per thread <= 4
+constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
+constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
+constexpr int kTmaCluster = 2;
+
+// The tensor maps of one call: x, lam and the gates, each as [rows][W][inner] with boxes for
+// lines along rows (directions tb, bt: box [1][W][inner box]) and along columns (lr, rl:
+// [H][1][inner box]). In shared memory both boxes are [positions][inner box]: every
+// direction's positions increase with the image coordinate (LineGeometry).
+struct TmaMaps {
+  CUtensorMap x_row, x_col, lam_row, lam_col, w_row, w_col;
+};
+
+struct TmaLaunch {
+  int B, H, W, C, G, D;
+  int dir_bits;  // 2 bits per direction, as Launch
+  int nslab;     // ceil(C / kTmaSlab)
+  int gbox;      // gate elements per pixel in a box (a multiple of 8)
+  int64_t chunk;
+  bool normalize;
+  // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
+  int xbytes, gbytes;
+};
+
+// Every thread of the cluster arrives, then waits for the others; release and acquire at cluster
+// scope, so it also orders the block's shared-memory accesses as __syncthreads does.
+__device__ __forceinline__ void ClusterSync() {
+  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+__device__ __forceinline__ void MbarExpectTx(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// The box of a 3-D tensor map at (c0, c1, c2) into shared memory, completing on `bar`.
+__device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
+                                        uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(SharedAddr(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SharedAddr(bar))
+      : "memory");
+}
+
+// Blocks: one per (direction, image, slab of kTmaSlab channels), slab fastest, launched in
+// clusters of kTmaCluster whose blocks scan the same number of lines (the host sees to it).
+// Shared memory: kTmaStages stages of {x [L][kTmaSlab], lam [L][kTmaSlab], gates [L][gbox]},
+// the h tiles [2][L][kTmaSlab] (float, by line parity), then the "full" and "empty" mbarriers.
+template <typename T>
+__global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
+    GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, const TmaLaunch a) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kTmaWarps * 32;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int stage_bytes = 2 * a.xbytes + a.gbytes;
+
+  const int slab = blockIdx.x % a.nslab;
+  const int rest = blockIdx.x / a.nslab;
+  const int b = rest % a.B, d = rest / a.B;
+  const int dir = (a.dir_bits >> (2 * d)) & 3;
+  const bool rows = dir == kTopBottom || dir == kBottomTop;
+  const LineGeometry geo = LineGeometry::Make(dir, a.H, a.W);
+  const int L = int(geo.length), T_steps = int(geo.steps);
+  float* tile = reinterpret_cast<float*>(smem + K * stage_bytes);
+  uint64_t* full = reinterpret_cast<uint64_t*>(tile + 2 * L * S);
+  uint64_t* empty = full + K;
+
+  const int c0 = slab * S;
+  const int Sg = a.C / a.G;
+  const int gfirst = (3 * (c0 / Sg)) & ~7;  // the gate box's first element, 16-byte aligned
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < K; ++s) {
+      MbarInit(&full[s], 1);
+      MbarInit(&empty[s], kTmaWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  // Line t's copies into stage t % K (one thread). Rows of the maps: x's [B * H], lam's and the
+  // gates' [D * B * H]; a row line is (row i, all W), a column line (column j, rows of image b).
+  auto issue = [&](int t) {
+    const int s = t % K;
+    unsigned char* st = smem + s * stage_bytes;
+    MbarExpectTx(&full[s], unsigned(2 * L * S * sizeof(T) + L * a.gbox * sizeof(T)));
+    const int i = dir == kTopBottom ? t : a.H - 1 - t;  // row lines
+    const int j = dir == kLeftRight ? t : a.W - 1 - t;  // column lines
+    const int xrow = b * a.H, drow = (d * a.B + b) * a.H;
+    if (rows) {
+      TmaLoad(st, &maps.x_row, c0, 0, xrow + i, &full[s]);
+      TmaLoad(st + a.xbytes, &maps.lam_row, c0, 0, drow + i, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, &maps.w_row, gfirst, 0, drow + i, &full[s]);
+    } else {
+      TmaLoad(st, &maps.x_col, c0, j, xrow, &full[s]);
+      TmaLoad(st + a.xbytes, &maps.lam_col, c0, j, drow, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, &maps.w_col, gfirst, j, drow, &full[s]);
+    }
+  };
+
+  if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
+    if (lane == 0)
+      for (int t = 0; t < K && t < T_steps; ++t) issue(t);
+    for (int t = 0; t < T_steps; ++t) {
+      ClusterSync();
+      if (lane == 0 && t + K < T_steps) {
+        MbarWait(&empty[t % K], (t / K) & 1);
+        issue(t + K);
+      }
+      __syncwarp();
+    }
+    return;
+  }
+
+  // Consumers: item k of a thread is (position p0 + k * kStride, vector v): since NCT is a
+  // multiple of NV, every item of a thread has the same vector, hence the same gates in a box
+  // row and the same channels; positions step by kStride. The same items every line, so each
+  // thread keeps its own h of the previous line. (Offsets are formed once: the first form, with
+  // the position and vector divided out per item and line, ran the 8 x 1152 x 128 x 128
+  // bfloat16 G = 72 forward at 0.569 ms against the model's 0.411.)
+  static_assert(NCT % NV == 0, "a thread's items share one vector");
+  constexpr int kStride = NCT / NV;
+  const int v = threadIdx.x % NV, p0 = threadIdx.x / NV;
+  const bool lane_ok = c0 + v * 8 < a.C;
+  const int gel = 3 * ((c0 + v * 8) / Sg) - gfirst;  // this thread's gates in a box row
+  const int64_t bhw = int64_t(a.B) * a.H * a.W;
+  const int64_t pstep = geo.pos_stride * a.C;  // elements from position p to p + 1
+  T* hthread = h + int64_t(d) * bhw * a.C + c0 + v * 8 + p0 * pstep;
+  float hown[kTmaItems][8];
+#pragma unroll
+  for (int k = 0; k < kTmaItems; ++k)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) hown[k][i] = 0.f;
+
+  for (int t = 0; t < T_steps; ++t) {
+    const int s = t % K;
+    MbarWait(&full[s], (t / K) & 1);
+    const unsigned char* st = smem + s * stage_bytes;
+    const T* xs = reinterpret_cast<const T*>(st);
+    const T* ls = reinterpret_cast<const T*>(st + a.xbytes);
+    const T* gs = reinterpret_cast<const T*>(st + 2 * a.xbytes);
+    const float* prev = tile + ((t + 1) & 1) * L * S;  // written by line t - 1
+    float* now = tile + (t & 1) * L * S;
+    const bool restart = LineGeometry::Restarts(t, a.chunk);
+    float hv[kTmaItems][8];
+#pragma unroll
+    for (int k = 0; k < kTmaItems; ++k) {
+      const int p = p0 + k * kStride;
+      if (!lane_ok || p >= L) continue;
+      Pack<T, 8> xp, lp;
+      xp.r = *reinterpret_cast<const uint4*>(xs + p * S + v * 8);
+      lp.r = *reinterpret_cast<const uint4*>(ls + p * S + v * 8);
+      float xv[8], lv[8];
+      xp.Unpack(xv);
+      lp.Unpack(lv);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) hv[k][i] = lv[i] * xv[i];
+      if (!restart) {
+        const T* gp = gs + p * a.gbox + gel;
+        const float g[3] = {ToF<T>(gp[0]), ToF<T>(gp[1]), ToF<T>(gp[2])};
+        float wa[3], wc[3];
+        Weights(g, p > 0, p + 1 < L, a.normalize, wa, wc);
+        float left[8], right[8];
+        if (p > 0) LoadF<8>(prev + (p - 1) * S + v * 8, left);
+        if (p + 1 < L) LoadF<8>(prev + (p + 1) * S + v * 8, right);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+          float acc = hv[k][i] + wa[1] * hown[k][i];
+          if (p > 0) acc += wa[0] * left[i];
+          if (p + 1 < L) acc += wa[2] * right[i];
+          hv[k][i] = acc;
+        }
+      }
+    }
+    // The stage is read: hand it back to the producer.
+    __syncwarp();
+    if (lane == 0) MbarArrive(&empty[s]);
+    T* hline = hthread + (b * geo.image + geo.base + int64_t(t) * geo.step_stride) * a.C;
+#pragma unroll
+    for (int k = 0; k < kTmaItems; ++k) {
+      const int p = p0 + k * kStride;
+      if (!lane_ok || p >= L) continue;
+      Pack<T, 8>::Store(hline + k * kStride * pstep, hv[k]);
+      StoreF<8>(now + p * S + v * 8, hv[k]);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) hown[k][i] = hv[k][i];
+    }
+    ClusterSync();
+  }
+}
+
+
+// ------------------------------------------------------------------ host side
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda);
+// nullptr where the driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A map of [rows][W][inner] 16-bit elements at `base` with boxes [box_rows][box_w][box_inner].
+// Out-of-range elements of a box (a partial last slab, the gates past the last group) read as 0.
+template <typename T>
+bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int64_t rows,
+                  int box_inner, int box_w, int box_rows) {
+  const cuuint64_t dims[3] = {cuuint64_t(inner), cuuint64_t(W), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(inner * sizeof(T)), cuuint64_t(inner * W * sizeof(T))};
+  const cuuint32_t box[3] = {cuuint32_t(box_inner), cuuint32_t(box_w), cuuint32_t(box_rows)};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  const CUtensorMapDataType type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                             : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return TensorMapEncoder()(map, type, 3, const_cast<T*>(base), dims, strides, box, elem,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+struct TmaPlan {
+  TmaMaps maps;
+  TmaLaunch a;
+  int blocks;
+  size_t smem;
+};
+
+// Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
+// buffers, C and 3 G multiples of 8 (the maps' row strides and the gate boxes' 16-byte starts);
+// whole gate groups per 8-channel vector; lines of at most kTmaMaxLine positions; an even
+// number of blocks whose pairs (the clusters) scan equally many lines. Where it can, the plan
+// takes it for lines of more than 64 positions: measured there (8 x 1152 x 128 x 128 bfloat16
+// G = 72), not at 64, where the register forward is as fast (docs/kernel_notes.md, v20).
+// CGSPN_CUDA_TMA_FWD=0 never takes it, =1 wherever it can.
+template <typename T>
+bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
+                    bool normalize, const T* x, const T* lam, const T* w, TmaPlan* tp) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  {
+    const char* knob_env = std::getenv("CGSPN_CUDA_TMA_FWD");
+    const int knob = knob_env ? std::atoi(knob_env) : -1;
+    if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8 || (s.C / s.G) % 8) return false;
+    bool any_rows = false, any_cols = false;
+    int64_t Lmax = 0, Lmin = kCudaMaxLineLength;
+    for (int64_t d = 0; d < s.D; ++d) {
+      const LineGeometry geo = LineGeometry::Make(dirs[d], s.H, s.W);
+      (dirs[d] == kTopBottom || dirs[d] == kBottomTop ? any_rows : any_cols) = true;
+      Lmax = std::max(Lmax, geo.length);
+      Lmin = std::min(Lmin, geo.length);
+    }
+    if (Lmax > kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
+    const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
+    const int64_t blocks = s.D * s.B * nslab;
+    // A cluster's two blocks must scan the same number of lines: never straddle two directions
+    // of different line counts.
+    if (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)) return false;
+    if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
+    const int64_t Sg = s.C / s.G;
+    int gbox = 8;
+    for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
+      const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
+      const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
+      gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
+    }
+    TmaLaunch& a = tp->a;
+    a = {};
+    a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
+    a.D = int(s.D);
+    for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
+    a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
+    auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
+    a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
+    a.gbytes = round128(Lmax * gbox * sizeof(T));
+    tp->blocks = int(blocks);
+    tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lmax * kTmaSlab * 4 +
+               2 * kTmaStages * 8;
+    auto kernel = GspnFwdTmaKernel<T>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             int(tp->smem)) != cudaSuccess)
+      return false;
+    int per_sm = 0;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTmaThreads, tp->smem) !=
+            cudaSuccess ||
+        per_sm < (knob == 1 ? 1 : 2))
+      return false;
+    // The maps (only those a direction of the call uses; the others stay zero, never read).
+    tp->maps = {};
+    const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
+    TmaMaps& m = tp->maps;
+    bool ok = true;
+    if (any_rows)
+      ok = ok && EncodeTmaMap(&m.x_row, x, s.C, s.W, xrows, kTmaSlab, int(s.W), 1) &&
+           EncodeTmaMap(&m.lam_row, lam, s.C, s.W, drows, kTmaSlab, int(s.W), 1) &&
+           EncodeTmaMap(&m.w_row, w, 3 * s.G, s.W, drows, gbox, int(s.W), 1);
+    if (any_cols)
+      ok = ok && EncodeTmaMap(&m.x_col, x, s.C, s.W, xrows, kTmaSlab, 1, int(s.H)) &&
+           EncodeTmaMap(&m.lam_col, lam, s.C, s.W, drows, kTmaSlab, 1, int(s.H)) &&
+           EncodeTmaMap(&m.w_col, w, 3 * s.G, s.W, drows, gbox, 1, int(s.H));
+    return ok;
+  }
+}
+
+template <typename T>
+cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
+  const char* verbose = std::getenv("CGSPN_CUDA_VERBOSE");
+  if (verbose && std::atoi(verbose))
+    std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
+                 "cluster=%d gbox=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem, kTmaCluster,
+                 tp.a.gbox);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(tp.blocks));
+  cfg.blockDim = dim3(kTmaThreads);
+  cfg.dynamicSmemBytes = tp.smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kTmaCluster;
+  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaError_t e = cudaLaunchKernelEx(&cfg, GspnFwdTmaKernel<T>, tp.maps, h, tp.a)) return e;
+  return cudaGetLastError();
+}
+
+}  // namespace
+}  // namespace cgspn
