@@ -7,7 +7,9 @@
 #              fwdprefetch bwdthreads bwd512 bwdsync bwdstaged)
 #   model    - experiments/sm_bandwidth.cu, the standalone model of what one SM can stream
 #   batches  - one case at several batch sizes: the cost of a partial last wave
-#   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k;
+#   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k, which also
+#              matches "pytestmark", the attribute of every decorated test: "tma" selects nearly
+#              all, "tma_forward" the TMA tests;
 #              CGSPN_TEST_SHARD=0/2, then 1/2, splits the suite over two device calls: with the
 #              build it no longer fits one call's 600 s)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
