@@ -310,38 +310,30 @@ void Run(const char* name, const Case& cs, const std::vector<bf16*>& in, bf16* h
   CHECK(cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
   int per_sm = 0;
   CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kern, NCW * 32 + 32, smem));
+  const int blocks = cs.B * (C / S);
+  // The launch configuration: in clusters of kCluster where asked.
+  cudaLaunchAttribute cluster_attr;
+  cluster_attr.id = cudaLaunchAttributeClusterDimension;
+  cluster_attr.val.clusterDim.x = kCluster > 0 ? kCluster : 1;
+  cluster_attr.val.clusterDim.y = cluster_attr.val.clusterDim.z = 1;
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(NCW * 32 + 32);
+  cfg.dynamicSmemBytes = smem;
+  cfg.attrs = &cluster_attr;
+  cfg.numAttrs = kCluster > 0 ? 1 : 0;
   int resident = per_sm * 132;  // blocks resident at once (of clusters: whole clusters)
   if (kCluster > 0) {
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(cs.B * (C / S));
-    cfg.blockDim = dim3(NCW * 32 + 32);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim = {unsigned(kCluster), 1, 1};
-    cfg.attrs = attr;
-    cfg.numAttrs = 1;
     int clusters = 0;
     CHECK(cudaOccupancyMaxActiveClusters(&clusters, kern, &cfg));
     resident = clusters * kCluster;
   }
-  const int blocks = cs.B * (C / S);
   const int rows = cs.B * cs.H;
   const size_t elems = size_t(rows) * W * C;
   auto launch = [&](int set) {
     const bf16* x = in[3 * set], *lam = in[3 * set + 1], *w = in[3 * set + 2];
     const CUtensorMap xm = Map3d(x, C, W, rows, S), lm = Map3d(lam, C, W, rows, S),
                       gm = Map3d(w, 3 * G, W, rows, GB);
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(blocks);
-    cfg.blockDim = dim3(NCW * 32 + 32);
-    cfg.dynamicSmemBytes = smem;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = kCluster > 0 ? kCluster : 1;
-    attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = kCluster > 0 ? 1 : 0;
     CHECK(cudaLaunchKernelEx(&cfg, kern, xm, lm, gm, h, a));
   };
   launch(0);

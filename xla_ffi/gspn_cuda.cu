@@ -1,8 +1,11 @@
 // The CUDA side of gspn_scan: launch plans (vector width, positions per thread, slab width) and
 // the forward and backward FFI handlers, one main launch each. The kernels are in
-// gspn_cuda_forward.cuh and gspn_cuda_backward.cuh, their design and shared parts in
+// gspn_cuda_forward.cuh (and, for 16-bit calls on lines of 65-128 positions, the TMA forward of
+// gspn_cuda_forward_tma.cuh, whose tensor maps and plan are made here) and
+// gspn_cuda_backward.cuh, their design and shared parts in
 // gspn_cuda_kernels.cuh; the measurements behind the plans in docs/kernel_notes.md.
 #include <cuda_runtime.h>
+#include <cudaTypedefs.h>  // PFN_cuTensorMapEncodeTiled
 
 #include <algorithm>
 #include <array>
@@ -462,6 +465,139 @@ ffi::Error CudaError(cudaError_t e, const char* what) {
   if (e == cudaSuccess) return ffi::Error::Success();
   return ffi::Error::Internal(std::string("gspn_scan (CUDA) ") + what + ": " +
                               cudaGetErrorString(e));
+}
+
+// ------------------------------------------------------------------ the TMA forward
+
+// cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda);
+// nullptr where the driver has none.
+inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(f);
+  }();
+  return fn;
+}
+
+// A map of [rows][W][inner] 16-bit elements at `base` with boxes [box_rows][box_w][box_inner].
+// Out-of-range elements of a box (a partial last slab, the gates past the last group) read as 0.
+template <typename T>
+bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int64_t rows,
+                  int box_inner, int box_w, int box_rows) {
+  const cuuint64_t dims[3] = {cuuint64_t(inner), cuuint64_t(W), cuuint64_t(rows)};
+  const cuuint64_t strides[2] = {cuuint64_t(inner * sizeof(T)), cuuint64_t(inner * W * sizeof(T))};
+  const cuuint32_t box[3] = {cuuint32_t(box_inner), cuuint32_t(box_w), cuuint32_t(box_rows)};
+  const cuuint32_t elem[3] = {1, 1, 1};
+  const CUtensorMapDataType type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16
+                                                             : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+  return TensorMapEncoder()(map, type, 3, const_cast<T*>(base), dims, strides, box, elem,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+struct TmaPlan {
+  TmaMaps maps;
+  TmaLaunch a;
+  int blocks;
+  size_t smem;
+};
+
+// Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
+// buffers, C and 3 G multiples of 8 (the maps' row strides and the gate boxes' 16-byte starts);
+// whole gate groups per 8-channel vector; lines of at most kTmaMaxLine positions; an even
+// number of blocks whose pairs (the clusters) scan equally many lines. Where it can, the plan
+// takes it for lines of more than 64 positions: measured there (8 x 1152 x 128 x 128 bfloat16
+// G = 72), not at 64, where the register forward is as fast (docs/kernel_notes.md, v20).
+// CGSPN_CUDA_TMA_FWD=0 never takes it, =1 wherever it can.
+template <typename T>
+bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
+                    bool normalize, const T* x, const T* lam, const T* w, TmaPlan* tp) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  const char* knob_env = std::getenv("CGSPN_CUDA_TMA_FWD");
+  const int knob = knob_env ? std::atoi(knob_env) : -1;
+  if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8 || (s.C / s.G) % 8) return false;
+  bool any_rows = false, any_cols = false;
+  int64_t Lmax = 0, Lmin = kCudaMaxLineLength;
+  for (int64_t d = 0; d < s.D; ++d) {
+    const LineGeometry geo = LineGeometry::Make(dirs[d], s.H, s.W);
+    (dirs[d] == kTopBottom || dirs[d] == kBottomTop ? any_rows : any_cols) = true;
+    Lmax = std::max(Lmax, geo.length);
+    Lmin = std::min(Lmin, geo.length);
+  }
+  if (Lmax > kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
+  const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
+  const int64_t blocks = s.D * s.B * nslab;
+  // A cluster's two blocks must scan the same number of lines: never straddle two directions
+  // of different line counts.
+  if (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)) return false;
+  if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
+  const int64_t Sg = s.C / s.G;
+  int gbox = 8;
+  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
+    const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
+    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
+    gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
+  }
+  TmaLaunch& a = tp->a;
+  a = {};
+  a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
+  a.D = int(s.D);
+  for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
+  a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
+  auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
+  a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
+  a.gbytes = round128(Lmax * gbox * sizeof(T));
+  tp->blocks = int(blocks);
+  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lmax * kTmaSlab * 4 +
+             2 * kTmaStages * 8;
+  auto kernel = GspnFwdTmaKernel<T>;
+  if (AllowSharedMemory(kernel, tp->smem) != cudaSuccess) return false;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTmaThreads, tp->smem) !=
+          cudaSuccess ||
+      per_sm < (knob == 1 ? 1 : 2))
+    return false;
+  // The maps (only those a direction of the call uses; the others stay zero, never read).
+  tp->maps = {};
+  const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
+  TmaMaps& m = tp->maps;
+  bool ok = true;
+  if (any_rows)
+    ok = ok && EncodeTmaMap(&m.x_row, x, s.C, s.W, xrows, kTmaSlab, int(s.W), 1) &&
+         EncodeTmaMap(&m.lam_row, lam, s.C, s.W, drows, kTmaSlab, int(s.W), 1) &&
+         EncodeTmaMap(&m.w_row, w, 3 * s.G, s.W, drows, gbox, int(s.W), 1);
+  if (any_cols)
+    ok = ok && EncodeTmaMap(&m.x_col, x, s.C, s.W, xrows, kTmaSlab, 1, int(s.H)) &&
+         EncodeTmaMap(&m.lam_col, lam, s.C, s.W, drows, kTmaSlab, 1, int(s.H)) &&
+         EncodeTmaMap(&m.w_col, w, 3 * s.G, s.W, drows, gbox, 1, int(s.H));
+  return ok;
+}
+
+template <typename T>
+cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
+  if (EnvInt("CGSPN_CUDA_VERBOSE"))
+    std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
+                 "cluster=%d gbox=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem, kTmaCluster,
+                 tp.a.gbox);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(tp.blocks));
+  cfg.blockDim = dim3(kTmaThreads);
+  cfg.dynamicSmemBytes = tp.smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kTmaCluster;
+  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaError_t e = cudaLaunchKernelEx(&cfg, GspnFwdTmaKernel<T>, tp.maps, h, tp.a)) return e;
+  return cudaGetLastError();
 }
 
 template <typename T>

@@ -16,7 +16,7 @@ namespace {
 template <typename T, int V, int NG, bool kAcc>
 struct BwdIn {
   Pack<T, V> x, lam, dh, hm;  // hm: the saved h of line t - 1 at this position
-  Pack<T, NG> g[3];
+  GatePack<T, NG, false> g;   // the 3 * NG gates, three loads (pairs did not pay here: v19)
   float acc[kAcc ? V : 1];    // running float32 dx sum of the earlier directions
 };
 
@@ -103,8 +103,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
         op(in[j].lam, lamd + pix * C);
         op(in[j].dh, dhd + pix * C);
         if (need_h) op(in[j].hm, hd + (pix - geo.step_stride) * C);
-#pragma unroll
-        for (int k = 0; k < 3; ++k) op(in[j].g[k], wd + pix * G3 + k * NG);
+        in[j].g.ForLoads(wd + pix * G3, op);
         after(j, pix);
       }
     };
@@ -136,11 +135,10 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
 
     // One group's gate gradient (into out) from its weight gradient da, at position p of a line
     // whose gates are graw (group g of the vector).
-    auto finish_dw = [&](int p, const Pack<T, NG> (&graw)[3], int g,
+    auto finish_dw = [&](int p, const GatePack<T, NG, false>& graw, int g,
                          const float (&da)[3], float* out) {
       float gv[3 * NG], wa[3], wc[3];
-#pragma unroll
-      for (int k = 0; k < 3; ++k) graw[k].Unpack(gv + k * NG);
+      graw.Unpack(gv);
       Weights(gv + 3 * g, p > 0, p + 1 < L, a.normalize, wa, wc);
       GateGrad(da, wa, wc, a.normalize, out + 3 * g);
     };
@@ -149,7 +147,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     // gradient, its adjoint z and its gates. (That form reads the saved h of line t at p, loaded
     // with line t + 1, back from the shared tile: fewer registers.)
     float zold[P][V], u1[P][V];
-    Pack<T, NG> gold[P][3];
+    GatePack<T, NG, false> gold[P];
 #pragma unroll
     for (int j = 0; j < P; ++j)
 #pragma unroll
@@ -310,8 +308,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
         float dwv[kSame ? 3 * NG : 1] = {};
         if (!restart) {  // publish a_0 z, a_2 z (and h_{t-1}) for line t - 1
           float gv[3 * NG], hm[V], u0[V], u2[V];
-#pragma unroll
-          for (int k = 0; k < 3; ++k) cur[j].g[k].Unpack(gv + k * NG);
+          cur[j].g.Unpack(gv);
           cur[j].hm.Unpack(hm);
           float hlv[V], hrv[V];
           if constexpr (kSame) {
@@ -343,8 +340,7 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
             StoreF<V>(tile(kH, now) + p * Cs + vl * V, hm);
 #pragma unroll
             for (int i = 0; i < V; ++i) zold[j][i] = z[j][i];
-#pragma unroll
-            for (int k = 0; k < 3; ++k) gold[j][k] = cur[j].g[k];
+            gold[j] = cur[j].g;
           }
         }
         if constexpr (kSame) {  // several groups per vector: no lane reduction
