@@ -557,7 +557,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lmax * kTmaSlab * 4 +
              2 * kTmaStages * 8;
   auto kernel = GspnFwdTmaKernel<T>;
-  if (AllowSharedMemory(kernel, tp->smem) != cudaSuccess) return false;
+  if (AllowSharedMemory(reinterpret_cast<const void*>(kernel), tp->smem) != cudaSuccess)
+    return false;
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTmaThreads, tp->smem) !=
           cudaSuccess ||
