@@ -122,6 +122,14 @@ _HALF_FWD = {"CGSPN_CUDA_HALF_FWD": "1"}
 FWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_FWD": "0"}, _HALF_FWD] + [
     dict(_HALF_FWD, CGSPN_CUDA_VS_FWD=str(v)) for v in (8, 6, 4)] + [{}]
 FWD_HALF_CASES = [c for c in BENCH_CASES if c[2] != "float32"]
+# Lines of 256 positions (no benchmark shape has them; 2K inputs at patch 8 do): the plan's
+# choice (v21: whole vectors in the 16-bit forward, two positions per thread in the backward),
+# the TMA forward forced where it applies (lines of up to 128 positions), and v20's plans (half
+# vectors forced, one position per thread in the backward's 512-thread blocks).
+LONG_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "0"},
+                 {"CGSPN_CUDA_TMA_FWD": "0", "CGSPN_CUDA_HALF_FWD": "1", "CGSPN_CUDA_P_BWD": "1"}]
+LONG_CASES = [((4, 1152, 128, 256), G, dt, 1) for G in (1152, 72) for dt in ("float32", "bfloat16")]
+LONG_CASES += [((2, 1152, 256, 256), 72, "bfloat16", 4), ((8, 1152, 128, 128), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -133,11 +141,13 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwd512": (BWD512_SETTINGS, BWD512_CASES, ("bwd",)),
             "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",)),
             "bwdhalf": (BWD_HALF_SETTINGS, BWD_HALF_CASES, ("bwd",)),
-            "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",))}
+            "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",)),
+            "long": (LONG_SETTINGS, LONG_CASES)}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
-         "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
+         "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):

@@ -401,6 +401,20 @@ def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):
     assert len(plans) >= 4 and not any(" TMA " in ln for ln in plans), plans
 
 
+# Lines of 256 positions (v21): the 16-bit forward keeps whole vectors where half ones would
+# make slabs narrower than 32 bytes, and the backward takes 256 threads of two positions
+# rather than 512 of one.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_plans_of_256_position_lines(dtype, monkeypatch, capfd):
+    _set_knobs(monkeypatch, {})
+    check(((2, 4, 256, 64), 64), ("tb",), dtype)
+    check(((2, 4, 256, 128), 8), ("tb",), dtype)
+    printed = _printed_plans(capfd)
+    fwd, bwd = printed["forward"], printed["backward"]
+    assert fwd and (dtype == "float32" or not any(" V=4 " in ln for ln in fwd)), fwd
+    assert bwd and all(" P=2 " in ln and " threads=256 " in ln for ln in bwd), bwd
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)

@@ -379,10 +379,13 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
         // An instance with the neighbour synchronisation before a wider slab without it (the
         // 16-bit P = 2 instances with NG >= 4 have none: v12, 64 x 64 bfloat16 G = C D = 1
         // 1.60 -> 1.53 ms with P = 1 and 64-byte slabs, 128 x 128 2.00 -> 1.82 with 32-byte).
-        // Then a wide block before a wider slab (v16: 32 x 1152 x 64 x 64 bfloat16 G = 72 D = 4
-        // 4.93 ms with 256 threads and 128-byte slabs, 4.57 with 384 threads and 96-byte slabs).
+        // Then, on lines of up to 128 positions, a wide block before a wider slab (v16: 32 x
+        // 1152 x 64 x 64 bfloat16 G = 72 D = 4 4.93 ms with 256 threads and 128-byte slabs, 4.57
+        // with 384 threads and 96-byte slabs); on longer ones 256 threads of two positions
+        // before 512 of one at the same slab (v21, 4 x 1152 x 128 x 256 G = 72: bfloat16 1.44
+        // ms against 1.99, float32 2.54 against 3.92).
         key = {npart == 1, !spills, bytes >= 32, std::min<int64_t>(blocks, sms), neighbour_sync,
-               wide, std::min<int64_t>(bytes, 128), -P};
+               wide == (Lmax <= 128), std::min<int64_t>(bytes, 128), -P};
       } else {  // scalar path: registers grow with P fastest
         key = {npart == 1, std::min<int64_t>(blocks, sms), -P, std::min<int64_t>(bytes, 128),
                -Vs, 0, 0, 0};
@@ -432,6 +435,12 @@ ffi::Error MakePlan(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
     return whole;
   Plan half{};
   if (!PlanCall<T>(s, dirs, chunk, normalize, aligned, kind, true, &half).success()) return whole;
+  // Half vectors only in slabs of at least one 32-byte sector per pixel, as whole ones: on lines
+  // of 256 positions a 768-thread block holds at most 3 half lanes, and the plan of 8-byte slabs
+  // ran 4 x 1152 x 128 x 256 bfloat16 G = 72 at 2.12 ms against whole vectors' 0.535 (G = C
+  // 4.34 against 0.81; docs/kernel_notes.md, v21). Forced half vectors are taken as planned.
+  const char* half_knob = std::getenv("CGSPN_CUDA_HALF_FWD");
+  if (!half_knob && half.a.Vs * half.V * int64_t(sizeof(T)) < 32) return whole;
   *plan = half;
   return ffi::Error::Success();
 }
