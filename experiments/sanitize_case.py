@@ -12,7 +12,10 @@ inputs through shared memory (BwdStaged: cp.async into per-thread slots), as doe
 forward loads a group's gates as a pair and a single element (GatePack): odd G changes the pair's
 position from pixel to pixel, and the last group of the call ends the gate buffer. C = 64 with
 G = 8, forced onto the TMA forward (CGSPN_CUDA_TMA_FWD=1; 16-bit only): row and column lines,
-a partial last slab (48 + 16 channels) whose tensor-map boxes run past C and past the gates.
+a partial last slab (48 + 16 channels) whose tensor-map boxes run past C and past the gates; and
+the same with lines split between a cluster's two blocks (CGSPN_CUDA_TMA_SPLIT=1: odd lines of 5
+and 71 positions, whose second halves' boxes run past the line), which read each other's shared
+memory.
 """
 import os
 
@@ -38,8 +41,10 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 3, 127, 40), 40, ("bt",), {}), ((1, 4, 61, 40), 40, ("bt",), {}),
          ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1",
                                              "CGSPN_CUDA_HALF_BWD": "1"}),
-         ((1, 5, 72, 64), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD": "1"})]
-KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD")
+         ((1, 5, 72, 64), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD": "1"}),
+         ((1, 5, 71, 64), 8, ("tb", "rl"), {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"})]
+KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
+         "CGSPN_CUDA_TMA_SPLIT")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

@@ -123,13 +123,20 @@ FWD_HALF_SETTINGS = [{}, {"CGSPN_CUDA_HALF_FWD": "0"}, _HALF_FWD] + [
     dict(_HALF_FWD, CGSPN_CUDA_VS_FWD=str(v)) for v in (8, 6, 4)] + [{}]
 FWD_HALF_CASES = [c for c in BENCH_CASES if c[2] != "float32"]
 # Lines of 256 positions (no benchmark shape has them; 2K inputs at patch 8 do): the plan's
-# choice (v21: whole vectors in the 16-bit forward, two positions per thread in the backward),
-# the TMA forward forced where it applies (lines of up to 128 positions), and v20's plans (half
-# vectors forced, one position per thread in the backward's 512-thread blocks).
-LONG_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "0"},
+# choice (v21: the TMA forward with lines split between a cluster's two blocks where it applies,
+# whole vectors elsewhere; two positions per thread in the backward), the register forward,
+# split lines on the 128-position case too, and v20's plans (half vectors forced, one position
+# per thread in the backward's 512-thread blocks).
+LONG_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "0"}, {"CGSPN_CUDA_TMA_SPLIT": "1"},
                  {"CGSPN_CUDA_TMA_FWD": "0", "CGSPN_CUDA_HALF_FWD": "1", "CGSPN_CUDA_P_BWD": "1"}]
 LONG_CASES = [((4, 1152, 128, 256), G, dt, 1) for G in (1152, 72) for dt in ("float32", "bfloat16")]
-LONG_CASES += [((2, 1152, 256, 256), 72, "bfloat16", 4), ((8, 1152, 128, 128), 72, "bfloat16", 1)]
+LONG_CASES += [((2, 1152, 256, 256), 72, "bfloat16", 4), ((8, 1152, 128, 128), 72, "bfloat16", 1),
+               ((4, 1152, 128, 256), 72, "float16", 1), ((16, 768, 96, 192), 48, "bfloat16", 4)]
+# The TMA forward with split lines against the register forward at several wave counts (blocks
+# over the 2 x SMs resident at once): 0.73, 1.45 (twice), 2.18 and 2.91.
+SPLIT_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "0"}]
+SPLIT_CASES = [((B, 1152, H, 256), 72, "bfloat16", 4)
+               for B, H in ((1, 256), (2, 256), (2, 128), (3, 128), (4, 256))]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -142,12 +149,13 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdsync": (BWD_SYNC_SETTINGS, BENCH_CASES, ("bwd",)),
             "bwdhalf": (BWD_HALF_SETTINGS, BWD_HALF_CASES, ("bwd",)),
             "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",)),
-            "long": (LONG_SETTINGS, LONG_CASES)}
+            "long": (LONG_SETTINGS, LONG_CASES),
+            "split": (SPLIT_SETTINGS, SPLIT_CASES, ("fwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):

@@ -366,8 +366,9 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
 
 
 # The TMA forward (xla_ffi/gspn_cuda_forward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
-# whole gate groups per 8-channel vector, lines of at most 128 positions, blocks of 48 channels
-# in clusters of two that keep in lockstep. The plan takes it on its own where every line is
+# whole gate groups per 8-channel vector, lines of at most 256 positions, blocks of 48 channels
+# in clusters of two that keep in lockstep (neighbouring slabs, or the halves of lines longer
+# than 128). The plan takes it on its own where every line is
 # longer than 64 positions; CGSPN_CUDA_TMA_FWD=1 forces it on shorter ones. Covered: row and
 # column lines (H != W), 8 and 16 channels per group, a partial last slab (C = 128: 48, 48, 32)
 # and a slab whose gate box runs past the last group, clusters whose two blocks belong to
@@ -378,7 +379,15 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
     ((3, 33, 33, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_FWD": "1"}),
     ((1, 72, 128, 1152), 72, ("rl", "tb"), {}),
     ((1, 128, 128, 64), 8, ("bt", "lr"), {}),
-], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part"])
+    # Lines split between a cluster's two blocks (v21): the plan's own on lines of 129-256
+    # positions (rows of 256; columns of 201, whose second halves' boxes run past the line), and
+    # forced (CGSPN_CUDA_TMA_SPLIT=1) on short ones of every direction, with an odd slab count.
+    ((1, 20, 256, 128), 8, ("tb", "bt"), {}),
+    ((2, 201, 72, 128), 8, ("lr", "rl", "tb"), {}),
+    ((3, 33, 33, 64), 8, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
+], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
+        "split_rows_256", "split_columns_201", "split_forced"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -386,6 +395,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     check((shape, G), directions, dtype, chunk=5, normalize=False)
     plans = _printed_plans(capfd)["forward"]
     assert plans and all(" TMA " in ln for ln in plans), plans
+    split = max(shape[1:3]) > 128 or "CGSPN_CUDA_TMA_SPLIT" in knobs
+    assert all(ln.endswith(f" split={int(split)}") for ln in plans), plans
 
 
 def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):

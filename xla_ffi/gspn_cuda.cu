@@ -519,11 +519,14 @@ struct TmaPlan {
 
 // Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
 // buffers, C and 3 G multiples of 8 (the maps' row strides and the gate boxes' 16-byte starts);
-// whole gate groups per 8-channel vector; lines of at most kTmaMaxLine positions; an even
+// whole gate groups per 8-channel vector; lines of at most 2 kTmaMaxLine positions; an even
 // number of blocks whose pairs (the clusters) scan equally many lines. Where it can, the plan
 // takes it for lines of more than 64 positions: measured there (8 x 1152 x 128 x 128 bfloat16
 // G = 72), not at 64, where the register forward is as fast (docs/kernel_notes.md, v20).
-// CGSPN_CUDA_TMA_FWD=0 never takes it, =1 wherever it can.
+// Lines longer than kTmaMaxLine are split between a cluster's two blocks (TmaLaunch::split;
+// v21: 4 x 1152 x 128 x 256 bfloat16 G = 72 0.535 ms with the register forward, ...).
+// CGSPN_CUDA_TMA_FWD=0 never takes it, =1 wherever it can; CGSPN_CUDA_TMA_SPLIT=1 splits
+// shorter lines too (tests, A/B).
 template <typename T>
 bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
                     bool normalize, const T* x, const T* lam, const T* w, TmaPlan* tp) {
@@ -539,12 +542,15 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     Lmax = std::max(Lmax, geo.length);
     Lmin = std::min(Lmin, geo.length);
   }
-  if (Lmax > kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
+  if (Lmax > 2 * kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
+  const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
+  const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
   const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
-  const int64_t blocks = s.D * s.B * nslab;
+  const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
   // A cluster's two blocks must scan the same number of lines: never straddle two directions
-  // of different line counts.
-  if (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)) return false;
+  // of different line counts (the halves of one line always do).
+  if (!split && (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)))
+    return false;
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
   const int64_t Sg = s.C / s.G;
   int gbox = 8;
@@ -559,11 +565,12 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
   a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
+  a.split = split;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
-  a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
-  a.gbytes = round128(Lmax * gbox * sizeof(T));
+  a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
+  a.gbytes = round128(Lb * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lmax * kTmaSlab * 4 +
+  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
              2 * kTmaStages * 8;
   auto kernel = GspnFwdTmaKernel<T>;
   if (AllowSharedMemory(reinterpret_cast<const void*>(kernel), tp->smem) != cudaSuccess)
@@ -578,14 +585,16 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
   TmaMaps& m = tp->maps;
   bool ok = true;
+  // Boxes of a block's positions: the whole line, or half of it (rounded up) where split.
+  const int row_box = int(split ? (s.W + 1) / 2 : s.W), col_box = int(split ? (s.H + 1) / 2 : s.H);
   if (any_rows)
-    ok = ok && EncodeTmaMap(&m.x_row, x, s.C, s.W, xrows, kTmaSlab, int(s.W), 1) &&
-         EncodeTmaMap(&m.lam_row, lam, s.C, s.W, drows, kTmaSlab, int(s.W), 1) &&
-         EncodeTmaMap(&m.w_row, w, 3 * s.G, s.W, drows, gbox, int(s.W), 1);
+    ok = ok && EncodeTmaMap(&m.x_row, x, s.C, s.W, xrows, kTmaSlab, row_box, 1) &&
+         EncodeTmaMap(&m.lam_row, lam, s.C, s.W, drows, kTmaSlab, row_box, 1) &&
+         EncodeTmaMap(&m.w_row, w, 3 * s.G, s.W, drows, gbox, row_box, 1);
   if (any_cols)
-    ok = ok && EncodeTmaMap(&m.x_col, x, s.C, s.W, xrows, kTmaSlab, 1, int(s.H)) &&
-         EncodeTmaMap(&m.lam_col, lam, s.C, s.W, drows, kTmaSlab, 1, int(s.H)) &&
-         EncodeTmaMap(&m.w_col, w, 3 * s.G, s.W, drows, gbox, 1, int(s.H));
+    ok = ok && EncodeTmaMap(&m.x_col, x, s.C, s.W, xrows, kTmaSlab, 1, col_box) &&
+         EncodeTmaMap(&m.lam_col, lam, s.C, s.W, drows, kTmaSlab, 1, col_box) &&
+         EncodeTmaMap(&m.w_col, w, 3 * s.G, s.W, drows, gbox, 1, col_box);
   return ok;
 }
 
@@ -593,8 +602,8 @@ template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem, kTmaCluster,
-                 tp.a.gbox);
+                 "cluster=%d gbox=%d split=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem,
+                 kTmaCluster, tp.a.gbox, tp.a.split);
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(tp.blocks));
   cfg.blockDim = dim3(kTmaThreads);

@@ -1,5 +1,5 @@
 // The forward of gspn_scan through tensor-memory-accelerator copies (device code), for 16-bit
-// types with one gate group per 8-channel vector on lines of at most 128 positions. Part of
+// types with one gate group per 8-channel vector on lines of at most 256 positions. Part of
 // gspn_cuda.cu's translation unit; the host side (the tensor maps, the plan rule) is there.
 //
 // Why a second forward: the register-load forward (gspn_cuda_forward.cuh) issues each thread's
@@ -14,6 +14,11 @@
 // 0.479 -> 0.430, 16 x 768 x 96 x 96 G = 48 0.361 -> 0.320). The standalone model it follows
 // (experiments/tma_forward.cu) ran the same blocks without the lockstep at 0.68-0.73 ms, and
 // gained nothing at 64 positions, where the plan keeps the register forward.
+//
+// Lines of 129-256 positions are split: a cluster's two blocks scan the two halves of one line
+// of one slab (TmaLaunch::split). Each reads the h of the line before at the position next to
+// its half's edge from the other block's shared memory (distributed shared memory); the cluster
+// barrier that keeps them in lockstep already orders those reads.
 #pragma once
 
 #include <cuda.h>
@@ -26,7 +31,7 @@ namespace {
 constexpr int kTmaSlab = 48;      // channels per block (96 bytes of 16-bit types)
 constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces
 constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
-constexpr int kTmaMaxLine = 128;  // positions: items (kTmaSlab / 8 per position) per thread <= 4
+constexpr int kTmaMaxLine = 128;  // positions of a block: items (kTmaSlab / 8 each) per thread <= 4
 constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
 constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
 constexpr int kTmaCluster = 2;
@@ -44,6 +49,7 @@ struct TmaLaunch {
   int dir_bits;  // 2 bits per direction, as Launch
   int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
+  int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -54,6 +60,20 @@ struct TmaLaunch {
 // scope, so it also orders the block's shared-memory accesses as __syncthreads does.
 __device__ __forceinline__ void ClusterSync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// The address of `p` (this block's shared memory) in block `rank` of the cluster.
+__device__ __forceinline__ unsigned PeerAddr(const void* p, unsigned rank) {
+  unsigned out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(SharedAddr(p)), "r"(rank));
+  return out;
+}
+// 8 floats (32 bytes, 16-byte aligned) from another block's shared memory.
+__device__ __forceinline__ void LoadPeerF8(unsigned addr, float* out) {
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(out[0]), "=f"(out[1]), "=f"(out[2]), "=f"(out[3]) : "r"(addr) : "memory");
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(out[4]), "=f"(out[5]), "=f"(out[6]), "=f"(out[7]) : "r"(addr + 16)
+               : "memory");
 }
 __device__ __forceinline__ void MbarExpectTx(uint64_t* bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(SharedAddr(bar)),
@@ -70,10 +90,12 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c
       : "memory");
 }
 
-// Blocks: one per (direction, image, slab of kTmaSlab channels), slab fastest, launched in
-// clusters of kTmaCluster whose blocks scan the same number of lines (the host sees to it).
-// Shared memory: kTmaStages stages of {x [L][kTmaSlab], lam [L][kTmaSlab], gates [L][gbox]},
-// the h tiles [2][L][kTmaSlab] (float, by line parity), then the "full" and "empty" mbarriers.
+// Blocks: one per (direction, image, slab of kTmaSlab channels[, half line]), half fastest,
+// then slab, launched in clusters of kTmaCluster whose blocks scan the same number of lines (the
+// host sees to it). A block's Lb positions: the line's L, or the half of ceil(L / 2) (the
+// second half's box runs past the line where L is odd: read and never used).
+// Shared memory: kTmaStages stages of {x [Lb][kTmaSlab], lam [Lb][kTmaSlab], gates [Lb][gbox]},
+// the h tiles [2][Lb][kTmaSlab] (float, by line parity), then the "full" and "empty" mbarriers.
 template <typename T>
 __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
     GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, const TmaLaunch a) {
@@ -82,15 +104,20 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 2 * a.xbytes + a.gbytes;
 
-  const int slab = blockIdx.x % a.nslab;
-  const int rest = blockIdx.x / a.nslab;
+  const int part = a.split ? blockIdx.x % 2 : 0;  // the cluster rank where split
+  const int idx = a.split ? blockIdx.x / 2 : blockIdx.x;
+  const int slab = idx % a.nslab;
+  const int rest = idx / a.nslab;
   const int b = rest % a.B, d = rest / a.B;
   const int dir = (a.dir_bits >> (2 * d)) & 3;
   const bool rows = dir == kTopBottom || dir == kBottomTop;
   const LineGeometry geo = LineGeometry::Make(dir, a.H, a.W);
   const int L = int(geo.length), T_steps = int(geo.steps);
+  const int Lb = a.split ? (L + 1) / 2 : L;      // positions of a block's box
+  const int off = part * Lb;                     // its first position in the line
+  const int Lown = min(Lb, L - off);             // of them, in the line
   float* tile = reinterpret_cast<float*>(smem + K * stage_bytes);
-  uint64_t* full = reinterpret_cast<uint64_t*>(tile + 2 * L * S);
+  uint64_t* full = reinterpret_cast<uint64_t*>(tile + 2 * Lb * S);
   uint64_t* empty = full + K;
 
   const int c0 = slab * S;
@@ -111,18 +138,18 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   auto issue = [&](int t) {
     const int s = t % K;
     unsigned char* st = smem + s * stage_bytes;
-    MbarExpectTx(&full[s], unsigned(2 * L * S * sizeof(T) + L * a.gbox * sizeof(T)));
+    MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * a.gbox * sizeof(T)));
     const int i = dir == kTopBottom ? t : a.H - 1 - t;  // row lines
     const int j = dir == kLeftRight ? t : a.W - 1 - t;  // column lines
     const int xrow = b * a.H, drow = (d * a.B + b) * a.H;
     if (rows) {
-      TmaLoad(st, &maps.x_row, c0, 0, xrow + i, &full[s]);
-      TmaLoad(st + a.xbytes, &maps.lam_row, c0, 0, drow + i, &full[s]);
-      TmaLoad(st + 2 * a.xbytes, &maps.w_row, gfirst, 0, drow + i, &full[s]);
+      TmaLoad(st, &maps.x_row, c0, off, xrow + i, &full[s]);
+      TmaLoad(st + a.xbytes, &maps.lam_row, c0, off, drow + i, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, &maps.w_row, gfirst, off, drow + i, &full[s]);
     } else {
-      TmaLoad(st, &maps.x_col, c0, j, xrow, &full[s]);
-      TmaLoad(st + a.xbytes, &maps.lam_col, c0, j, drow, &full[s]);
-      TmaLoad(st + 2 * a.xbytes, &maps.w_col, gfirst, j, drow, &full[s]);
+      TmaLoad(st, &maps.x_col, c0, j, xrow + off, &full[s]);
+      TmaLoad(st + a.xbytes, &maps.lam_col, c0, j, drow + off, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, &maps.w_col, gfirst, j, drow + off, &full[s]);
     }
   };
 
@@ -153,7 +180,10 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   const int gel = 3 * ((c0 + v * 8) / Sg) - gfirst;  // this thread's gates in a box row
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
   const int64_t pstep = geo.pos_stride * a.C;  // elements from position p to p + 1
-  T* hthread = h + int64_t(d) * bhw * a.C + c0 + v * 8 + p0 * pstep;
+  T* hthread = h + int64_t(d) * bhw * a.C + c0 + v * 8 + (off + p0) * pstep;
+  // The other half's h tiles (split lines): the position next to this half's edge.
+  const unsigned peer_tiles = a.split ? PeerAddr(tile, part ^ 1) : 0u;
+  const int peer_pos = part == 0 ? 0 : Lb - 1;
   float hown[kTmaItems][8];
 #pragma unroll
   for (int k = 0; k < kTmaItems; ++k)
@@ -167,14 +197,16 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     const T* xs = reinterpret_cast<const T*>(st);
     const T* ls = reinterpret_cast<const T*>(st + a.xbytes);
     const T* gs = reinterpret_cast<const T*>(st + 2 * a.xbytes);
-    const float* prev = tile + ((t + 1) & 1) * L * S;  // written by line t - 1
-    float* now = tile + (t & 1) * L * S;
+    const float* prev = tile + ((t + 1) & 1) * Lb * S;  // written by line t - 1
+    float* now = tile + (t & 1) * Lb * S;
+    const unsigned peer_prev =
+        peer_tiles + unsigned((((t + 1) & 1) * Lb * S + peer_pos * S + v * 8) * sizeof(float));
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     float hv[kTmaItems][8];
 #pragma unroll
     for (int k = 0; k < kTmaItems; ++k) {
-      const int p = p0 + k * kStride;
-      if (!lane_ok || p >= L) continue;
+      const int p = p0 + k * kStride;  // in the block's box; off + p in the line
+      if (!lane_ok || p >= Lown) continue;
       Pack<T, 8> xp, lp;
       xp.r = *reinterpret_cast<const uint4*>(xs + p * S + v * 8);
       lp.r = *reinterpret_cast<const uint4*>(ls + p * S + v * 8);
@@ -186,16 +218,19 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       if (!restart) {
         const T* gp = gs + p * a.gbox + gel;
         const float g[3] = {ToF<T>(gp[0]), ToF<T>(gp[1]), ToF<T>(gp[2])};
+        const bool has_left = off + p > 0, has_right = off + p + 1 < L;
         float wa[3], wc[3];
-        Weights(g, p > 0, p + 1 < L, a.normalize, wa, wc);
+        Weights(g, has_left, has_right, a.normalize, wa, wc);
         float left[8], right[8];
         if (p > 0) LoadF<8>(prev + (p - 1) * S + v * 8, left);
-        if (p + 1 < L) LoadF<8>(prev + (p + 1) * S + v * 8, right);
+        else if (has_left) LoadPeerF8(peer_prev, left);  // the first half's last position
+        if (p + 1 < Lown) LoadF<8>(prev + (p + 1) * S + v * 8, right);
+        else if (has_right) LoadPeerF8(peer_prev, right);  // the second half's first position
 #pragma unroll
         for (int i = 0; i < 8; ++i) {
           float acc = hv[k][i] + wa[1] * hown[k][i];
-          if (p > 0) acc += wa[0] * left[i];
-          if (p + 1 < L) acc += wa[2] * right[i];
+          if (has_left) acc += wa[0] * left[i];
+          if (has_right) acc += wa[2] * right[i];
           hv[k][i] = acc;
         }
       }
@@ -207,7 +242,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
 #pragma unroll
     for (int k = 0; k < kTmaItems; ++k) {
       const int p = p0 + k * kStride;
-      if (!lane_ok || p >= L) continue;
+      if (!lane_ok || p >= Lown) continue;
       Pack<T, 8>::Store(hline + k * kStride * pstep, hv[k]);
       StoreF<8>(now + p * S + v * 8, hv[k]);
 #pragma unroll
