@@ -524,7 +524,8 @@ struct TmaPlan {
 // takes it for lines of more than 64 positions: measured there (8 x 1152 x 128 x 128 bfloat16
 // G = 72), not at 64, where the register forward is as fast (docs/kernel_notes.md, v20).
 // Lines longer than kTmaMaxLine are split between a cluster's two blocks (TmaLaunch::split;
-// v21: 4 x 1152 x 128 x 256 bfloat16 G = 72 0.535 ms with the register forward, ...).
+// v21: 4 x 1152 x 128 x 256 bfloat16 G = 72 0.536 ms with the register forward, 0.476 split;
+// 16 x 768 x 96 x 192 G = 48 D = 4 3.89 -> 2.86).
 // CGSPN_CUDA_TMA_FWD=0 never takes it, =1 wherever it can; CGSPN_CUDA_TMA_SPLIT=1 splits
 // shorter lines too (tests, A/B).
 template <typename T>
@@ -543,6 +544,12 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     Lmin = std::min(Lmin, geo.length);
   }
   if (Lmax > 2 * kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
+  // Column lines whose positions lie more than 512 KB apart (W C 16-bit elements) keep the
+  // register forward: measured (v21) with 590 KB (1152 channels, W = 256), the TMA forward ran
+  // 1.07-1.64x slower at every batch (2 x 1152 x 256 x 256 bfloat16 G = 72 D = 4 2.81 ms against
+  // 1.92), and with 295 KB (W = 128, 192) 7-26% faster. Whether the stride is the cause (the
+  // boxes' rows then span twice the pages) or the lines of 256 steps is not yet separated.
+  if (knob != 1 && any_cols && s.W * s.C * int64_t(sizeof(T)) > (512 << 10)) return false;
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
   const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
