@@ -137,6 +137,12 @@ LONG_CASES += [((2, 1152, 256, 256), 72, "bfloat16", 4), ((8, 1152, 128, 128), 7
 SPLIT_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "0"}]
 SPLIT_CASES = [((B, 1152, H, 256), 72, "bfloat16", 4)
                for B, H in ((1, 256), (2, 256), (2, 128), (3, 128), (4, 256))]
+# What made the split TMA forward slower at 2 x 1152 x 256 x 256 D = 4 (v21): the column lines'
+# 590 KB position stride, or 256 steps per line? Rows alone against columns alone, one and two
+# directions, TMA forced against the register forward (the plan declines columns this far apart).
+STRIDE_SETTINGS = [{"CGSPN_CUDA_TMA_FWD": "1"}, {"CGSPN_CUDA_TMA_FWD": "0"}]
+STRIDE_CASES = [((2, 1152, 256, 256), 72, "bfloat16", dirs) for dirs in ("tb", "lr", "tb-bt", "lr-rl")]
+STRIDE_CASES += [((4, 1152, 128, 256), 72, "bfloat16", dirs) for dirs in ("tb", "lr")]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -150,7 +156,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdhalf": (BWD_HALF_SETTINGS, BWD_HALF_CASES, ("bwd",)),
             "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",)),
             "long": (LONG_SETTINGS, LONG_CASES),
-            "split": (SPLIT_SETTINGS, SPLIT_CASES, ("fwd",))}
+            "split": (SPLIT_SETTINGS, SPLIT_CASES, ("fwd",)),
+            "stride": (STRIDE_SETTINGS, STRIDE_CASES, ("fwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
@@ -174,10 +181,15 @@ def knobs(setting):
             os.environ.pop(key, None)
 
 
+def directions_of(D):
+    """A case's D: 1 or 4 (the benchmark's directions), or direction names joined by '-'."""
+    return DIRECTIONS[D] if isinstance(D, int) else tuple(D.split("-"))
+
+
 def case_fns(shape, G, dtype, D):
     B, C, H, W = shape
-    sets = make_sets(B, C, H, W, G, D, jnp.dtype(dtype), 1)
-    directions = DIRECTIONS[D]
+    directions = directions_of(D)
+    sets = make_sets(B, C, H, W, G, len(directions), jnp.dtype(dtype), 1)
     kfwd = jax.jit(functools.partial(gspn_scan, directions=directions, backend="ffi"))
     h = kfwd(*sets[0][:3])
     kbwd = ffi_backward(directions)
@@ -190,7 +202,7 @@ def sweep(out: Path, settings, cases, kinds=("fwd", "bwd")):
     rows = []
     for shape, G, dtype, D in cases:
         (kfwd, fargs), (kbwd, bargs) = case_fns(shape, G, dtype, D)
-        floors = byte_floor(*shape, G, D, jnp.dtype(dtype).itemsize)
+        floors = byte_floor(*shape, G, len(directions_of(D)), jnp.dtype(dtype).itemsize)
         for setting in settings:
             with knobs(setting):
                 row = dict(shape=shape, G=G, dtype=dtype, D=D, setting=setting)
