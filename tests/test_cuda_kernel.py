@@ -412,6 +412,18 @@ def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):
     assert len(plans) >= 4 and not any(" TMA " in ln for ln in plans), plans
 
 
+def test_tma_forward_column_stride(monkeypatch, capfd):
+    """Column positions 557 KB apart (W C 2 bytes over 512 KB): a call of several directions
+    takes the register forward, one direction alone the TMA forward (v22's measurements)."""
+    _set_knobs(monkeypatch, {})
+    check(((1, 72, 136, 2048), 128), ("tb", "lr"), "bfloat16")
+    several = _printed_plans(capfd)["forward"]
+    check(((1, 72, 136, 2048), 128), ("lr",), "bfloat16")
+    alone = _printed_plans(capfd)["forward"]
+    assert several and not any(" TMA " in ln for ln in several), several
+    assert alone and all(" TMA " in ln for ln in alone), alone
+
+
 # Lines of 256 positions (v21): the 16-bit forward keeps whole vectors where half ones would
 # make slabs narrower than 32 bytes, and the backward takes 256 threads of two positions
 # rather than 512 of one.

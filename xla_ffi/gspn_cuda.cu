@@ -544,12 +544,15 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     Lmin = std::min(Lmin, geo.length);
   }
   if (Lmax > 2 * kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
-  // Column lines whose positions lie more than 512 KB apart (W C 16-bit elements) keep the
-  // register forward: measured (v21) with 590 KB (1152 channels, W = 256), the TMA forward ran
-  // 1.07-1.64x slower at every batch (2 x 1152 x 256 x 256 bfloat16 G = 72 D = 4 2.81 ms against
-  // 1.92), and with 295 KB (W = 128, 192) 7-26% faster. Whether the stride is the cause (the
-  // boxes' rows then span twice the pages) or the lines of 256 steps is not yet separated.
-  if (knob != 1 && any_cols && s.W * s.C * int64_t(sizeof(T)) > (512 << 10)) return false;
+  // Calls of several directions with column lines whose positions lie more than 512 KB apart
+  // (W C 16-bit elements) keep the register forward (the whole call, rows too). Measured (v21,
+  // v22) with 590 KB (1152 channels, W = 256): at D = 4 the TMA forward ran 1.07-1.64x slower
+  // at every batch (2 x 1152 x 256 x 256 bfloat16 G = 72 2.81 ms against 1.92), lr + rl alone
+  // 1.18x, tb + bt alone 1.06x; but one direction alone 13-21% faster (lr 0.587 against 0.728,
+  // tb 0.578 against 0.666), so neither the stride nor lines of 256 steps alone is the cause.
+  // With 295 KB (W = 128, 192) it was 7-26% faster at D = 4.
+  if (knob != 1 && s.D > 1 && any_cols && s.W * s.C * int64_t(sizeof(T)) > (512 << 10))
+    return false;
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
   const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
