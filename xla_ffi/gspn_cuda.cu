@@ -698,21 +698,21 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
-  a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8), a.lmax = int(Lmax);
+  a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8);
   a.chunk = chunk, a.normalize = normalize;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + 4 * Lmax * kTmaSlab * 4 +
+  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
              2 * kTmaStages * 8;
-  auto kernel = GspnBwdTmaKernel<T>;
+  auto kernel = s.D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>;
   if (AllowSharedMemory(reinterpret_cast<const void*>(kernel), tp->smem) != cudaSuccess)
     return false;
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTmaBwdThreads, tp->smem) !=
           cudaSuccess ||
-      per_sm < 1)
+      per_sm < (knob == 1 ? 1 : 2))
     return false;
   tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
@@ -732,8 +732,8 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d gbox=%d nsub=%d\n", kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem,
                  kTmaCluster, tp.a.gbox, tp.a.nsub);
-  return LaunchInClusters(st, GspnBwdTmaKernel<T>, tp.blocks, kTmaBwdThreads, tp.smem, tp.maps,
-                          dx, dlam, dw, acc, tp.a);
+  return LaunchInClusters(st, tp.a.D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>,
+                          tp.blocks, kTmaBwdThreads, tp.smem, tp.maps, dx, dlam, dw, acc, tp.a);
 }
 
 template <typename T>

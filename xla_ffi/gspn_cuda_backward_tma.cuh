@@ -25,9 +25,24 @@
 namespace cgspn {
 namespace {
 
-constexpr int kTmaBwdWarps = 12;  // consumer warps; one more produces
+// Consumer warps: warp w scans the vector pair w % kTmaBwdPairs (16 channels: one gate group of
+// 16, or two of 8) at the kTmaBwdSpan positions from (w / kTmaBwdPairs) kTmaBwdSpan. Lane l holds
+// vector 2 (w % kTmaBwdPairs) + (l & 1) at positions (l >> 1) + 16 k, k < kTmaBwdItems, of that
+// span. So a position's two vectors are neighbouring lanes (the gate gradient's reduction is one
+// shuffle), and positions p +- 1 are lanes l +- 2 (or the same lane's next or previous item), so
+// that the neighbour exchange of the reverse scan goes through shuffles, not shared tiles; only
+// the first and last position of a span are exchanged with the warp of the next span through
+// shared memory. Without tiles two blocks fit a multiprocessor at 128 positions (108 KB each).
+constexpr int kTmaBwdPairs = kTmaSlab / 16;
+constexpr int kTmaBwdWarps = 6;  // consumer warps; one more produces
 constexpr int kTmaBwdThreads = (kTmaBwdWarps + 1) * 32;
-constexpr int kTmaBwdItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaBwdWarps * 32);
+constexpr int kTmaBwdSpans = kTmaBwdWarps / kTmaBwdPairs;
+constexpr int kTmaBwdSpan = kTmaMaxLine / kTmaBwdSpans;
+constexpr int kTmaBwdItems = kTmaBwdSpan / 16;
+static_assert(kTmaSlab % 16 == 0 && kTmaBwdWarps % kTmaBwdPairs == 0 && kTmaBwdSpan % 16 == 0,
+              "whole vector pairs and spans of 16-position items");
+// Shared floats of the span-edge exchange: [2 line parities][2 kinds][spans][kTmaSlab].
+constexpr int kTmaBwdEdgeFloats = 2 * 2 * kTmaBwdSpans * kTmaSlab;
 
 // The maps of one backward call: x, lam, dh, h (saved forward output) and the gates, as in the
 // forward ([rows][W][inner], row and column boxes).
@@ -41,7 +56,6 @@ struct TmaBwdLaunch {
   int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int nsub;      // 8-channel vectors per gate group: 1 or 2
-  int lmax;      // positions of a box slot and a tile: the longest line of the call
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
@@ -68,21 +82,25 @@ struct BwdLineOf {
 };
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
-// then the tiles [2 kinds (u0 = a_0 z, u2 = a_2 z)][2 line parities][Lmax][kTmaSlab] float, then
-// the "full" and "empty" mbarriers.
-template <typename T>
-__global__ void __launch_bounds__(kTmaBwdThreads, 1)
+// then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
+// kAcc: D > 1 (the running dx sum). 144 registers: two blocks of 7 warps fill the register file
+// (__launch_bounds__(kTmaBwdThreads, 2) gave 128 and spilled 0.4 KB: the allocation counts
+// 8 warps per block).
+template <typename T, bool kAcc>
+__global__ void __maxnreg__(144)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
                      const TmaBwdLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kTmaBwdWarps * 32;
+  constexpr int S = kTmaSlab, K = kTmaStages, KI = kTmaBwdItems;
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 4 * a.xbytes + a.gbytes;
-  const int Lmax = a.lmax;
-  float* tiles = reinterpret_cast<float*>(smem + K * stage_bytes);
-  auto tile = [&](int kind, int parity) { return tiles + (2 * kind + parity) * Lmax * S; };
-  uint64_t* full = reinterpret_cast<uint64_t*>(tiles + 4 * Lmax * S);
+  float* edges = reinterpret_cast<float*>(smem + K * stage_bytes);
+  // u0 = a_0 z at a span's first position, u2 = a_2 z at its last, of the line of parity `par`.
+  auto edge = [&](int par, int kind, int span) {
+    return edges + ((2 * par + kind) * kTmaBwdSpans + span) * S;
+  };
+  uint64_t* full = reinterpret_cast<uint64_t*>(edges + kTmaBwdEdgeFloats);
   uint64_t* empty = full + K;
 
   const int slab = blockIdx.x % a.nslab, b = blockIdx.x / a.nslab;
@@ -151,22 +169,22 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 1)
     return;
   }
 
-  // Consumers: item k of a thread is (position p0 + k * kStride, vector v), as in the forward.
-  // The two vectors of a 16-channel group are threads 2i and 2i + 1 of one warp (NV is even).
-  static_assert(NCT % NV == 0 && NV % 2 == 0, "a thread's items share one vector");
-  constexpr int kStride = NCT / NV;
-  const int v = threadIdx.x % NV, p0 = threadIdx.x / NV;
+  // Consumers (see kTmaBwdPairs).
+  const int span = warp / kTmaBwdPairs, half = lane & 1, q16 = lane >> 1;
+  const int v = 2 * (warp % kTmaBwdPairs) + half;
   const int c = c0 + v * 8;  // this thread's first channel
   const bool lane_ok = c < a.C;
-  const bool leader = a.nsub == 1 || v % 2 == 0;  // stores its group's gate gradient
-  const int gel = 3 * (c / Sg) - gfirst;          // this thread's gates in a box row
+  const bool leader = a.nsub == 1 || half == 0;  // stores its group's gate gradient
+  const int gel = 3 * (c / Sg) - gfirst;         // this thread's gates in a box row
+  const int pfirst = span * kTmaBwdSpan + q16;   // item k's position: pfirst + 16 k
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
-  // a_1 z of the line scanned before (line t + 1) at this thread's positions.
-  float u1[kTmaBwdItems][8];
+  // What line t + 1 (scanned just before) adds to z_t at this thread's positions, but for the
+  // span edges: a_1 z at p, a_0 z at p + 1, a_2 z at p - 1 of line t + 1.
+  float carry[KI][8];
 #pragma unroll
-  for (int k = 0; k < kTmaBwdItems; ++k)
+  for (int k = 0; k < KI; ++k)
 #pragma unroll
-    for (int i = 0; i < 8; ++i) u1[k][i] = 0.f;
+    for (int i = 0; i < 8; ++i) carry[k][i] = 0.f;
 
   for (int q = 0; q < lines; ++q) {
     const BwdLineOf ln(a, q);
@@ -181,11 +199,11 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 1)
 
     // The running dx sum of the earlier directions at this line: its loads go out before the
     // wait for the stage.
-    float accv[kTmaBwdItems][8];
-    if (!first_dir) {
+    float accv[kAcc ? KI : 1][8];
+    if (kAcc && !first_dir) {
 #pragma unroll
-      for (int k = 0; k < kTmaBwdItems; ++k) {
-        const int p = p0 + k * kStride;
+      for (int k = 0; k < KI; ++k) {
+        const int p = pfirst + 16 * k;
         if (lane_ok && p < L) LoadF<8>(acc + (line + p * geo.pos_stride) * a.C + c, accv[k]);
       }
     }
@@ -197,74 +215,98 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 1)
     const T* dhs = reinterpret_cast<const T*>(st + 2 * a.xbytes);
     const T* hs = reinterpret_cast<const T*>(st + 3 * a.xbytes);
     const T* gs = reinterpret_cast<const T*>(st + 4 * a.xbytes);
-    const float* u0_in = tile(0, (q + 1) & 1);  // written by the line before in scan order
-    const float* u2_in = tile(1, (q + 1) & 1);
-    float* u0_out = tile(0, q & 1);
-    float* u2_out = tile(1, q & 1);
+    auto load = [&](const T* box, int p, float* out) {
+      Pack<T, 8> pk;
+      pk.r = *reinterpret_cast<const uint4*>(box + p * S + v * 8);
+      pk.Unpack(out);
+    };
 
+    // a_2 z of the previous item's last position, for this item's first (lanes 0 and 1).
+    float pend[8] = {};
 #pragma unroll
-    for (int k = 0; k < kTmaBwdItems; ++k) {
-      const int p = p0 + k * kStride;
+    for (int k = 0; k < KI; ++k) {
+      const int p = pfirst + 16 * k;
       const bool active = lane_ok && p < L;
       float da[3] = {0.f, 0.f, 0.f}, wa[3] = {0.f, 0.f, 0.f}, wc[3] = {0.f, 0.f, 0.f};
-      const int64_t pix = line + p * geo.pos_stride;
+      float z[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) z[i] = 0.f;
       if (active) {
-        float z[8], xv[8], lv[8], out[8];
-        Pack<T, 8> pk;
-        pk.r = *reinterpret_cast<const uint4*>(dhs + p * S + v * 8);
-        pk.Unpack(z);
+        load(dhs, p, z);
         if (coupled) {
-          float r[8], l[8];
+          // The span edges come from the neighbouring spans' warps (written before the cluster
+          // barrier that ended line t + 1).
+          float e[8];
+          if (k == 0 && q16 == 0 && p > 0) {
+            LoadF<8>(edge((q + 1) & 1, 1, span - 1) + v * 8, e);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) r[i] = l[i] = 0.f;
-          if (p + 1 < L) LoadF<8>(u0_in + (p + 1) * S + v * 8, r);
-          if (p > 0) LoadF<8>(u2_in + (p - 1) * S + v * 8, l);
+            for (int i = 0; i < 8; ++i) z[i] += e[i];
+          }
+          if (k == KI - 1 && q16 == 15 && p + 1 < L) {
+            LoadF<8>(edge((q + 1) & 1, 0, span + 1) + v * 8, e);
 #pragma unroll
-          for (int i = 0; i < 8; ++i) z[i] += u1[k][i] + r[i] + l[i];
+            for (int i = 0; i < 8; ++i) z[i] += e[i];
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) z[i] += carry[k][i];
         }
-        pk.r = *reinterpret_cast<const uint4*>(xs + p * S + v * 8);
-        pk.Unpack(xv);
-        pk.r = *reinterpret_cast<const uint4*>(ls + p * S + v * 8);
-        pk.Unpack(lv);
+        float xv[8], lv[8], out[8];
+        load(xs, p, xv);
+        load(ls, p, lv);
         if (!restart) {
           const T* gp = gs + p * a.gbox + gel;
           const float g[3] = {ToF<T>(gp[0]), ToF<T>(gp[1]), ToF<T>(gp[2])};
           Weights(g, p > 0, p + 1 < L, a.normalize, wa, wc);
-          float hl[8], hm[8], hr[8], u0[8], u2[8];
-          pk.r = *reinterpret_cast<const uint4*>(hs + p * S + v * 8);
-          pk.Unpack(hm);
+          float hl[8], hm[8], hr[8];
+          load(hs, p, hm);
 #pragma unroll
           for (int i = 0; i < 8; ++i) hl[i] = hr[i] = 0.f;
-          if (p > 0) {
-            pk.r = *reinterpret_cast<const uint4*>(hs + (p - 1) * S + v * 8);
-            pk.Unpack(hl);
-          }
-          if (p + 1 < L) {
-            pk.r = *reinterpret_cast<const uint4*>(hs + (p + 1) * S + v * 8);
-            pk.Unpack(hr);
-          }
+          if (p > 0) load(hs, p - 1, hl);
+          if (p + 1 < L) load(hs, p + 1, hr);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
-            u0[i] = wa[0] * z[i];
-            u1[k][i] = wa[1] * z[i];
-            u2[i] = wa[2] * z[i];
             da[0] += z[i] * hl[i];
             da[1] += z[i] * hm[i];
             da[2] += z[i] * hr[i];
           }
-          StoreF<8>(u0_out + p * S + v * 8, u0);
-          StoreF<8>(u2_out + p * S + v * 8, u2);
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) out[i] = z[i] * xv[i];
-        Pack<T, 8>::Store(dlam + (int64_t(ln.d) * bhw + pix) * a.C + c, out);
+        Pack<T, 8>::Store(dlam + (int64_t(ln.d) * bhw + line + p * geo.pos_stride) * a.C + c,
+                          out);
 #pragma unroll
-        for (int i = 0; i < 8; ++i) out[i] = z[i] * lv[i] + (first_dir ? 0.f : accv[k][i]);
-        if (last_dir)
-          Pack<T, 8>::Store(dx + pix * a.C + c, out);
+        for (int i = 0; i < 8; ++i) out[i] = z[i] * lv[i];
+        if constexpr (kAcc)
+          if (!first_dir)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) out[i] += accv[k][i];
+        if (!kAcc || last_dir)
+          Pack<T, 8>::Store(dx + (line + p * geo.pos_stride) * a.C + c, out);
         else
-          StoreF<8>(acc + pix * a.C + c, out);
+          StoreF<8>(acc + (line + p * geo.pos_stride) * a.C + c, out);
       }
+      // carry for line t - 1 (wa = 0 where inactive or restarting: nothing flows from there):
+      // a_1 z here, a_0 z from p + 1 (lane + 2; at the item's last lanes, the next item's first:
+      // added to this carry when that item is formed) and a_2 z from p - 1 (lane - 2; at the
+      // first lanes, the previous item's last: pend). Each span's first a_0 z and last a_2 z go
+      // to shared memory for the neighbouring spans' warps.
+      float u0[8], u2[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        u0[i] = wa[0] * z[i];
+        u2[i] = wa[2] * z[i];
+        const float from_right = __shfl_sync(0xffffffffu, u0[i], (lane + 2) & 31);
+        const float from_left = __shfl_sync(0xffffffffu, u2[i], (lane + 30) & 31);
+        float own = wa[1] * z[i];
+        if (q16 < 15) own += from_right;
+        else if (k > 0) carry[k - 1][i] += from_right;
+        if (q16 > 0) own += from_left;
+        else if (k > 0) own += pend[i];
+        pend[i] = from_left;
+        carry[k][i] = own;
+      }
+      if (k == 0 && q16 == 0) StoreF<8>(edge(q & 1, 0, span) + v * 8, u0);
+      if (k == KI - 1 && q16 == 15) StoreF<8>(edge(q & 1, 1, span) + v * 8, u2);
       // The group's weight gradient over its two vectors (uniform: every lane takes part).
       if (a.nsub == 2) {
 #pragma unroll
@@ -273,15 +315,17 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 1)
       if (active && leader) {
         float out[3] = {0.f, 0.f, 0.f};  // zero where line t restarts
         if (!restart) GateGrad(da, wa, wc, a.normalize, out);
-        T* dwp = dw + ((int64_t(ln.d) * bhw + pix) * a.G + c / Sg) * 3;
+        T* dwp = dw + ((int64_t(ln.d) * bhw + line + p * geo.pos_stride) * a.G + c / Sg) * 3;
 #pragma unroll
         for (int j = 0; j < 3; ++j) dwp[j] = FromF<T>(out[j]);
       }
     }
-    // The stage is read: hand it back to the producer. The cluster barrier then orders this
-    // line's tiles (and running dx sum) before the next line's reads.
+    // The stage is read: hand it back to the producer.
     __syncwarp();
     if (lane == 0) MbarArrive(&empty[s]);
+
+    // The cluster barrier orders this line's edges (and running dx sum) before the next line's
+    // reads, and keeps the cluster's blocks in lockstep.
     ClusterSync();
   }
 }
