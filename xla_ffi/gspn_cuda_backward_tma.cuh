@@ -83,11 +83,11 @@ struct BwdLineOf {
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
 // then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
-// kAcc: D > 1 (the running dx sum). 144 registers: two blocks of 7 warps fill the register file
-// (__launch_bounds__(kTmaBwdThreads, 2) gave 128 and spilled 0.4 KB: the allocation counts
-// 8 warps per block).
+// kAcc: D > 1 (the running dx sum). Two blocks per multiprocessor: registers are allocated for
+// 8 warps per block (warps in fours), so at most 128 per thread (with 144, measured on the H100,
+// one block fitted: the plan then declines it).
 template <typename T, bool kAcc>
-__global__ void __maxnreg__(144)
+__global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
                      const TmaBwdLaunch a) {
