@@ -143,6 +143,12 @@ SPLIT_CASES = [((B, 1152, H, 256), 72, "bfloat16", 4)
 STRIDE_SETTINGS = [{"CGSPN_CUDA_TMA_FWD": "1"}, {"CGSPN_CUDA_TMA_FWD": "0"}]
 STRIDE_CASES = [((2, 1152, 256, 256), 72, "bfloat16", dirs) for dirs in ("tb", "lr", "tb-bt", "lr-rl")]
 STRIDE_CASES += [((4, 1152, 128, 256), 72, "bfloat16", dirs) for dirs in ("tb", "lr")]
+# The TMA backward (v22) against the register backward, forced on (it also takes lines of 64
+# positions then) and off, twice, on the 16-bit cases with gate groups of 16 channels.
+TMA_BWD_SETTINGS = [{"CGSPN_CUDA_TMA_BWD": "1"}, {"CGSPN_CUDA_TMA_BWD": "0"}] * 2 + [
+    {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_MODE": m} for m in ("1", "2", "3", "4", "5")]
+TMA_BWD_CASES = [c for c in BENCH_CASES if c[2] == "bfloat16" and c[0][1] // c[1] == 16
+                 and c[1] % 8 == 0] + [((8, 1152, 128, 128), 72, "float16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -157,12 +163,14 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdhalf": (FWD_HALF_SETTINGS, FWD_HALF_CASES, ("fwd",)),
             "long": (LONG_SETTINGS, LONG_CASES),
             "split": (SPLIT_SETTINGS, SPLIT_CASES, ("fwd",)),
-            "stride": (STRIDE_SETTINGS, STRIDE_CASES, ("fwd",))}
+            "stride": (STRIDE_SETTINGS, STRIDE_CASES, ("fwd",)),
+            "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
+         "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):

@@ -273,8 +273,10 @@ def test_wide_backward(shape, G, dtype, directions, knobs, threads, monkeypatch,
 
 
 def _set_knobs(monkeypatch, knobs):
-    """Sets the launch-plan knobs, and CGSPN_CUDA_VERBOSE so that the handler prints its plans."""
-    for key, value in dict(knobs, CGSPN_CUDA_VERBOSE="1").items():
+    """Sets the launch-plan knobs, and CGSPN_CUDA_VERBOSE so that the handler prints its plans.
+    The register backward unless the knobs name the TMA backward: the tests that set knobs check
+    the register kernels' plans (the TMA backward has tests of its own)."""
+    for key, value in dict({"CGSPN_CUDA_TMA_BWD": "0"}, **knobs, CGSPN_CUDA_VERBOSE="1").items():
         monkeypatch.setenv(key, value)
 
 
@@ -397,6 +399,50 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert plans and all(" TMA " in ln for ln in plans), plans
     split = max(shape[1:3]) > 128 or "CGSPN_CUDA_TMA_SPLIT" in knobs
     assert all(ln.endswith(f" split={int(split)}") for ln in plans), plans
+
+
+# The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
+# gate groups of 8 or 16 channels, lines of at most 128 positions, an even number of (image,
+# slab of 48 channels) blocks, in clusters of two that keep in lockstep. The plan takes it on its
+# own only where it measured faster (one direction, groups of 16 channels, lines of 97-128
+# positions); CGSPN_CUDA_TMA_BWD=1 forces it wherever it can run. Covered: rows and columns
+# (H != W), both group sizes, a partial last slab (C = 128),
+# clusters whose blocks belong to different images (B x slabs even, slabs odd), the running dx
+# sum of D > 1, chunks and unnormalised gates.
+@pytest.mark.parametrize("shape, G, directions, knobs", [
+    ((2, 100, 128, 128), 8, ("tb",), {}),
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
+    ((2, 33, 33, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_BWD": "1"}),
+    ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_BWD": "1"}),
+    ((2, 128, 96, 192), 24, ("bt", "lr", "tb"), {"CGSPN_CUDA_TMA_BWD": "1"}),
+    ((1, 128, 72, 1152), 72, ("lr",), {}),
+], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
+        "C1152_G72_columns"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
+    _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=5, normalize=False)
+    plans = _printed_plans(capfd)["backward"]
+    assert len(plans) >= 2 and all(" TMA " in ln for ln in plans), plans
+
+
+def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):
+    """Groups of 24 channels; without the knob: lines of 64 or 96 positions, several directions,
+    groups of 8 channels; float32, lines of more than 128 positions, and an odd number of blocks:
+    the register backward."""
+    _set_knobs(monkeypatch, {"CGSPN_CUDA_TMA_BWD": "-1"})
+    check(((2, 100, 128, 192), 8), ("tb",), "bfloat16")
+    check(((2, 64, 64, 128), 8), ("tb", "lr"), "bfloat16")
+    check(((2, 100, 96, 128), 8), ("tb",), "bfloat16")
+    check(((2, 100, 128, 128), 8), ("tb", "bt"), "bfloat16")
+    check(((2, 100, 128, 128), 16), ("tb",), "bfloat16")
+    check(((2, 100, 128, 128), 8), ("tb",), "float32")
+    check(((2, 20, 200, 128), 8), ("tb",), "bfloat16")
+    monkeypatch.setenv("CGSPN_CUDA_TMA_BWD", "1")
+    check(((1, 33, 40, 128), 8), ("lr",), "bfloat16")  # 3 blocks
+    plans = _printed_plans(capfd)["backward"]
+    assert len(plans) >= 8 and not any(" TMA " in ln for ln in plans), plans
 
 
 def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):

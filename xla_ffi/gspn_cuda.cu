@@ -14,11 +14,13 @@
 #include <cstdlib>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "gspn.h"
 #include "gspn_cuda_forward.cuh"
 #include "gspn_cuda_backward.cuh"
 #include "gspn_cuda_forward_tma.cuh"
+#include "gspn_cuda_backward_tma.cuh"
 
 namespace cgspn {
 namespace {
@@ -478,6 +480,25 @@ ffi::Error CudaError(cudaError_t e, const char* what) {
 
 // ------------------------------------------------------------------ the TMA forward
 
+// One launch of `kernel` in clusters of kTmaCluster blocks (the TMA kernels' lockstep pairs).
+template <typename... Params, typename... Args>
+cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blocks, int threads,
+                             size_t smem, Args&&... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(unsigned(blocks));
+  cfg.blockDim = dim3(unsigned(threads));
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = kTmaCluster;
+  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  if (cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...)) return e;
+  return cudaGetLastError();
+}
+
 // cuTensorMapEncodeTiled from the driver, through the runtime (no link against libcuda);
 // nullptr where the driver has none.
 inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
@@ -510,6 +531,57 @@ bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The gate box's width: the gate elements of a slab's groups, from the 16-byte boundary at or
+// before its first group's, rounded up to 8 elements; the widest over the slabs.
+int TmaGateBox(const ScanShape& s) {
+  const int64_t Sg = s.C / s.G;
+  int gbox = 8;
+  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
+    const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
+    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
+    gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
+  }
+  return gbox;
+}
+
+// The row and column maps of one buffer, those a call's directions use (the others stay as
+// they are: zero, never read). Boxes of row_box positions for rows, col_box for columns.
+struct LineBoxes {
+  bool rows, cols;
+  int row_box, col_box;
+  template <typename T>
+  bool Encode(CUtensorMap* row, CUtensorMap* col, const T* base, int64_t inner, int64_t W,
+              int64_t nrows, int box_inner) const {
+    return (!rows || EncodeTmaMap(row, base, inner, W, nrows, box_inner, row_box, 1)) &&
+           (!cols || EncodeTmaMap(col, base, inner, W, nrows, box_inner, 1, col_box));
+  }
+};
+
+// The directions of a call as the TMA plans see them: whether any runs along rows or columns,
+// and the shortest and longest line.
+struct LineSpan {
+  bool any_rows = false, any_cols = false;
+  int64_t Lmin = kCudaMaxLineLength, Lmax = 0;
+  LineSpan(const ScanShape& s, const int64_t* dirs) {
+    for (int64_t d = 0; d < s.D; ++d) {
+      const LineGeometry geo = LineGeometry::Make(dirs[d], s.H, s.W);
+      (dirs[d] == kTopBottom || dirs[d] == kBottomTop ? any_rows : any_cols) = true;
+      Lmax = std::max(Lmax, geo.length);
+      Lmin = std::min(Lmin, geo.length);
+    }
+  }
+};
+
+// Whether at least `need` blocks of `kernel` (threads, smem bytes) fit a multiprocessor, after
+// allowing it that much shared memory.
+bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
+  int per_sm = 0;
+  return AllowSharedMemory(kernel, smem) == cudaSuccess &&
+         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) ==
+             cudaSuccess &&
+         per_sm >= need;
+}
+
 struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
@@ -535,14 +607,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const char* knob_env = std::getenv("CGSPN_CUDA_TMA_FWD");
   const int knob = knob_env ? std::atoi(knob_env) : -1;
   if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8 || (s.C / s.G) % 8) return false;
-  bool any_rows = false, any_cols = false;
-  int64_t Lmax = 0, Lmin = kCudaMaxLineLength;
-  for (int64_t d = 0; d < s.D; ++d) {
-    const LineGeometry geo = LineGeometry::Make(dirs[d], s.H, s.W);
-    (dirs[d] == kTopBottom || dirs[d] == kBottomTop ? any_rows : any_cols) = true;
-    Lmax = std::max(Lmax, geo.length);
-    Lmin = std::min(Lmin, geo.length);
-  }
+  const LineSpan span(s, dirs);
+  const bool any_rows = span.any_rows, any_cols = span.any_cols;
+  const int64_t Lmax = span.Lmax, Lmin = span.Lmin;
   if (Lmax > 2 * kTmaMaxLine || (knob != 1 && Lmin <= 64)) return false;
   // Calls of several directions with column lines whose positions lie more than 512 KB apart
   // (W C 16-bit elements) keep the register forward (the whole call, rows too). Measured (v21,
@@ -562,13 +629,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   if (!split && (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)))
     return false;
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
-  const int64_t Sg = s.C / s.G;
-  int gbox = 8;
-  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
-    const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
-    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
-    gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
-  }
+  const int gbox = TmaGateBox(s);
   TmaLaunch& a = tp->a;
   a = {};
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
@@ -582,30 +643,19 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
              2 * kTmaStages * 8;
-  auto kernel = GspnFwdTmaKernel<T>;
-  if (AllowSharedMemory(reinterpret_cast<const void*>(kernel), tp->smem) != cudaSuccess)
-    return false;
-  int per_sm = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTmaThreads, tp->smem) !=
-          cudaSuccess ||
-      per_sm < (knob == 1 ? 1 : 2))
+  if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
+                 knob == 1 ? 1 : 2))
     return false;
   // The maps (only those a direction of the call uses; the others stay zero, never read).
   tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
   TmaMaps& m = tp->maps;
-  bool ok = true;
   // Boxes of a block's positions: the whole line, or half of it (rounded up) where split.
-  const int row_box = int(split ? (s.W + 1) / 2 : s.W), col_box = int(split ? (s.H + 1) / 2 : s.H);
-  if (any_rows)
-    ok = ok && EncodeTmaMap(&m.x_row, x, s.C, s.W, xrows, kTmaSlab, row_box, 1) &&
-         EncodeTmaMap(&m.lam_row, lam, s.C, s.W, drows, kTmaSlab, row_box, 1) &&
-         EncodeTmaMap(&m.w_row, w, 3 * s.G, s.W, drows, gbox, row_box, 1);
-  if (any_cols)
-    ok = ok && EncodeTmaMap(&m.x_col, x, s.C, s.W, xrows, kTmaSlab, 1, col_box) &&
-         EncodeTmaMap(&m.lam_col, lam, s.C, s.W, drows, kTmaSlab, 1, col_box) &&
-         EncodeTmaMap(&m.w_col, w, 3 * s.G, s.W, drows, gbox, 1, col_box);
-  return ok;
+  const LineBoxes boxes{any_rows, any_cols, int(split ? (s.W + 1) / 2 : s.W),
+                        int(split ? (s.H + 1) / 2 : s.H)};
+  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
+         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
+         boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox);
 }
 
 template <typename T>
@@ -614,19 +664,90 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d gbox=%d split=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem,
                  kTmaCluster, tp.a.gbox, tp.a.split);
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(tp.blocks));
-  cfg.blockDim = dim3(kTmaThreads);
-  cfg.dynamicSmemBytes = tp.smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kTmaCluster;
-  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
-  if (cudaError_t e = cudaLaunchKernelEx(&cfg, GspnFwdTmaKernel<T>, tp.maps, h, tp.a)) return e;
-  return cudaGetLastError();
+  return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, kTmaThreads, tp.smem, tp.maps, h,
+                          tp.a);
+}
+
+// ------------------------------------------------------------------ the TMA backward
+
+struct TmaBwdPlan {
+  TmaBwdMaps maps;
+  TmaBwdLaunch a;
+  int blocks;
+  size_t smem;
+};
+
+// Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
+// (16-bit, aligned, C and 3 G multiples of 8) and: gate groups of 8 or 16 channels (the gate
+// gradient's reduction is one shuffle between a thread and its neighbour); lines of at most
+// kTmaMaxLine positions; an even number of (image, slab) blocks, for the clusters of two.
+// The plan takes it only where it measured faster than the register backward (H100, v22,
+// docs/kernel_notes.md): one direction, gate groups of 16 channels, lines of 97-128 positions
+// (8 x 1152 x 128 x 128 bfloat16 G = 72 1.03-1.06 ms against 1.07-1.09; float16 1.00-1.03
+// against 1.02-1.03). It was slower on 64-position lines (1.01 against 0.84 ms, with half its
+// warps idle) and 1.4-1.6x slower at D = 4 (the running dx sum through registers).
+// CGSPN_CUDA_TMA_BWD=0 never takes it, =1 wherever it can (tests, A/B);
+// CGSPN_CUDA_TMA_BWD_MODE times parts of it (see TmaBwdLaunch::mode; results are then wrong).
+template <typename T>
+bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
+                     bool normalize, const T* x, const T* lam, const T* w, const T* h,
+                     const T* dh, const T* dx, const T* dlam, TmaBwdPlan* tp) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  const char* knob_env = std::getenv("CGSPN_CUDA_TMA_BWD");
+  const int knob = knob_env ? std::atoi(knob_env) : -1;
+  if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8) return false;
+  const int64_t Sg = s.C / s.G;
+  if (Sg != 8 && Sg != 16) return false;
+  const LineSpan span(s, dirs);
+  const bool any_rows = span.any_rows, any_cols = span.any_cols;
+  const int64_t Lmax = span.Lmax, Lmin = span.Lmin;
+  if (Lmax > kTmaMaxLine || (knob != 1 && (Lmin <= 96 || s.D > 1 || Sg != 16))) return false;
+  const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
+  const int64_t blocks = s.B * nslab;
+  if (blocks % kTmaCluster || blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX ||
+      !TensorMapEncoder())
+    return false;
+  const int gbox = TmaGateBox(s);
+  TmaBwdLaunch& a = tp->a;
+  a = {};
+  a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
+  a.D = int(s.D);
+  for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
+  a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8);
+  a.chunk = chunk, a.normalize = normalize;
+  a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
+  auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
+  a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
+  a.gbytes = round128(Lmax * gbox * sizeof(T));
+  tp->blocks = int(blocks);
+  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
+             2 * kTmaStages * 8;
+  auto kernel = s.D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>;
+  if (!BlocksFit(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp->smem,
+                 knob == 1 ? 1 : 2))
+    return false;
+  tp->maps = {};
+  const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
+  TmaBwdMaps& m = tp->maps;
+  const LineBoxes boxes{any_rows, any_cols, int(s.W), int(s.H)};
+  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
+         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
+         boxes.Encode(&m.dh_row, &m.dh_col, dh, s.C, s.W, drows, kTmaSlab) &&
+         boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, kTmaSlab) &&
+         boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox) &&
+         boxes.Encode(&m.dx_row, &m.dx_col, dx, s.C, s.W, xrows, kTmaSlab) &&
+         boxes.Encode(&m.dlam_row, &m.dlam_col, dlam, s.C, s.W, drows, kTmaSlab);
+}
+
+template <typename T>
+cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
+                              float* acc) {
+  if (EnvInt("CGSPN_CUDA_VERBOSE"))
+    std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
+                 "cluster=%d gbox=%d nsub=%d\n", kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem,
+                 kTmaCluster, tp.a.gbox, tp.a.nsub);
+  return LaunchInClusters(st, tp.a.D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>,
+                          tp.blocks, kTmaBwdThreads, tp.smem, tp.maps, dx, dlam, dw, acc, tp.a);
 }
 
 template <typename T>
@@ -665,9 +786,6 @@ ffi::Error Backward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanS
   T* dwp = static_cast<T*>(dw->untyped_data());
   const bool aligned = Aligned16(xp) && Aligned16(lp) && Aligned16(wp) && Aligned16(hp) &&
                        Aligned16(dhp) && Aligned16(dxp) && Aligned16(dlp) && Aligned16(dwp);
-  Plan pl;
-  if (ffi::Error e = MakePlan<T>(s, dirs, chunk, normalize, aligned, 1, &pl); e.failure()) return e;
-
   // The running dx sum over directions: dx itself when it is float32, else a float32 scratch.
   float* acc = nullptr;
   if constexpr (std::is_same_v<T, float>) {
@@ -677,6 +795,14 @@ ffi::Error Backward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanS
     if (!mem) return ffi::Error::Internal("gspn_scan (CUDA): no scratch for dx");
     acc = static_cast<float*>(*mem);
   }
+  if constexpr (sizeof(T) == 2) {
+    TmaBwdPlan tp;
+    if (PlanTmaBackward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, hp, dhp, dxp,
+                           dlp, &tp))
+      return CudaError(LaunchTmaBackward<T>(st, tp, dxp, dlp, dwp, acc), "backward launch (TMA)");
+  }
+  Plan pl;
+  if (ffi::Error e = MakePlan<T>(s, dirs, chunk, normalize, aligned, 1, &pl); e.failure()) return e;
   float* part = nullptr;
   if (pl.a.npart > 1) {
     auto mem = scratch.Allocate(size_t(pl.a.npart) * s.D * s.pixels() * s.G * 3 * sizeof(float), 16);

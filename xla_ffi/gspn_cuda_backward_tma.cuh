@@ -1,0 +1,433 @@
+// The backward of gspn_scan through tensor-memory-accelerator copies (device code), for 16-bit
+// types with gate groups of 8 or 16 channels on lines of at most 128 positions. Part of
+// gspn_cuda.cu's translation unit; the host side (the tensor maps, the plan rule) is there.
+//
+// Why a second backward: the register-load backward reads five streams per line (x, lam, dh, the
+// saved h of the line before, the gates) one line ahead into registers; on 16-bit G = C / 16
+// lines of 128 positions it runs at 61% of the copy bandwidth (v21), the forward there at 68%
+// before its TMA form (gspn_cuda_forward_tma.cuh) took it to 77%. This is the same design for the
+// reverse scan: per line one producer thread copies the block's [positions x 48 channels] boxes
+// of x, lam, dh and h_{t-1}, and the box of the gates, K = 2 lines ahead into shared memory;
+// consumer warps scan from there, clusters of two neighbouring slabs keep in lockstep.
+//
+// What the staged h_{t-1} box gives for free: the gate gradient of line t needs h_{t-1} at
+// p - 1, p, p + 1, which the register backward either saved in a shared tile one line late or
+// re-read from L1; here all three positions sit in the stage. So every line forms its own gate
+// gradient (reduced over the group's two 8-channel vectors by one shuffle) and stores it.
+//
+// Blocks: one per (image, slab of kTmaSlab channels), scanning the D directions one after the
+// other (the running float32 dx sum of the earlier directions, as in the register backward, is
+// read and written by ordinary loads and stores: only this block touches its slab of it).
+//
+// Measured (v22, H100; docs/kernel_notes.md, section "v22"), against the register backward in
+// the same runs: 8 x 1152 x 128 x 128 bfloat16 G = 72 D = 1 1.027-1.056 ms against 1.086-1.088
+// (3-6% faster); 64-position lines 1.01 against 0.84 (half the warps idle); D = 4 1.4-1.6x
+// slower (the running dx sum through registers, in 32-byte pieces at 16 positions per warp
+// store; that instance spills 0.4 KB). So the plan takes it only for one direction, groups of
+// 16 channels and lines of 97-128 positions. Where the time goes at 128 x 128 D = 1
+// (TmaBwdLaunch::mode): copies alone 0.53 ms, copies and arithmetic 0.60-0.66, the rest stores.
+// Next: the dx sum through the stage, the gate gradients as whole stores, full warps at 64
+// positions.
+#pragma once
+
+#include "gspn_cuda_forward_tma.cuh"
+
+namespace cgspn {
+namespace {
+
+// Consumer warps: warp w scans the vector pair w % kTmaBwdPairs (16 channels: one gate group of
+// 16, or two of 8) at the kTmaBwdSpan positions from (w / kTmaBwdPairs) kTmaBwdSpan. Lane l holds
+// vector 2 (w % kTmaBwdPairs) + (l & 1) at positions (l >> 1) + 16 k, k < kTmaBwdItems, of that
+// span. So a position's two vectors are neighbouring lanes (the gate gradient's reduction is one
+// shuffle), and positions p +- 1 are lanes l +- 2 (or the same lane's next or previous item), so
+// that the neighbour exchange of the reverse scan goes through shuffles, not shared tiles; only
+// the first and last position of a span are exchanged with the warp of the next span through
+// shared memory. Without tiles two blocks fit a multiprocessor at 128 positions (108 KB each).
+constexpr int kTmaBwdPairs = kTmaSlab / 16;
+constexpr int kTmaBwdWarps = 6;  // consumer warps; one more produces
+constexpr int kTmaBwdThreads = (kTmaBwdWarps + 1) * 32;
+constexpr int kTmaBwdSpans = kTmaBwdWarps / kTmaBwdPairs;
+constexpr int kTmaBwdSpan = kTmaMaxLine / kTmaBwdSpans;
+constexpr int kTmaBwdItems = kTmaBwdSpan / 16;
+static_assert(kTmaSlab % 16 == 0 && kTmaBwdWarps % kTmaBwdPairs == 0 && kTmaBwdSpan % 16 == 0,
+              "whole vector pairs and spans of 16-position items");
+// Shared floats of the span-edge exchange: [2 line parities][2 kinds][spans][kTmaSlab].
+constexpr int kTmaBwdEdgeFloats = 2 * 2 * kTmaBwdSpans * kTmaSlab;
+
+// The maps of one backward call: x, lam, dh, h (saved forward output) and the gates, as in the
+// forward ([rows][W][inner], row and column boxes).
+struct TmaBwdMaps {
+  CUtensorMap x_row, x_col, lam_row, lam_col, dh_row, dh_col, h_row, h_col, w_row, w_col;
+  CUtensorMap dx_row, dx_col, dlam_row, dlam_col;  // the outputs, stored from the stage
+};
+
+// The box at (c0, c1, c2) of a 3-D tensor map from shared memory (a bulk async-group).
+__device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1, int c2,
+                                         const void* src) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
+      ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SharedAddr(src))
+      : "memory");
+}
+
+struct TmaBwdLaunch {
+  int B, H, W, C, G, D;
+  int dir_bits;  // 2 bits per direction, as Launch
+  int nslab;     // ceil(C / kTmaSlab)
+  int gbox;      // gate elements per pixel in a box (a multiple of 8)
+  int nsub;      // 8-channel vectors per gate group: 1 or 2
+  int mode;      // experiments (CGSPN_CUDA_TMA_BWD_MODE): 1 copies only, 2 copies and stores,
+                 // 3 no stores, 4 no dw stores, 5 dx and dlam from the registers
+  int64_t chunk;
+  bool normalize;
+  int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
+};
+
+// Which direction and line the q-th line a block scans is: directions in order, each from its
+// last line to its first.
+struct BwdLineOf {
+  int d, t, n;  // direction index, line, lines of this direction already scanned
+  __device__ BwdLineOf(const TmaBwdLaunch& a, int q) {
+    d = 0;
+    for (;;) {
+      const int dir = (a.dir_bits >> (2 * d)) & 3;
+      const int T = (dir == kTopBottom || dir == kBottomTop) ? a.H : a.W;
+      if (q < T || d == a.D - 1) {
+        n = q;
+        t = T - 1 - q;
+        return;
+      }
+      q -= T;
+      ++d;
+    }
+  }
+};
+
+// Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
+// then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
+// kAcc: D > 1 (the running dx sum). Two blocks per multiprocessor: registers are allocated for
+// 8 warps per block (warps in fours), so at most 128 per thread (with 144, measured on the H100,
+// one block fitted: the plan then declines it).
+template <typename T, bool kAcc>
+__global__ void __launch_bounds__(kTmaBwdThreads, 2)
+    GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
+                     T* __restrict__ dlam, T* __restrict__ dw, float* acc,
+                     const TmaBwdLaunch a) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  constexpr int S = kTmaSlab, K = kTmaStages, KI = kTmaBwdItems;
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int stage_bytes = 4 * a.xbytes + a.gbytes;
+  float* edges = reinterpret_cast<float*>(smem + K * stage_bytes);
+  // u0 = a_0 z at a span's first position, u2 = a_2 z at its last, of the line of parity `par`.
+  auto edge = [&](int par, int kind, int span) {
+    return edges + ((2 * par + kind) * kTmaBwdSpans + span) * S;
+  };
+  uint64_t* full = reinterpret_cast<uint64_t*>(edges + kTmaBwdEdgeFloats);
+  uint64_t* empty = full + K;
+
+  const int slab = blockIdx.x % a.nslab, b = blockIdx.x / a.nslab;
+  const int c0 = slab * S;
+  const int Sg = a.C / a.G;
+  const int gfirst = (3 * (c0 / Sg)) & ~7;  // the gate box's first element, 16-byte aligned
+  int lines = 0;                            // lines of all directions
+  for (int d = 0; d < a.D; ++d) {
+    const int dir = (a.dir_bits >> (2 * d)) & 3;
+    lines += (dir == kTopBottom || dir == kBottomTop) ? a.H : a.W;
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < K; ++s) {
+      MbarInit(&full[s], 1);
+      MbarInit(&empty[s], kTmaBwdWarps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  // The q-th line's copies into stage q % K (one thread): x, lam, dh and the gates of line t,
+  // h of line t - 1 unless line t restarts (it is not read then).
+  auto issue = [&](int q) {
+    const BwdLineOf ln(a, q);
+    const int dir = (a.dir_bits >> (2 * ln.d)) & 3;
+    const bool rows = dir == kTopBottom || dir == kBottomTop;
+    const int L = rows ? a.W : a.H;
+    const bool need_h = !LineGeometry::Restarts(ln.t, a.chunk);
+    const int s = q % K;
+    unsigned char* st = smem + s * stage_bytes;
+    const unsigned box = unsigned(L * S * sizeof(T));
+    MbarExpectTx(&full[s], (need_h ? 4 : 3) * box + unsigned(L * a.gbox * sizeof(T)));
+    // The image row (rows) or column (columns) of line t, and of line t - 1.
+    const bool forward = dir == kTopBottom || dir == kLeftRight;
+    const int n = rows ? a.H : a.W;
+    const int at = forward ? ln.t : n - 1 - ln.t, before = forward ? at - 1 : at + 1;
+    const int xrow = b * a.H, drow = (ln.d * a.B + b) * a.H;
+    const TmaBwdMaps& m = maps;
+    if (rows) {
+      TmaLoad(st, &m.x_row, c0, 0, xrow + at, &full[s]);
+      TmaLoad(st + a.xbytes, &m.lam_row, c0, 0, drow + at, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, &m.dh_row, c0, 0, drow + at, &full[s]);
+      if (need_h) TmaLoad(st + 3 * a.xbytes, &m.h_row, c0, 0, drow + before, &full[s]);
+      TmaLoad(st + 4 * a.xbytes, &m.w_row, gfirst, 0, drow + at, &full[s]);
+    } else {
+      TmaLoad(st, &m.x_col, c0, at, xrow, &full[s]);
+      TmaLoad(st + a.xbytes, &m.lam_col, c0, at, drow, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, &m.dh_col, c0, at, drow, &full[s]);
+      if (need_h) TmaLoad(st + 3 * a.xbytes, &m.h_col, c0, before, drow, &full[s]);
+      TmaLoad(st + 4 * a.xbytes, &m.w_col, gfirst, at, drow, &full[s]);
+    }
+  };
+
+  if (warp == kTmaBwdWarps) {  // the producer: lines 0 .. K-1, then q + K once the cluster is past q
+    if (lane == 0)
+      for (int q = 0; q < K && q < lines; ++q) issue(q);
+    for (int q = 0; q < lines; ++q) {
+      ClusterSync();
+      if (lane == 0 && q + K < lines) {
+        MbarWait(&empty[q % K], (q / K) & 1);
+        issue(q + K);
+      }
+      __syncwarp();
+    }
+    return;
+  }
+
+  // Consumers (see kTmaBwdPairs).
+  const int span = warp / kTmaBwdPairs, half = lane & 1, q16 = lane >> 1;
+  const int v = 2 * (warp % kTmaBwdPairs) + half;
+  const int c = c0 + v * 8;  // this thread's first channel
+  const bool lane_ok = c < a.C;
+  const bool leader = a.nsub == 1 || half == 0;  // stores its group's gate gradient
+  const int gel = 3 * (c / Sg) - gfirst;         // this thread's gates in a box row
+  const int pfirst = span * kTmaBwdSpan + q16;   // item k's position: pfirst + 16 k
+  const int64_t bhw = int64_t(a.B) * a.H * a.W;
+  // What line t + 1 (scanned just before) adds to z_t at this thread's positions, but for the
+  // span edges: a_1 z at p, a_0 z at p + 1, a_2 z at p - 1 of line t + 1.
+  float carry[KI][8];
+#pragma unroll
+  for (int k = 0; k < KI; ++k)
+#pragma unroll
+    for (int i = 0; i < 8; ++i) carry[k][i] = 0.f;
+
+  for (int q = 0; q < lines; ++q) {
+    const BwdLineOf ln(a, q);
+    const int dir = (a.dir_bits >> (2 * ln.d)) & 3;
+    const LineGeometry geo = LineGeometry::Make(dir, a.H, a.W);
+    const int L = int(geo.length), t = ln.t;
+    const bool first_dir = ln.d == 0, last_dir = ln.d == a.D - 1;
+    // Line t + 1 fed line t unless it restarted (or this is the direction's first line).
+    const bool coupled = ln.n > 0 && !LineGeometry::Restarts(t + 1, a.chunk);
+    const bool restart = LineGeometry::Restarts(t, a.chunk);
+    const int64_t line = int64_t(b) * geo.image + geo.base + int64_t(t) * geo.step_stride;
+
+    // The running dx sum of the earlier directions at this line: its loads go out before the
+    // wait for the stage.
+    float accv[kAcc ? KI : 1][8];
+    if (kAcc && !first_dir) {
+#pragma unroll
+      for (int k = 0; k < KI; ++k) {
+        const int p = pfirst + 16 * k;
+        if (lane_ok && p < L) LoadF<8>(acc + (line + p * geo.pos_stride) * a.C + c, accv[k]);
+      }
+    }
+    const int s = q % K;
+    MbarWait(&full[s], (q / K) & 1);
+    if (a.mode == 1 || a.mode == 2) {  // the copies alone, or with the dx and dlam stores (zeros)
+      if (a.mode == 2) {
+        const float zero[8] = {};
+#pragma unroll
+        for (int k = 0; k < KI; ++k) {
+          const int p = pfirst + 16 * k;
+          if (!lane_ok || p >= L) continue;
+          Pack<T, 8>::Store(dlam + (int64_t(ln.d) * bhw + line + p * geo.pos_stride) * a.C + c,
+                            zero);
+          Pack<T, 8>::Store(dx + (line + p * geo.pos_stride) * a.C + c, zero);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) MbarArrive(&empty[s]);
+      ClusterSync();
+      continue;
+    }
+    // Modes 3 and 4 (experiments): the arithmetic without any store, or without the dw stores.
+    const bool store_out = a.mode != 3, store_dw = a.mode != 3 && a.mode != 4;
+    // dx and dlam go out as bulk tensor stores of the line's boxes, written over x and lam in
+    // the stage (each read only by the item that writes it); mode 5: 16-byte stores from the
+    // registers instead.
+    const bool bulk = store_out && a.mode != 5;
+    const bool dx_out = !kAcc || last_dir;  // else the running sum, from the registers
+    const unsigned char* st = smem + s * stage_bytes;
+    const T* xs = reinterpret_cast<const T*>(st);
+    const T* ls = reinterpret_cast<const T*>(st + a.xbytes);
+    const T* dhs = reinterpret_cast<const T*>(st + 2 * a.xbytes);
+    const T* hs = reinterpret_cast<const T*>(st + 3 * a.xbytes);
+    const T* gs = reinterpret_cast<const T*>(st + 4 * a.xbytes);
+    auto load = [&](const T* box, int p, float* out) {
+      Pack<T, 8> pk;
+      pk.r = *reinterpret_cast<const uint4*>(box + p * S + v * 8);
+      pk.Unpack(out);
+    };
+    auto put = [&](const T* box, int p, const float* in) {
+      T e[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) e[i] = FromF<T>(in[i]);
+      uint4 r;
+      memcpy(&r, e, sizeof(r));
+      *reinterpret_cast<uint4*>(const_cast<T*>(box) + p * S + v * 8) = r;
+    };
+
+    // a_2 z of the previous item's last position, for this item's first (lanes 0 and 1).
+    float pend[8] = {};
+#pragma unroll
+    for (int k = 0; k < KI; ++k) {
+      const int p = pfirst + 16 * k;
+      const bool active = lane_ok && p < L;
+      float da[3] = {0.f, 0.f, 0.f}, wa[3] = {0.f, 0.f, 0.f}, wc[3] = {0.f, 0.f, 0.f};
+      float z[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) z[i] = 0.f;
+      if (active) {
+        load(dhs, p, z);
+        if (coupled) {
+          // The span edges come from the neighbouring spans' warps (written before the cluster
+          // barrier that ended line t + 1).
+          float e[8];
+          if (k == 0 && q16 == 0 && p > 0) {
+            LoadF<8>(edge((q + 1) & 1, 1, span - 1) + v * 8, e);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) z[i] += e[i];
+          }
+          if (k == KI - 1 && q16 == 15 && p + 1 < L) {
+            LoadF<8>(edge((q + 1) & 1, 0, span + 1) + v * 8, e);
+#pragma unroll
+            for (int i = 0; i < 8; ++i) z[i] += e[i];
+          }
+#pragma unroll
+          for (int i = 0; i < 8; ++i) z[i] += carry[k][i];
+        }
+        float xv[8], lv[8], out[8];
+        load(xs, p, xv);
+        load(ls, p, lv);
+        if (!restart) {
+          const T* gp = gs + p * a.gbox + gel;
+          const float g[3] = {ToF<T>(gp[0]), ToF<T>(gp[1]), ToF<T>(gp[2])};
+          Weights(g, p > 0, p + 1 < L, a.normalize, wa, wc);
+          float hl[8], hm[8], hr[8];
+          load(hs, p, hm);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) hl[i] = hr[i] = 0.f;
+          if (p > 0) load(hs, p - 1, hl);
+          if (p + 1 < L) load(hs, p + 1, hr);
+#pragma unroll
+          for (int i = 0; i < 8; ++i) {
+            da[0] += z[i] * hl[i];
+            da[1] += z[i] * hm[i];
+            da[2] += z[i] * hr[i];
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = z[i] * xv[i];
+        if (bulk)
+          put(xs, p, out);
+        else if (store_out)
+          Pack<T, 8>::Store(dlam + (int64_t(ln.d) * bhw + line + p * geo.pos_stride) * a.C + c,
+                            out);
+#pragma unroll
+        for (int i = 0; i < 8; ++i) out[i] = z[i] * lv[i];
+        if constexpr (kAcc)
+          if (!first_dir)
+#pragma unroll
+            for (int i = 0; i < 8; ++i) out[i] += accv[k][i];
+        if (!store_out)
+          ;
+        else if (dx_out && bulk)
+          put(ls, p, out);
+        else if (dx_out)
+          Pack<T, 8>::Store(dx + (line + p * geo.pos_stride) * a.C + c, out);
+        else
+          StoreF<8>(acc + (line + p * geo.pos_stride) * a.C + c, out);
+      }
+      // carry for line t - 1 (wa = 0 where inactive or restarting: nothing flows from there):
+      // a_1 z here, a_0 z from p + 1 (lane + 2; at the item's last lanes, the next item's first:
+      // added to this carry when that item is formed) and a_2 z from p - 1 (lane - 2; at the
+      // first lanes, the previous item's last: pend). Each span's first a_0 z and last a_2 z go
+      // to shared memory for the neighbouring spans' warps.
+      float u0[8], u2[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        u0[i] = wa[0] * z[i];
+        u2[i] = wa[2] * z[i];
+        const float from_right = __shfl_sync(0xffffffffu, u0[i], (lane + 2) & 31);
+        const float from_left = __shfl_sync(0xffffffffu, u2[i], (lane + 30) & 31);
+        float own = wa[1] * z[i];
+        if (q16 < 15) own += from_right;
+        else if (k > 0) carry[k - 1][i] += from_right;
+        if (q16 > 0) own += from_left;
+        else if (k > 0) own += pend[i];
+        pend[i] = from_left;
+        carry[k][i] = own;
+      }
+      if (k == 0 && q16 == 0) StoreF<8>(edge(q & 1, 0, span) + v * 8, u0);
+      if (k == KI - 1 && q16 == 15) StoreF<8>(edge(q & 1, 1, span) + v * 8, u2);
+      // The group's weight gradient over its two vectors (uniform: every lane takes part).
+      if (a.nsub == 2) {
+#pragma unroll
+        for (int j = 0; j < 3; ++j) da[j] += __shfl_xor_sync(0xffffffffu, da[j], 1);
+      }
+      // The group's gate gradient replaces its gates in the stage (only this lane pair read
+      // them, both before the shuffle above); the line's gradients go out together below.
+      if (active && leader && store_dw) {
+        float out[3] = {0.f, 0.f, 0.f};  // zero where line t restarts
+        if (!restart) GateGrad(da, wa, wc, a.normalize, out);
+        T* gp = const_cast<T*>(gs) + p * a.gbox + gel;
+#pragma unroll
+        for (int j = 0; j < 3; ++j) gp[j] = FromF<T>(out[j]);
+      }
+    }
+    // The cluster barrier orders this line's edges, running dx sum and gate gradients before
+    // their reads, and keeps the cluster's blocks in lockstep. The fence first makes the outputs
+    // written into the stage visible to the bulk stores (the async proxy).
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    ClusterSync();
+    if (bulk && threadIdx.x == 0) {
+      const bool rows = dir == kTopBottom || dir == kBottomTop;
+      const bool forward = dir == kTopBottom || dir == kLeftRight;
+      const int at = forward ? t : (rows ? a.H : a.W) - 1 - t;
+      const int xrow = b * a.H, drow = (ln.d * a.B + b) * a.H;
+      if (rows) {
+        TmaStore(&maps.dlam_row, c0, 0, drow + at, xs);
+        if (dx_out) TmaStore(&maps.dx_row, c0, 0, xrow + at, ls);
+      } else {
+        TmaStore(&maps.dlam_col, c0, at, drow, xs);
+        if (dx_out) TmaStore(&maps.dx_col, c0, at, xrow, ls);
+      }
+      asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+    }
+    // The slab's gate gradients of each position, 3 per group, are contiguous in dw: stored
+    // element by element from the stage, consecutive threads on consecutive elements, so that
+    // a warp's store covers a few whole positions (the first form stored each group's three
+    // from its lane: a warp's store then touched 16 positions, and the backward took 1.38 ms
+    // at 8 x 1152 x 128 x 128 bfloat16 G = 72, 0.88 without the gate gradient's stores).
+    if (store_dw) {
+      const int n3 = 3 * (min(S, a.C - c0) / Sg);
+      const int o = 3 * (c0 / Sg) - gfirst;
+      T* dwl = dw + ((int64_t(ln.d) * bhw + line) * a.G + c0 / Sg) * 3;
+      const int64_t pstep = geo.pos_stride * a.G * 3;
+      for (int e = threadIdx.x; e < L * n3; e += kTmaBwdWarps * 32) {
+        const int p = e / n3, j = e - p * n3;
+        dwl[p * pstep + j] = gs[p * a.gbox + o + j];
+      }
+    }
+    // The stage is read (and the gradients written over its gates are out): hand it back to the
+    // producer, whose copies into it are async-proxy writes.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    // The bulk stores must have read the stage before the producer copies into it.
+    if (bulk && threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+    __syncwarp();
+    if (lane == 0) MbarArrive(&empty[s]);
+  }
+  // The last bulk stores must be complete before the kernel ends (their smem must stay valid).
+  if (threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+}  // namespace
+}  // namespace cgspn
