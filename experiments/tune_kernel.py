@@ -141,7 +141,8 @@ SPLIT_CASES = [((B, 1152, H, 256), 72, "bfloat16", 4)
 # 590 KB position stride, or 256 steps per line? Rows alone against columns alone, one and two
 # directions, TMA forced against the register forward (the plan declines columns this far apart).
 STRIDE_SETTINGS = [{"CGSPN_CUDA_TMA_FWD": "1"}, {"CGSPN_CUDA_TMA_FWD": "0"}]
-STRIDE_CASES = [((2, 1152, 256, 256), 72, "bfloat16", dirs) for dirs in ("tb", "lr", "tb-bt", "lr-rl")]
+STRIDE_CASES = [((2, 1152, 256, 256), 72, "bfloat16", dirs)
+                for dirs in ("tb", "lr", "tb-bt", "lr-rl")]
 STRIDE_CASES += [((4, 1152, 128, 256), 72, "bfloat16", dirs) for dirs in ("tb", "lr")]
 # The TMA backward (v22) against the register backward, forced on (it also takes lines of 64
 # positions then) and off, twice, on the 16-bit cases with gate groups of 16 channels.

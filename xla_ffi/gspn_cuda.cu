@@ -670,6 +670,12 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
 
 // ------------------------------------------------------------------ the TMA backward
 
+// The TMA backward's instance for a call of D directions (with the running dx sum or without).
+template <typename T>
+auto TmaBwdKernelFor(int64_t D) {
+  return D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>;
+}
+
 struct TmaBwdPlan {
   TmaBwdMaps maps;
   TmaBwdLaunch a;
@@ -722,9 +728,8 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
              2 * kTmaStages * 8;
-  auto kernel = s.D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>;
-  if (!BlocksFit(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp->smem,
-                 knob == 1 ? 1 : 2))
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), kTmaBwdThreads,
+                 tp->smem, knob == 1 ? 1 : 2))
     return false;
   tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
@@ -746,8 +751,8 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d gbox=%d nsub=%d\n", kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem,
                  kTmaCluster, tp.a.gbox, tp.a.nsub);
-  return LaunchInClusters(st, tp.a.D > 1 ? GspnBwdTmaKernel<T, true> : GspnBwdTmaKernel<T, false>,
-                          tp.blocks, kTmaBwdThreads, tp.smem, tp.maps, dx, dlam, dw, acc, tp.a);
+  return LaunchInClusters(st, TmaBwdKernelFor<T>(tp.a.D), tp.blocks, kTmaBwdThreads, tp.smem,
+                          tp.maps, dx, dlam, dw, acc, tp.a);
 }
 
 template <typename T>

@@ -177,7 +177,8 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     }
   };
 
-  if (warp == kTmaBwdWarps) {  // the producer: lines 0 .. K-1, then q + K once the cluster is past q
+  // The producer: lines 0 .. K-1, then q + K once the cluster is past q.
+  if (warp == kTmaBwdWarps) {
     if (lane == 0)
       for (int q = 0; q < K && q < lines; ++q) issue(q);
     for (int q = 0; q < lines; ++q) {
