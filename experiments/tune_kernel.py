@@ -165,7 +165,10 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "long": (LONG_SETTINGS, LONG_CASES),
             "split": (SPLIT_SETTINGS, SPLIT_CASES, ("fwd",)),
             "stride": (STRIDE_SETTINGS, STRIDE_CASES, ("fwd",)),
-            "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",))}
+            "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",)),
+            # The A/B alone where the TMA backward is the default (a short check after a change).
+            "tmabwdab": (TMA_BWD_SETTINGS[:4],
+                         [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
 KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CUDA_P_BWD",
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
@@ -293,7 +296,9 @@ def main():
                         "split of the last wave's slabs; small: the plans of the small shape; "
                         "fwdprefetch: the 16-bit forward's L2 prefetch; bwdthreads: the "
                         "backward's blocks of more than 256 threads; bwdhalf, fwdhalf: the "
-                        "16-bit G = C half vectors against whole ones")
+                        "16-bit G = C half vectors against whole ones; tmabwd: the TMA "
+                        "backward's forms and partial modes; tmabwdab: TMA against register "
+                        "backward where TMA is the default")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

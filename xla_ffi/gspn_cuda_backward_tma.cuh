@@ -373,9 +373,12 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       if (a.nsub == 2) {
 #pragma unroll
         for (int j = 0; j < 3; ++j) da[j] += __shfl_xor_sync(0xffffffffu, da[j], 1);
+        // The leader writes over gates its partner lane read: a shuffle does not order memory,
+        // a warp barrier does (racecheck reported the read and the write as a hazard).
+        __syncwarp();
       }
       // The group's gate gradient replaces its gates in the stage (only this lane pair read
-      // them, both before the shuffle above); the line's gradients go out together below.
+      // them, both before the warp barrier above); the line's gradients go out together below.
       if (active && leader && store_dw) {
         float out[3] = {0.f, 0.f, 0.f};  // zero where line t restarts
         if (!restart) GateGrad(da, wa, wc, a.normalize, out);
