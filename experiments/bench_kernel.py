@@ -146,8 +146,9 @@ def plan_lines(fn, args):
 def waves_of(plan_line):
     """Blocks over resident blocks (SMs x blocks per SM) of one printed plan: a grid of 4.36
     waves takes about as long as one of 5 (docs/kernel_notes.md, v5). Counted in whole slabs:
-    the tail split (tail=NxK: N blocks of 1/K slab) does not change the work."""
-    fields = dict(f.split("=") for f in plan_line.split())
+    the tail split (tail=NxK: N blocks of 1/K slab) does not change the work. Words without
+    '=' (the TMA plans' leading "TMA") are skipped."""
+    fields = dict(f.split("=", 1) for f in plan_line.split() if "=" in f)
     sms = getattr(jax.devices()[0], "core_count", None) or 132
     tail_blocks, k = (int(v) for v in fields.get("tail", "0x1").split("x"))
     slabs = int(fields["blocks"]) - tail_blocks + tail_blocks // k
@@ -218,10 +219,10 @@ def run_case(B, C, H, W, G, D, dtype_name, do_reference=True):
     bwd_args = (*sets[0][:3], hs[0], sets[0][3])
     for kind, fn, args in (("fwd", kfwd, sets[0][:3]), ("bwd", kbwd, bwd_args)):
         try:  # the plan the handler chose (a record only: never fails the benchmark)
-            plan = plan_lines(fn, args)[0]
-            row[kind + "_plan"], row[kind + "_waves"] = plan, waves_of(plan)
+            row[kind + "_plan"], row[kind + "_waves"] = plan_lines(fn, args)[0], None
+            row[kind + "_waves"] = waves_of(row[kind + "_plan"])
         except Exception as e:  # noqa: BLE001
-            row[kind + "_plan"], row[kind + "_waves"] = repr(e)[:200], None
+            row.setdefault(kind + "_plan", repr(e)[:200])
     del hs
     row["kernel_fwdbwd_s"], _ = time_calls(fb("ffi"), sets)
     if do_reference:

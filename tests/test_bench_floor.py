@@ -64,3 +64,7 @@ def test_waves_count_whole_slabs(bench, monkeypatch):
     assert bench.waves_of(plan.format(1536, "0x1", 2)) == pytest.approx(1536 / 264)
     old = "V=4 NG=4 P=1 Vs=8 Pt=64 threads=512 blocks=1152 regs=100 blocks/SM=1"
     assert bench.waves_of(old) == pytest.approx(1152 / 132)
+    # The TMA plans lead with a bare word and have no tail split (the v22 benchmark lost their
+    # plans and waves to a parse error here).
+    tma = "TMA S=48 threads=224 blocks=192 smem=108064 cluster=2 gbox=16 nsub=2 blocks/SM=2"
+    assert bench.waves_of(tma) == pytest.approx(192 / 264)

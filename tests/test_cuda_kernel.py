@@ -398,7 +398,7 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     plans = _printed_plans(capfd)["forward"]
     assert plans and all(" TMA " in ln for ln in plans), plans
     split = max(shape[1:3]) > 128 or "CGSPN_CUDA_TMA_SPLIT" in knobs
-    assert all(ln.endswith(f" split={int(split)}") for ln in plans), plans
+    assert all(f" split={int(split)} " in ln for ln in plans), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,

@@ -572,14 +572,18 @@ struct LineSpan {
   }
 };
 
-// Whether at least `need` blocks of `kernel` (threads, smem bytes) fit a multiprocessor, after
-// allowing it that much shared memory.
-bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
+// How many blocks of `kernel` (threads, smem bytes) fit a multiprocessor, after allowing it that
+// much shared memory; 0 where they do not or the query fails.
+int BlocksPerSm(const void* kernel, int threads, size_t smem) {
   int per_sm = 0;
-  return AllowSharedMemory(kernel, smem) == cudaSuccess &&
-         cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) ==
-             cudaSuccess &&
-         per_sm >= need;
+  if (AllowSharedMemory(kernel, smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem) != cudaSuccess)
+    return 0;
+  return per_sm;
+}
+
+bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
+  return BlocksPerSm(kernel, threads, smem) >= need;
 }
 
 struct TmaPlan {
@@ -662,8 +666,10 @@ template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d split=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem,
-                 kTmaCluster, tp.a.gbox, tp.a.split);
+                 "cluster=%d gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks,
+                 tp.smem, kTmaCluster, tp.a.gbox, tp.a.split,
+                 BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
+                             tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, kTmaThreads, tp.smem, tp.maps, h,
                           tp.a);
 }
@@ -749,8 +755,10 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
                               float* acc) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d nsub=%d\n", kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem,
-                 kTmaCluster, tp.a.gbox, tp.a.nsub);
+                 "cluster=%d gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
+                 tp.blocks, tp.smem, kTmaCluster, tp.a.gbox, tp.a.nsub,
+                 BlocksPerSm(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(tp.a.D)),
+                             kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, TmaBwdKernelFor<T>(tp.a.D), tp.blocks, kTmaBwdThreads, tp.smem,
                           tp.maps, dx, dlam, dw, acc, tp.a);
 }
