@@ -11,7 +11,9 @@
 #              matches "pytestmark", the attribute of every decorated test: "tma" selects nearly
 #              all, "tma_forward" the TMA tests;
 #              CGSPN_TEST_SHARD=0/2, then 1/2, splits the suite over two device calls: with the
-#              build it no longer fits one call's 600 s)
+#              build it no longer fits one call's 600 s. Each half takes about 420 s (v23), so
+#              with the ~100 s build neither leaves room for `sanitize` (~80 s): run that in a
+#              call of its own, or beside `bench`)
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
 #   ncu      - Nsight Compute (speed of light, stalls, memory, per-instruction stall samples as
