@@ -25,10 +25,11 @@ struct BwdIn {
 template <typename T, int V, int NG, int P, bool kAcc, bool kWide>
 constexpr int kBwdBound = kWide ? BwdMaxThreads(sizeof(T), V, NG, P, kAcc) : kBwdThreads;
 
+// dx is not __restrict__: for float32 the running dx sum `acc` is the dx buffer itself.
 template <typename T, int V, int NG, int P, bool kAcc, bool kPrefetch, bool kWide>
 __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
     GspnBwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
-                  const T* __restrict__ h, const T* __restrict__ dh, T* __restrict__ dx,
+                  const T* __restrict__ h, const T* __restrict__ dh, T* dx,
                   T* __restrict__ dlam, T* __restrict__ dw, float* acc, float* __restrict__ part,
                   const Launch a) {
   extern __shared__ float4 smem_raw[];
