@@ -11,9 +11,10 @@ and this keeps all versions on one, correct, scale. Each run keeps its own copy 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from pathlib import Path
+
+from compare_bench import load  # a run and its rows by case, as compare_bench keys them
 
 _VERSION = re.compile(r"_v(\d+)\.json$")
 LARGE = ((32, 1152, 64, 64), (8, 1152, 128, 128))  # the shapes the bandwidth targets apply to
@@ -32,23 +33,18 @@ def runs_of(folder: Path, gpu: str = "h100") -> list[tuple[int, Path]]:
 def history(runs: list[tuple[int, Path]]) -> dict[tuple, list[tuple[int, float, float]]]:
     """Per case (B, C, H, W, G, dtype, D): [(version, forward %copy, backward %copy)], with the
     floors of the newest run that has the case."""
-    loaded = [(v, json.loads(p.read_text())) for v, p in runs]
+    loaded = [(v, *load(p)) for v, p in runs]
     floors = {}
-    for _, run in loaded:  # oldest first: the newest run's floors win
-        for r in run["rows"]:
-            floors[_key(r)] = (r["fwd_floor_bytes"], r["bwd_floor_bytes"])
+    for _, _, rows in loaded:  # oldest first: the newest run's floors win
+        floors.update({k: (r["fwd_floor_bytes"], r["bwd_floor_bytes"]) for k, r in rows.items()})
     out: dict[tuple, list[tuple[int, float, float]]] = {}
-    for version, run in loaded:
+    for version, run, rows in loaded:
         bw = run["copy_bandwidth"]
-        for r in run["rows"]:
-            fwd, bwd = floors[_key(r)]
-            out.setdefault(_key(r), []).append(
+        for key, r in rows.items():
+            fwd, bwd = floors[key]
+            out.setdefault(key, []).append(
                 (version, 100 * fwd / r["kernel_fwd_s"] / bw, 100 * bwd / r["kernel_bwd_s"] / bw))
     return out
-
-
-def _key(r) -> tuple:
-    return (r["B"], r["C"], r["H"], r["W"], r["G"], r["dtype"], r["D"])
 
 
 def plot(hist, path: Path, targets=(90.0, 85.0)) -> None:

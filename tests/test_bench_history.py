@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
+_EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 _SPEC = importlib.util.spec_from_file_location(
-    "plot_bench_history",
-    Path(__file__).resolve().parents[1] / "experiments" / "plot_bench_history.py")
+    "plot_bench_history", _EXPERIMENTS / "plot_bench_history.py")
 
 
-@pytest.fixture(scope="module")
-def hist_module():
+@pytest.fixture
+def hist_module(monkeypatch):
+    monkeypatch.syspath_prepend(str(_EXPERIMENTS))  # as when run as a script: compare_bench
     module = importlib.util.module_from_spec(_SPEC)
     _SPEC.loader.exec_module(module)
     return module

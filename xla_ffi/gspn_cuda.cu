@@ -753,14 +753,14 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
 template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
                               float* acc) {
+  const auto kernel = TmaBwdKernelFor<T>(tp.a.D);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
                  tp.blocks, tp.smem, kTmaCluster, tp.a.gbox, tp.a.nsub,
-                 BlocksPerSm(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(tp.a.D)),
-                             kTmaBwdThreads, tp.smem));
-  return LaunchInClusters(st, TmaBwdKernelFor<T>(tp.a.D), tp.blocks, kTmaBwdThreads, tp.smem,
-                          tp.maps, dx, dlam, dw, acc, tp.a);
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
+  return LaunchInClusters(st, kernel, tp.blocks, kTmaBwdThreads, tp.smem, tp.maps, dx, dlam, dw,
+                          acc, tp.a);
 }
 
 template <typename T>
