@@ -150,6 +150,23 @@ TMA_BWD_SETTINGS = [{"CGSPN_CUDA_TMA_BWD": "1"}, {"CGSPN_CUDA_TMA_BWD": "0"}] * 
     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_MODE": m} for m in ("1", "2", "3", "4", "5")]
 TMA_BWD_CASES = [c for c in BENCH_CASES if c[2] == "bfloat16" and c[0][1] // c[1] == 16
                  and c[1] % 8 == 0] + [((8, 1152, 128, 128), 72, "float16", 1)]
+# How full the GPU is, against the TMA kernels' speed (v24). 8 x 1152 x 128 x 128 bfloat16 G = 72
+# runs 192 whole-line blocks at two per SM: 0.73 waves. The batch from 4 to 11 images (0.36 to
+# 1.0 waves) says whether the time follows the bytes (bandwidth) or the blocks (latency); the
+# split lines in the narrow instance (CGSPN_CUDA_TMA_NARROW; 384 half-line blocks at four per
+# SM) fill every SM at B = 8; the wide instance split as v21 measured it (1.45 waves); the
+# backward's copies alone (mode 1) at each batch; 64-position lines forced onto the TMA forward
+# (the narrow instance whole, and split) against the register forward.
+FILL_SETTINGS = [{}, {"CGSPN_CUDA_TMA_SPLIT": "1"},
+                 {"CGSPN_CUDA_TMA_SPLIT": "1", "CGSPN_CUDA_TMA_NARROW": "0"},
+                 {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_MODE": "1"}, {}]
+FILL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 6, 8, 11)]
+FILL_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((8, 1152, 128, 128), 72, "bfloat16", 4),
+               ((16, 768, 96, 96), 48, "bfloat16", 1)]
+FILL64_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "1"},
+                   {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_NARROW": "0"},
+                   {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}, {}]
+FILL64_CASES = [((32, 1152, 64, 64), 72, "bfloat16", D) for D in (1, 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -166,6 +183,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "split": (SPLIT_SETTINGS, SPLIT_CASES, ("fwd",)),
             "stride": (STRIDE_SETTINGS, STRIDE_CASES, ("fwd",)),
             "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",)),
+            "fill": (FILL_SETTINGS, FILL_CASES),
+            "fill64": (FILL64_SETTINGS, FILL64_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -173,7 +192,8 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_NARROW", "CGSPN_CUDA_TMA_BWD",
+         "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
 
@@ -298,7 +318,8 @@ def main():
                         "backward's blocks of more than 256 threads; bwdhalf, fwdhalf: the "
                         "16-bit G = C half vectors against whole ones; tmabwd: the TMA "
                         "backward's forms and partial modes; tmabwdab: TMA against register "
-                        "backward where TMA is the default")
+                        "backward where TMA is the default; fill, fill64: the TMA kernels against "
+                        "how full the GPU is, and the narrow split forward")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -591,7 +591,15 @@ struct TmaPlan {
   TmaLaunch a;
   int blocks;
   size_t smem;
+  int warps;  // consumer warps: the kernel instance (kTmaWarps or kTmaNarrowWarps)
 };
+
+// The TMA forward's instance of `warps` consumer warps.
+template <typename T>
+auto TmaFwdKernelFor(int warps) {
+  return warps == kTmaWarps ? GspnFwdTmaKernel<T, kTmaWarps>
+                            : GspnFwdTmaKernel<T, kTmaNarrowWarps>;
+}
 
 // Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
 // buffers, C and 3 G multiples of 8 (the maps' row strides and the gate boxes' 16-byte starts);
@@ -647,8 +655,14 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
              2 * kTmaStages * 8;
-  if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
-                 knob == 1 ? 1 : 2))
+  // Blocks of at most half a kTmaMaxLine take the narrow instance (CGSPN_CUDA_TMA_NARROW=0:
+  // never, for A/B), which must fit as many blocks per SM as it was built for.
+  const char* narrow_env = std::getenv("CGSPN_CUDA_TMA_NARROW");
+  const bool narrow = Lb <= kTmaMaxLine / 2 && !(narrow_env && std::atoi(narrow_env) == 0);
+  tp->warps = narrow ? kTmaNarrowWarps : kTmaWarps;
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps)),
+                 TmaFwdThreads(tp->warps), tp->smem,
+                 knob == 1 ? 1 : TmaFwdBlocksPerSm(tp->warps)))
     return false;
   // The maps (only those a direction of the call uses; the others stay zero, never read).
   tp->maps = {};
@@ -664,14 +678,14 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
+  const auto kernel = TmaFwdKernelFor<T>(tp.warps);
+  const int threads = TmaFwdThreads(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks,
+                 "cluster=%d gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, threads, tp.blocks,
                  tp.smem, kTmaCluster, tp.a.gbox, tp.a.split,
-                 BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
-                             tp.smem));
-  return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, kTmaThreads, tp.smem, tp.maps, h,
-                          tp.a);
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem));
+  return LaunchInClusters(st, kernel, tp.blocks, threads, tp.smem, tp.maps, h, tp.a);
 }
 
 // ------------------------------------------------------------------ the TMA backward

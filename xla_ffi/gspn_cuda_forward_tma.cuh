@@ -33,8 +33,13 @@ constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces
 constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
 constexpr int kTmaMaxLine = 128;  // positions of a block: items (kTmaSlab / 8 each) per thread <= 4
 constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
-constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
 constexpr int kTmaCluster = 2;
+// The narrow forward instance: half the consumer warps, for blocks of at most kTmaMaxLine / 2
+// positions (split lines of up to kTmaMaxLine), at four blocks per SM (its registers and shared
+// memory allow it): a line's halves in 2 x the blocks of the whole-line instance, all resident.
+constexpr int kTmaNarrowWarps = kTmaWarps / 2;
+constexpr int TmaFwdThreads(int warps) { return (warps + 1) * 32; }
+constexpr int TmaFwdBlocksPerSm(int warps) { return warps == kTmaWarps ? 2 : 4; }
 
 // The tensor maps of one call: x, lam and the gates, each as [rows][W][inner] with boxes for
 // lines along rows (directions tb, bt: box [1][W][inner box]) and along columns (lr, rl:
@@ -96,11 +101,13 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c
 // second half's box runs past the line where L is odd: read and never used).
 // Shared memory: kTmaStages stages of {x [Lb][kTmaSlab], lam [Lb][kTmaSlab], gates [Lb][gbox]},
 // the h tiles [2][Lb][kTmaSlab] (float, by line parity), then the "full" and "empty" mbarriers.
-template <typename T>
-__global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
+// NW consumer warps: kTmaWarps, or kTmaNarrowWarps for blocks of at most kTmaMaxLine / 2
+// positions; each thread has kTmaItems items either way.
+template <typename T, int NW>
+__global__ void __launch_bounds__(TmaFwdThreads(NW), TmaFwdBlocksPerSm(NW))  // as measured
     GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, const TmaLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kTmaWarps * 32;
+  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = NW * 32;
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 2 * a.xbytes + a.gbytes;
 
@@ -127,7 +134,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   if (threadIdx.x == 0) {
     for (int s = 0; s < K; ++s) {
       MbarInit(&full[s], 1);
-      MbarInit(&empty[s], kTmaWarps);
+      MbarInit(&empty[s], NW);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -153,7 +160,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     }
   };
 
-  if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
+  if (warp == NW) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
     for (int t = 0; t < T_steps; ++t) {
