@@ -167,6 +167,15 @@ FILL64_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "1"},
                    {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_NARROW": "0"},
                    {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}, {}]
 FILL64_CASES = [((32, 1152, 64, 64), 72, "bfloat16", D) for D in (1, 4)]
+# The TMA copies' L2 promotion (CGSPN_CUDA_TMA_L2: none, 64, 128 or 256 bytes, the default), on
+# the whole kernels and on the backward's copies alone (mode 1): a 96-byte box row promoted to
+# 256 bytes also fetches its neighbouring slabs' bytes, which pays only if their blocks read them
+# while they are in L2 (v24: the TMA kernels at 128 x 128 are not bound by the bytes).
+_L2 = [{"CGSPN_CUDA_TMA_L2": v} for v in ("0", "64", "128")]
+TMA_L2_SETTINGS = [{}] + _L2 + [dict(l2, CGSPN_CUDA_TMA_BWD="1", CGSPN_CUDA_TMA_BWD_MODE="1")
+                                for l2 in [{}] + _L2] + [{}]
+TMA_L2_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
+TMA_L2_CASES += [((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -185,6 +194,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",)),
             "fill": (FILL_SETTINGS, FILL_CASES),
             "fill64": (FILL64_SETTINGS, FILL64_CASES, ("fwd",)),
+            "tmal2": (TMA_L2_SETTINGS, TMA_L2_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -192,7 +202,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_NARROW", "CGSPN_CUDA_TMA_BWD",
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_NARROW", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_BWD",
          "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -319,7 +329,8 @@ def main():
                         "16-bit G = C half vectors against whole ones; tmabwd: the TMA "
                         "backward's forms and partial modes; tmabwdab: TMA against register "
                         "backward where TMA is the default; fill, fill64: the TMA kernels against "
-                        "how full the GPU is, and the narrow split forward")
+                        "how full the GPU is, and the narrow split forward; tmal2: the TMA "
+                        "copies' L2 promotion")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

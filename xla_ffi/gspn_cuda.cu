@@ -514,6 +514,19 @@ inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
   return fn;
 }
 
+// The L2 promotion of the TMA copies: 256-byte (the default, as the model measured it), or
+// CGSPN_CUDA_TMA_L2=0, 64 or 128 (experiments: a box row of a slab is 96 bytes, so a 256-byte
+// promotion also fetches its neighbours' bytes, which pays only while they read them soon).
+inline CUtensorMapL2promotion TmaL2Promotion() {
+  const char* v = std::getenv("CGSPN_CUDA_TMA_L2");
+  switch (v ? std::atoi(v) : 256) {
+    case 0: return CU_TENSOR_MAP_L2_PROMOTION_NONE;
+    case 64: return CU_TENSOR_MAP_L2_PROMOTION_L2_64B;
+    case 128: return CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
+    default: return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+  }
+}
+
 // A map of [rows][W][inner] 16-bit elements at `base` with boxes [box_rows][box_w][box_inner].
 // Out-of-range elements of a box (a partial last slab, the gates past the last group) read as 0.
 template <typename T>
@@ -527,7 +540,7 @@ bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int
                                                              : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
   return TensorMapEncoder()(map, type, 3, const_cast<T*>(base), dims, strides, box, elem,
                             CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_NONE,
-                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            TmaL2Promotion(),
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
