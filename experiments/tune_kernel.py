@@ -176,6 +176,14 @@ TMA_L2_SETTINGS = [{}] + _L2 + [dict(l2, CGSPN_CUDA_TMA_BWD="1", CGSPN_CUDA_TMA_
                                 for l2 in [{}] + _L2] + [{}]
 TMA_L2_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
 TMA_L2_CASES += [((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
+# The broad instance (72-channel slabs, one block per SM: 128 blocks at 8 x 1152 x 128 x 128
+# instead of 192 at two per SM, of which 60 SMs hold two and 72 one), with each L2 promotion
+# that v24 compared, at several batches.
+BROAD_SETTINGS = [{}, {"CGSPN_CUDA_TMA_L2": "0"}, {"CGSPN_CUDA_TMA_SLAB": "72"},
+                  {"CGSPN_CUDA_TMA_SLAB": "72", "CGSPN_CUDA_TMA_L2": "0"}, {}]
+BROAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 6, 8, 11)]
+BROAD_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((8, 1152, 128, 128), 72, "bfloat16", 4),
+                ((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -195,6 +203,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fill": (FILL_SETTINGS, FILL_CASES),
             "fill64": (FILL64_SETTINGS, FILL64_CASES, ("fwd",)),
             "tmal2": (TMA_L2_SETTINGS, TMA_L2_CASES),
+            "broad": (BROAD_SETTINGS, BROAD_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -202,7 +211,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_NARROW", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_BWD",
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_NARROW", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_SLAB", "CGSPN_CUDA_TMA_BWD",
          "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -330,7 +339,7 @@ def main():
                         "backward's forms and partial modes; tmabwdab: TMA against register "
                         "backward where TMA is the default; fill, fill64: the TMA kernels against "
                         "how full the GPU is, and the narrow split forward; tmal2: the TMA "
-                        "copies' L2 promotion")
+                        "copies' L2 promotion; broad: the 72-channel TMA forward")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
