@@ -4,7 +4,8 @@
 #   quick    - D = 1 kernel timings (no reference)
 #   tune     - the launch-plan sweep (experiments/tune_kernel.py;
 #              TUNE_FAMILY: one or more of plans slabs prefetch balance sync tail small
-#              fwdprefetch bwdthreads bwd512 bwdsync bwdstaged)
+#              fwdprefetch bwdthreads bwd512 bwdsync bwdstaged ...: FAMILIES in
+#              tune_kernel.py)
 #   model    - experiments/sm_bandwidth.cu, the standalone model of what one SM can stream
 #   batches  - one case at several batch sizes: the cost of a partial last wave
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k, which also

@@ -151,39 +151,24 @@ TMA_BWD_SETTINGS = [{"CGSPN_CUDA_TMA_BWD": "1"}, {"CGSPN_CUDA_TMA_BWD": "0"}] * 
 TMA_BWD_CASES = [c for c in BENCH_CASES if c[2] == "bfloat16" and c[0][1] // c[1] == 16
                  and c[1] % 8 == 0] + [((8, 1152, 128, 128), 72, "float16", 1)]
 # How full the GPU is, against the TMA kernels' speed (v24). 8 x 1152 x 128 x 128 bfloat16 G = 72
-# runs 192 whole-line blocks at two per SM: 0.73 waves. The batch from 4 to 11 images (0.36 to
-# 1.0 waves) says whether the time follows the bytes (bandwidth) or the blocks (latency); the
-# split lines in the narrow instance (CGSPN_CUDA_TMA_NARROW; 384 half-line blocks at four per
-# SM) fill every SM at B = 8; the wide instance split as v21 measured it (1.45 waves); the
-# backward's copies alone (mode 1) at each batch; 64-position lines forced onto the TMA forward
-# (the narrow instance whole, and split) against the register forward.
+# runs 192 whole-line blocks at two per SM: 0.73 waves, 60 SMs with two blocks and 72 with one.
+# The batch from 4 to 11 images (0.36 to 1.0 waves) says whether the time follows the bytes or
+# the blocks per SM; lines split between a cluster's two blocks (2 x the blocks) spread the work
+# wider; the backward's copies alone (mode 1) at each batch.
 FILL_SETTINGS = [{}, {"CGSPN_CUDA_TMA_SPLIT": "1"},
-                 {"CGSPN_CUDA_TMA_SPLIT": "1", "CGSPN_CUDA_TMA_NARROW": "0"},
                  {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_MODE": "1"}, {}]
 FILL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 6, 8, 11)]
 FILL_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((8, 1152, 128, 128), 72, "bfloat16", 4),
                ((16, 768, 96, 96), 48, "bfloat16", 1)]
-FILL64_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD": "1"},
-                   {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_NARROW": "0"},
-                   {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}, {}]
-FILL64_CASES = [((32, 1152, 64, 64), 72, "bfloat16", D) for D in (1, 4)]
-# The TMA copies' L2 promotion (CGSPN_CUDA_TMA_L2: none, 64, 128 or 256 bytes, the default), on
+# The TMA copies' L2 promotion (CGSPN_CUDA_TMA_L2: none, the default since v24, 64, 128 or 256), on
 # the whole kernels and on the backward's copies alone (mode 1): a 96-byte box row promoted to
 # 256 bytes also fetches its neighbouring slabs' bytes, which pays only if their blocks read them
-# while they are in L2 (v24: the TMA kernels at 128 x 128 are not bound by the bytes).
-_L2 = [{"CGSPN_CUDA_TMA_L2": v} for v in ("0", "64", "128")]
+# while they are in L2.
+_L2 = [{"CGSPN_CUDA_TMA_L2": v} for v in ("64", "128", "256")]
 TMA_L2_SETTINGS = [{}] + _L2 + [dict(l2, CGSPN_CUDA_TMA_BWD="1", CGSPN_CUDA_TMA_BWD_MODE="1")
                                 for l2 in [{}] + _L2] + [{}]
 TMA_L2_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
 TMA_L2_CASES += [((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
-# The broad instance (72-channel slabs, one block per SM: 128 blocks at 8 x 1152 x 128 x 128
-# instead of 192 at two per SM, of which 60 SMs hold two and 72 one), with each L2 promotion
-# that v24 compared, at several batches.
-BROAD_SETTINGS = [{}, {"CGSPN_CUDA_TMA_L2": "0"}, {"CGSPN_CUDA_TMA_SLAB": "72"},
-                  {"CGSPN_CUDA_TMA_SLAB": "72", "CGSPN_CUDA_TMA_L2": "0"}, {}]
-BROAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 6, 8, 11)]
-BROAD_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((8, 1152, 128, 128), 72, "bfloat16", 4),
-                ((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -201,9 +186,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "stride": (STRIDE_SETTINGS, STRIDE_CASES, ("fwd",)),
             "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",)),
             "fill": (FILL_SETTINGS, FILL_CASES),
-            "fill64": (FILL64_SETTINGS, FILL64_CASES, ("fwd",)),
             "tmal2": (TMA_L2_SETTINGS, TMA_L2_CASES),
-            "broad": (BROAD_SETTINGS, BROAD_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -211,7 +194,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_NARROW", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_SLAB", "CGSPN_CUDA_TMA_BWD",
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_BWD",
          "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -337,9 +320,8 @@ def main():
                         "backward's blocks of more than 256 threads; bwdhalf, fwdhalf: the "
                         "16-bit G = C half vectors against whole ones; tmabwd: the TMA "
                         "backward's forms and partial modes; tmabwdab: TMA against register "
-                        "backward where TMA is the default; fill, fill64: the TMA kernels against "
-                        "how full the GPU is, and the narrow split forward; tmal2: the TMA "
-                        "copies' L2 promotion; broad: the 72-channel TMA forward")
+                        "backward where TMA is the default; fill: the TMA kernels against how full "
+                        "the GPU is; tmal2: the TMA copies' L2 promotion")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -388,16 +388,12 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
     ((2, 201, 72, 128), 8, ("lr", "rl", "tb"), {}),
     ((3, 33, 33, 64), 8, ("tb", "bt", "lr", "rl"),
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
-    # Halves of at most 64 positions take the narrow instance (v24): here halves of 64 (columns
-    # of 128) and 50 (rows of 100), all four items of a thread in use.
+    # Forced on lines of up to 128: halves of 64 (columns of 128) and 50 (rows of 100).
     ((2, 128, 100, 128), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_SPLIT": "1"}),
-    # The broad instance (72 channels: slabs of 72 and 56, gate groups straddling them), whole
-    # lines of 100 and 128, and split rows of 256.
-    ((2, 100, 128, 128), 8, ("tb", "lr", "bt"), {"CGSPN_CUDA_TMA_SLAB": "72"}),
-    ((1, 40, 256, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_SLAB": "72"}),
+    # The copies with v20-v23's 256-byte L2 promotion (none is the default since v24).
+    ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_L2": "256"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
-        "split_rows_256", "split_columns_201", "split_forced", "split_narrow_128", "broad",
-        "broad_split_256"])
+        "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -407,13 +403,6 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert plans and all(" TMA " in ln for ln in plans), plans
     split = max(shape[1:3]) > 128 or "CGSPN_CUDA_TMA_SPLIT" in knobs
     assert all(f" split={int(split)} " in ln for ln in plans), plans
-    # A block's positions: the longest line's, or half of them (rounded up) where split. At most
-    # 64: the narrow instance, 3 consumer warps and the producer; more: 6 consumer warps on 48
-    # channels, or 9 on 72 (the broad instance).
-    block_line = -(-max(shape[1:3]) // 2) if split else max(shape[1:3])
-    slab = 72 if block_line > 64 and "CGSPN_CUDA_TMA_SLAB" in knobs else 48
-    threads = 128 if block_line <= 64 else 320 if slab == 72 else 224
-    assert all(f" S={slab} threads={threads} " in ln for ln in plans), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,

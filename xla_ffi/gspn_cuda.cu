@@ -514,16 +514,18 @@ inline PFN_cuTensorMapEncodeTiled_v12000 TensorMapEncoder() {
   return fn;
 }
 
-// The L2 promotion of the TMA copies: 256-byte (the default, as the model measured it), or
-// CGSPN_CUDA_TMA_L2=0, 64 or 128 (experiments: a box row of a slab is 96 bytes, so a 256-byte
-// promotion also fetches its neighbours' bytes, which pays only while they read them soon).
+// The L2 promotion of the TMA copies: none by default. A slab's box row is 96 bytes; a 256-byte
+// promotion (v20's choice, from the model) also fetches bytes of the neighbouring slabs, which
+// pays only where their blocks read them while they are still in L2. Measured against it (v24,
+// H100, bfloat16 G = C / 16; docs/kernel_notes.md): 8 x 1152 x 128 x 128 forward D = 4 1.63 ->
+// 1.58-1.60 ms, split rows of 256 0.47-0.55 -> 0.45-0.50, backward D = 1 1.00 -> 0.98, forward
+// D = 1 within 1%. CGSPN_CUDA_TMA_L2=64, 128 or 256 selects a promotion (experiments).
 inline CUtensorMapL2promotion TmaL2Promotion() {
-  const char* v = std::getenv("CGSPN_CUDA_TMA_L2");
-  switch (v ? std::atoi(v) : 256) {
-    case 0: return CU_TENSOR_MAP_L2_PROMOTION_NONE;
+  switch (EnvInt("CGSPN_CUDA_TMA_L2")) {
     case 64: return CU_TENSOR_MAP_L2_PROMOTION_L2_64B;
     case 128: return CU_TENSOR_MAP_L2_PROMOTION_L2_128B;
-    default: return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+    case 256: return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
+    default: return CU_TENSOR_MAP_L2_PROMOTION_NONE;
   }
 }
 
@@ -545,14 +547,13 @@ bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int
 }
 
 // The gate box's width: the gate elements of a slab's groups, from the 16-byte boundary at or
-// before its first group's, rounded up to 8 elements; the widest over the slabs of `slab`
-// channels.
-int TmaGateBox(const ScanShape& s, int slab = kTmaSlab) {
+// before its first group's, rounded up to 8 elements; the widest over the slabs.
+int TmaGateBox(const ScanShape& s) {
   const int64_t Sg = s.C / s.G;
   int gbox = 8;
-  for (int64_t c0 = 0; c0 < s.C; c0 += slab) {
+  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
     const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
-    const int64_t end = 3 * ((std::min(c0 + slab, s.C) - 1) / Sg) + 3;
+    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
     gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
   }
   return gbox;
@@ -605,16 +606,7 @@ struct TmaPlan {
   TmaLaunch a;
   int blocks;
   size_t smem;
-  int warps, slab;  // the kernel instance: consumer warps, channels per block
 };
-
-// The TMA forward's instance of `warps` consumer warps and `slab` channels.
-template <typename T>
-auto TmaFwdKernelFor(int warps, int slab) {
-  return slab == kTmaBroadSlab ? GspnFwdTmaKernel<T, kTmaBroadWarps, kTmaBroadSlab>
-         : warps == kTmaWarps  ? GspnFwdTmaKernel<T, kTmaWarps, kTmaSlab>
-                               : GspnFwdTmaKernel<T, kTmaNarrowWarps, kTmaSlab>;
-}
 
 // Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
 // buffers, C and 3 G multiples of 8 (the maps' row strides and the gate boxes' 16-byte starts);
@@ -649,23 +641,14 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     return false;
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
-  // The instance. Blocks of at most half a kTmaMaxLine take the narrow one
-  // (CGSPN_CUDA_TMA_NARROW=0: never, for A/B); CGSPN_CUDA_TMA_SLAB=72 the broad one on longer
-  // blocks (experiments).
-  const char* narrow_env = std::getenv("CGSPN_CUDA_TMA_NARROW");
-  const bool narrow = Lb <= kTmaMaxLine / 2 && !(narrow_env && std::atoi(narrow_env) == 0);
-  const bool broad = !narrow && EnvInt("CGSPN_CUDA_TMA_SLAB") == kTmaBroadSlab;
-  tp->warps = broad ? kTmaBroadWarps : narrow ? kTmaNarrowWarps : kTmaWarps;
-  tp->slab = broad ? kTmaBroadSlab : kTmaSlab;
-  const int S = tp->slab;
-  const int64_t nslab = (s.C + S - 1) / S;
+  const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
   const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
   // A cluster's two blocks must scan the same number of lines: never straddle two directions
   // of different line counts (the halves of one line always do).
   if (!split && (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)))
     return false;
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
-  const int gbox = TmaGateBox(s, S);
+  const int gbox = TmaGateBox(s);
   TmaLaunch& a = tp->a;
   a = {};
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
@@ -674,14 +657,13 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
   a.split = split;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
-  a.xbytes = round128(Lb * S * sizeof(T));
+  a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * S * 4 + 2 * kTmaStages * 8;
-  // The instance must fit as many blocks per SM as it was built for.
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, S)),
-                 TmaFwdThreads(tp->warps), tp->smem,
-                 knob == 1 ? 1 : TmaFwdBlocksPerSm(tp->warps, S)))
+  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
+             2 * kTmaStages * 8;
+  if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
+                 knob == 1 ? 1 : 2))
     return false;
   // The maps (only those a direction of the call uses; the others stay zero, never read).
   tp->maps = {};
@@ -690,21 +672,21 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // Boxes of a block's positions: the whole line, or half of it (rounded up) where split.
   const LineBoxes boxes{any_rows, any_cols, int(split ? (s.W + 1) / 2 : s.W),
                         int(split ? (s.H + 1) / 2 : s.H)};
-  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, S) &&
-         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, S) &&
+  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
+         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
          boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox);
 }
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
-  const auto kernel = TmaFwdKernelFor<T>(tp.warps, tp.slab);
-  const int threads = TmaFwdThreads(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d split=%d blocks/SM=%d\n", tp.slab, threads, tp.blocks,
+                 "cluster=%d gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks,
                  tp.smem, kTmaCluster, tp.a.gbox, tp.a.split,
-                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem));
-  return LaunchInClusters(st, kernel, tp.blocks, threads, tp.smem, tp.maps, h, tp.a);
+                 BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
+                             tp.smem));
+  return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, kTmaThreads, tp.smem, tp.maps, h,
+                          tp.a);
 }
 
 // ------------------------------------------------------------------ the TMA backward

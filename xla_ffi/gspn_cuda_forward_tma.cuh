@@ -33,20 +33,8 @@ constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces
 constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
 constexpr int kTmaMaxLine = 128;  // positions of a block: items (kTmaSlab / 8 each) per thread <= 4
 constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
+constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
 constexpr int kTmaCluster = 2;
-// The forward's instances: (consumer warps, slab channels). Every thread has kTmaItems items
-// of 8 channels, so a block holds 4 * 32 * warps / (slab / 8) positions.
-// - kTmaWarps, kTmaSlab: lines of up to kTmaMaxLine positions, two blocks per SM;
-// - narrow (half the warps): blocks of at most kTmaMaxLine / 2 positions (split lines of up to
-//   kTmaMaxLine), four blocks per SM (their registers and shared memory allow it);
-// - broad (72 channels, 9 warps): lines of up to kTmaMaxLine, one block per SM (v24: the
-//   128 x 128 forward's time follows its blocks per SM, not its bytes).
-constexpr int kTmaNarrowWarps = kTmaWarps / 2;
-constexpr int kTmaBroadSlab = 72, kTmaBroadWarps = 9;
-constexpr int TmaFwdThreads(int warps) { return (warps + 1) * 32; }
-constexpr int TmaFwdBlocksPerSm(int warps, int slab) {
-  return slab == kTmaBroadSlab ? 1 : warps == kTmaWarps ? 2 : 4;
-}
 
 // The tensor maps of one call: x, lam and the gates, each as [rows][W][inner] with boxes for
 // lines along rows (directions tb, bt: box [1][W][inner box]) and along columns (lr, rl:
@@ -59,7 +47,7 @@ struct TmaMaps {
 struct TmaLaunch {
   int B, H, W, C, G, D;
   int dir_bits;  // 2 bits per direction, as Launch
-  int nslab;     // ceil(C / slab channels)
+  int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
   int64_t chunk;
@@ -102,18 +90,17 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c
       : "memory");
 }
 
-// Blocks: one per (direction, image, slab of S channels[, half line]), half fastest,
+// Blocks: one per (direction, image, slab of kTmaSlab channels[, half line]), half fastest,
 // then slab, launched in clusters of kTmaCluster whose blocks scan the same number of lines (the
 // host sees to it). A block's Lb positions: the line's L, or the half of ceil(L / 2) (the
 // second half's box runs past the line where L is odd: read and never used).
-// Shared memory: kTmaStages stages of {x [Lb][S], lam [Lb][S], gates [Lb][gbox]},
-// the h tiles [2][Lb][S] (float, by line parity), then the "full" and "empty" mbarriers.
-// NW consumer warps and slabs of S channels: one of the instances above.
-template <typename T, int NW, int S>
-__global__ void __launch_bounds__(TmaFwdThreads(NW), TmaFwdBlocksPerSm(NW, S))
+// Shared memory: kTmaStages stages of {x [Lb][kTmaSlab], lam [Lb][kTmaSlab], gates [Lb][gbox]},
+// the h tiles [2][Lb][kTmaSlab] (float, by line parity), then the "full" and "empty" mbarriers.
+template <typename T>
+__global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
     GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, const TmaLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  constexpr int NV = S / 8, K = kTmaStages, NCT = NW * 32;
+  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kTmaWarps * 32;
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 2 * a.xbytes + a.gbytes;
 
@@ -140,7 +127,7 @@ __global__ void __launch_bounds__(TmaFwdThreads(NW), TmaFwdBlocksPerSm(NW, S))
   if (threadIdx.x == 0) {
     for (int s = 0; s < K; ++s) {
       MbarInit(&full[s], 1);
-      MbarInit(&empty[s], NW);
+      MbarInit(&empty[s], kTmaWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -166,7 +153,7 @@ __global__ void __launch_bounds__(TmaFwdThreads(NW), TmaFwdBlocksPerSm(NW, S))
     }
   };
 
-  if (warp == NW) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
+  if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
     for (int t = 0; t < T_steps; ++t) {
