@@ -169,6 +169,18 @@ TMA_L2_SETTINGS = [{}] + _L2 + [dict(l2, CGSPN_CUDA_TMA_BWD="1", CGSPN_CUDA_TMA_
                                 for l2 in [{}] + _L2] + [{}]
 TMA_L2_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
 TMA_L2_CASES += [((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
+# The clusters' lockstep (a cluster barrier per line) against a block barrier alone
+# (CGSPN_CUDA_TMA_LOCKSTEP=0), with the copies unpromoted (the default since v24) and with the
+# 256-byte L2 promotion under which v20's model measured the lockstep (0.41 ms against 0.68-0.73
+# at 8 x 1152 x 128 x 128 bfloat16 G = 72): was its gain the neighbouring slabs' shared 256-byte
+# granules, or their reading the same pixels' DRAM pages together? Split lines always keep it
+# (the control).
+_NO_LOCKSTEP = {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}
+LOCKSTEP_SETTINGS = [{}, _NO_LOCKSTEP, {"CGSPN_CUDA_TMA_L2": "256"},
+                     dict(_NO_LOCKSTEP, CGSPN_CUDA_TMA_L2="256"), {}, _NO_LOCKSTEP]
+LOCKSTEP_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
+LOCKSTEP_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((16, 768, 96, 96), 48, "bfloat16", 1),
+                   ((4, 1152, 128, 256), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -187,6 +199,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "tmabwd": (TMA_BWD_SETTINGS, TMA_BWD_CASES, ("bwd",)),
             "fill": (FILL_SETTINGS, FILL_CASES),
             "tmal2": (TMA_L2_SETTINGS, TMA_L2_CASES),
+            "lockstep": (LOCKSTEP_SETTINGS, LOCKSTEP_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -194,7 +207,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_PREFETCH_BWD", "CGSPN_CUDA_FWD_SYNC", "CGSPN_CUDA_BWD_SYNC",
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_BWD",
+         "CGSPN_CUDA_TMA_SPLIT", ""CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_BWD",
          "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -321,7 +334,8 @@ def main():
                         "16-bit G = C half vectors against whole ones; tmabwd: the TMA "
                         "backward's forms and partial modes; tmabwdab: TMA against register "
                         "backward where TMA is the default; fill: the TMA kernels against how full "
-                        "the GPU is; tmal2: the TMA copies' L2 promotion")
+                        "the GPU is; tmal2: the TMA copies' L2 promotion; "
+                        "lockstep: the TMA clusters' lockstep against a block barrier")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -392,8 +392,13 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
     ((2, 128, 100, 128), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_SPLIT": "1"}),
     # The copies with v20-v23's 256-byte L2 promotion (none is the default since v24).
     ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_L2": "256"}),
+    # A block barrier per line instead of the cluster's (an experiment's knob; split lines keep
+    # the cluster barrier, which their edge exchange needs).
+    ((2, 100, 128, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
+    ((1, 20, 256, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
-        "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256"])
+        "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256",
+        "no_lockstep", "no_lockstep_split"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -420,8 +425,11 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_BWD": "1"}),
     ((2, 128, 96, 192), 24, ("bt", "lr", "tb"), {"CGSPN_CUDA_TMA_BWD": "1"}),
     ((1, 128, 72, 1152), 72, ("lr",), {}),
+    # A block barrier per line instead of the cluster's (an experiment's knob), with the dx sum.
+    ((2, 40, 72, 128), 16, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
-        "C1152_G72_columns"])
+        "C1152_G72_columns", "no_lockstep"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))

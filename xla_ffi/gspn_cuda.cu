@@ -529,6 +529,13 @@ inline CUtensorMapL2promotion TmaL2Promotion() {
   }
 }
 
+// Whether the TMA kernels' clusters keep in lockstep (a cluster barrier per line): yes, unless
+// CGSPN_CUDA_TMA_LOCKSTEP=0 (experiments; lines split between two blocks always do).
+inline bool TmaLockstep() {
+  const char* v = std::getenv("CGSPN_CUDA_TMA_LOCKSTEP");
+  return !(v && std::atoi(v) == 0);
+}
+
 // A map of [rows][W][inner] 16-bit elements at `base` with boxes [box_rows][box_w][box_inner].
 // Out-of-range elements of a box (a partial last slab, the gates past the last group) read as 0.
 template <typename T>
@@ -656,6 +663,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
   a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
   a.split = split;
+  a.lockstep = split || TmaLockstep();
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
@@ -743,6 +751,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8);
   a.chunk = chunk, a.normalize = normalize;
   a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
+  a.lockstep = TmaLockstep();
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));

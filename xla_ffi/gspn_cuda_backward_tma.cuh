@@ -78,6 +78,7 @@ struct TmaBwdLaunch {
   int nsub;      // 8-channel vectors per gate group: 1 or 2
   int mode;      // experiments (CGSPN_CUDA_TMA_BWD_MODE): 1 copies only, 2 copies and stores,
                  // 3 no stores, 4 no dw stores, 5 dx and dlam from the registers
+  int lockstep;  // 1: a cluster barrier per line; 0 (experiments): a block barrier
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
@@ -182,7 +183,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     if (lane == 0)
       for (int q = 0; q < K && q < lines; ++q) issue(q);
     for (int q = 0; q < lines; ++q) {
-      ClusterSync();
+      LineSync(a.lockstep);
       if (lane == 0 && q + K < lines) {
         MbarWait(&empty[q % K], (q / K) & 1);
         issue(q + K);
@@ -246,7 +247,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       }
       __syncwarp();
       if (lane == 0) MbarArrive(&empty[s]);
-      ClusterSync();
+      LineSync(a.lockstep);
       continue;
     }
     // Modes 3 and 4 (experiments): the arithmetic without any store, or without the dw stores.
@@ -387,11 +388,12 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         for (int j = 0; j < 3; ++j) gp[j] = FromF<T>(out[j]);
       }
     }
-    // The cluster barrier orders this line's edges, running dx sum and gate gradients before
-    // their reads, and keeps the cluster's blocks in lockstep. The fence first makes the outputs
+    // The line barrier (the cluster's) orders this line's edges, running dx sum and gate
+    // gradients before their reads, and keeps the cluster's blocks in lockstep. The fence first
+    // makes the outputs
     // written into the stage visible to the bulk stores (the async proxy).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    ClusterSync();
+    LineSync(a.lockstep);
     if (bulk && threadIdx.x == 0) {
       const bool rows = dir == kTopBottom || dir == kBottomTop;
       const bool forward = dir == kTopBottom || dir == kLeftRight;

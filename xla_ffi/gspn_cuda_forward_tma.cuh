@@ -50,6 +50,7 @@ struct TmaLaunch {
   int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
+  int lockstep;  // 1: a cluster barrier per line (always where split); 0: a block barrier
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -60,6 +61,13 @@ struct TmaLaunch {
 // scope, so it also orders the block's shared-memory accesses as __syncthreads does.
 __device__ __forceinline__ void ClusterSync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
+}
+// The barrier at the end of each line of the TMA kernels: the cluster's, which keeps its blocks
+// in lockstep, or (experiments: CGSPN_CUDA_TMA_LOCKSTEP=0) the block's alone. Either orders the
+// block's shared-memory accesses; `cluster` is uniform over the cluster.
+__device__ __forceinline__ void LineSync(bool cluster) {
+  if (cluster) ClusterSync();
+  else __syncthreads();
 }
 // The address of `p` (this block's shared memory) in block `rank` of the cluster.
 __device__ __forceinline__ unsigned PeerAddr(const void* p, unsigned rank) {
@@ -157,7 +165,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
     for (int t = 0; t < T_steps; ++t) {
-      ClusterSync();
+      LineSync(a.lockstep);
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
         issue(t + K);
@@ -248,7 +256,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
 #pragma unroll
       for (int i = 0; i < 8; ++i) hown[k][i] = hv[k][i];
     }
-    ClusterSync();
+    LineSync(a.lockstep);
   }
 }
 
