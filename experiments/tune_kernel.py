@@ -181,6 +181,12 @@ LOCKSTEP_SETTINGS = [{}, _NO_LOCKSTEP, {"CGSPN_CUDA_TMA_L2": "256"},
 LOCKSTEP_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
 LOCKSTEP_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((16, 768, 96, 96), 48, "bfloat16", 1),
                    ((4, 1152, 128, 256), 72, "bfloat16", 1)]
+# Lockstep groups of 4 or 8 neighbouring slabs (CGSPN_CUDA_TMA_CLUSTER) against pairs: the
+# lockstep family showed that its gain is the slabs reading the same pixels together, not shared
+# L2 granules (without it the forward is 1.34x slower with no promotion at all).
+CLUSTER_SETTINGS = [{}, {"CGSPN_CUDA_TMA_CLUSTER": "4"}, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {},
+                    {"CGSPN_CUDA_TMA_CLUSTER": "4"}]
+CLUSTER_CASES = LOCKSTEP_CASES[:4]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -200,6 +206,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fill": (FILL_SETTINGS, FILL_CASES),
             "tmal2": (TMA_L2_SETTINGS, TMA_L2_CASES),
             "lockstep": (LOCKSTEP_SETTINGS, LOCKSTEP_CASES),
+            "cluster": (CLUSTER_SETTINGS, CLUSTER_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -208,7 +215,8 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
-         "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE", "CGSPN_CUDA_VERBOSE")
+         "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
+         "CGSPN_CUDA_VERBOSE")
 
 
 def knob_name(setting):
@@ -334,7 +342,8 @@ def main():
                         "backward's forms and partial modes; tmabwdab: TMA against register "
                         "backward where TMA is the default; fill: the TMA kernels against how full "
                         "the GPU is; tmal2: the TMA copies' L2 promotion; "
-                        "lockstep: the TMA clusters' lockstep against a block barrier")
+                        "lockstep: the TMA clusters' lockstep against a block barrier; "
+                        "cluster: lockstep groups of 4 and 8 slabs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -396,9 +396,11 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
     # the cluster barrier, which their edge exchange needs).
     ((2, 100, 128, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
     ((1, 20, 256, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
+    # Lockstep groups of four slabs (an experiment's knob): 12 blocks, H = W.
+    ((2, 128, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_CLUSTER": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256",
-        "no_lockstep", "no_lockstep_split"])
+        "no_lockstep", "no_lockstep_split", "cluster_4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -408,6 +410,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert plans and all(" TMA " in ln for ln in plans), plans
     split = max(shape[1:3]) > 128 or "CGSPN_CUDA_TMA_SPLIT" in knobs
     assert all(f" split={int(split)} " in ln for ln in plans), plans
+    cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
+    assert all(f" cluster={cluster} " in ln for ln in plans), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
@@ -428,8 +432,10 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     # A block barrier per line instead of the cluster's (an experiment's knob), with the dx sum.
     ((2, 40, 72, 128), 16, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
+    # Lockstep groups of four slabs (an experiment's knob): 12 blocks.
+    ((4, 72, 72, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_CLUSTER": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
-        "C1152_G72_columns", "no_lockstep"])
+        "C1152_G72_columns", "no_lockstep", "cluster_4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -437,6 +443,8 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     check((shape, G), directions, dtype, chunk=5, normalize=False)
     plans = _printed_plans(capfd)["backward"]
     assert len(plans) >= 2 and all(" TMA " in ln for ln in plans), plans
+    cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
+    assert all(f" cluster={cluster} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

@@ -480,10 +480,10 @@ ffi::Error CudaError(cudaError_t e, const char* what) {
 
 // ------------------------------------------------------------------ the TMA forward
 
-// One launch of `kernel` in clusters of kTmaCluster blocks (the TMA kernels' lockstep pairs).
+// One launch of `kernel` in clusters of `cluster` blocks (the TMA kernels' lockstep groups).
 template <typename... Params, typename... Args>
-cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blocks, int threads,
-                             size_t smem, Args&&... args) {
+cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blocks, int cluster,
+                             int threads, size_t smem, Args&&... args) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(blocks));
   cfg.blockDim = dim3(unsigned(threads));
@@ -491,7 +491,7 @@ cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blo
   cfg.stream = st;
   cudaLaunchAttribute attr[1];
   attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = kTmaCluster;
+  attr[0].val.clusterDim.x = unsigned(cluster);
   attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
@@ -527,6 +527,14 @@ inline CUtensorMapL2promotion TmaL2Promotion() {
     case 256: return CU_TENSOR_MAP_L2_PROMOTION_L2_256B;
     default: return CU_TENSOR_MAP_L2_PROMOTION_NONE;
   }
+}
+
+// The TMA kernels' cluster size for `blocks` blocks of neighbouring slabs, groups of `run` of
+// which scan the same lines: kTmaCluster, or CGSPN_CUDA_TMA_CLUSTER=4 or 8 where that divides
+// both (experiments: how many neighbouring slabs keep in lockstep).
+inline int TmaClusterSize(int64_t blocks, int64_t run) {
+  const int c = EnvInt("CGSPN_CUDA_TMA_CLUSTER");
+  return (c == 4 || c == 8) && blocks % c == 0 && run % c == 0 ? c : kTmaCluster;
 }
 
 // Whether the TMA kernels' clusters keep in lockstep (a cluster barrier per line): yes, unless
@@ -611,7 +619,7 @@ bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
 struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
-  int blocks;
+  int blocks, cluster;
   size_t smem;
 };
 
@@ -654,6 +662,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // of different line counts (the halves of one line always do).
   if (!split && (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)))
     return false;
+  tp->cluster = split ? kTmaCluster : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab);
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
   const int gbox = TmaGateBox(s);
   TmaLaunch& a = tp->a;
@@ -690,11 +699,11 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks,
-                 tp.smem, kTmaCluster, tp.a.gbox, tp.a.split,
+                 tp.smem, tp.cluster, tp.a.gbox, tp.a.split,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
-  return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, kTmaThreads, tp.smem, tp.maps, h,
-                          tp.a);
+  return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
+                          tp.maps, h, tp.a);
 }
 
 // ------------------------------------------------------------------ the TMA backward
@@ -708,7 +717,7 @@ auto TmaBwdKernelFor(int64_t D) {
 struct TmaBwdPlan {
   TmaBwdMaps maps;
   TmaBwdLaunch a;
-  int blocks;
+  int blocks, cluster;
   size_t smem;
 };
 
@@ -742,6 +751,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   if (blocks % kTmaCluster || blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX ||
       !TensorMapEncoder())
     return false;
+  tp->cluster = TmaClusterSize(blocks, blocks);
   const int gbox = TmaGateBox(s);
   TmaBwdLaunch& a = tp->a;
   a = {};
@@ -781,10 +791,10 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
-                 tp.blocks, tp.smem, kTmaCluster, tp.a.gbox, tp.a.nsub,
+                 tp.blocks, tp.smem, tp.cluster, tp.a.gbox, tp.a.nsub,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
-  return LaunchInClusters(st, kernel, tp.blocks, kTmaBwdThreads, tp.smem, tp.maps, dx, dlam, dw,
-                          acc, tp.a);
+  return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
+                          dlam, dw, acc, tp.a);
 }
 
 template <typename T>
