@@ -187,6 +187,9 @@ LOCKSTEP_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((16, 768, 96, 96), 
 CLUSTER_SETTINGS = [{}, {"CGSPN_CUDA_TMA_CLUSTER": "4"}, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {},
                     {"CGSPN_CUDA_TMA_CLUSTER": "4"}]
 CLUSTER_CASES = LOCKSTEP_CASES[:4]
+# The TMA backward alone, its default (pairs) against groups of 8 and 4, interleaved, three times.
+BWD_CLUSTER_SETTINGS = [{}, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {"CGSPN_CUDA_TMA_CLUSTER": "4"}] * 3
+BWD_CLUSTER_CASES = [((8, 1152, 128, 128), 72, dt, 1) for dt in ("bfloat16", "float16")]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -207,6 +210,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "tmal2": (TMA_L2_SETTINGS, TMA_L2_CASES),
             "lockstep": (LOCKSTEP_SETTINGS, LOCKSTEP_CASES),
             "cluster": (CLUSTER_SETTINGS, CLUSTER_CASES),
+            "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -343,7 +347,8 @@ def main():
                         "backward where TMA is the default; fill: the TMA kernels against how full "
                         "the GPU is; tmal2: the TMA copies' L2 promotion; "
                         "lockstep: the TMA clusters' lockstep against a block barrier; "
-                        "cluster: lockstep groups of 4 and 8 slabs")
+                        "cluster, bwdcluster: lockstep groups of 4 "
+                        "and 8 slabs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
