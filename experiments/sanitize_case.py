@@ -17,7 +17,7 @@ the same with lines split between a cluster's two blocks (CGSPN_CUDA_TMA_SPLIT=1
 and 71 positions, whose second halves' boxes run past the line), which read each other's shared
 memory. The TMA backward forced (CGSPN_CUDA_TMA_BWD=1): C = 64 with G = 8 (a partial slab, three
 directions with the running dx sum) and C = 128 with G = 8 (groups of 16 channels, three slabs, so
-that a cluster's two blocks belong to different images).
+that a cluster's two blocks belong to different images; and with B = 8, clusters of eight).
 """
 import os
 
@@ -47,7 +47,8 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 5, 71, 64), 8, ("tb", "rl"),
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
          ((1, 5, 72, 64), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
-         ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"})]
+         ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
+         ((8, 5, 9, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_BWD": "1"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD")
 

@@ -416,7 +416,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
 # gate groups of 8 or 16 channels, lines of at most 128 positions, an even number of (image,
-# slab of 48 channels) blocks, in clusters of two that keep in lockstep. The plan takes it on its
+# slab of 48 channels) blocks, in clusters that keep in lockstep (eight blocks where they divide
+# the count, else two). The plan takes it on its
 # own only where it measured faster (one direction, groups of 16 channels, lines of 97-128
 # positions); CGSPN_CUDA_TMA_BWD=1 forces it wherever it can run. Covered: rows and columns
 # (H != W), both group sizes, a partial last slab (C = 128),
@@ -443,7 +444,9 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     check((shape, G), directions, dtype, chunk=5, normalize=False)
     plans = _printed_plans(capfd)["backward"]
     assert len(plans) >= 2 and all(" TMA " in ln for ln in plans), plans
-    cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
+    # Lockstep groups of 8 slabs where they divide the (image, slab) blocks, else pairs.
+    blocks = shape[0] * -(-shape[3] // 48)
+    cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "8" if blocks % 8 == 0 else "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
 
 
