@@ -480,21 +480,29 @@ ffi::Error CudaError(cudaError_t e, const char* what) {
 
 // ------------------------------------------------------------------ the TMA forward
 
-// One launch of `kernel` in clusters of `cluster` blocks (the TMA kernels' lockstep groups).
-template <typename... Params, typename... Args>
-cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blocks, int cluster,
-                             int threads, size_t smem, Args&&... args) {
+// A launch of `blocks` blocks in clusters of `cluster` (the TMA kernels' lockstep groups); the
+// configuration points at `attr`, which must outlive it.
+cudaLaunchConfig_t ClusterLaunch(int blocks, int cluster, int threads, size_t smem,
+                                 cudaStream_t st, cudaLaunchAttribute* attr) {
   cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(unsigned(blocks));
   cfg.blockDim = dim3(unsigned(threads));
   cfg.dynamicSmemBytes = smem;
   cfg.stream = st;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(cluster);
-  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = unsigned(cluster);
+  attr->val.clusterDim.y = attr->val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
+  return cfg;
+}
+
+// One launch of `kernel` in clusters of `cluster` blocks.
+template <typename... Params, typename... Args>
+cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blocks, int cluster,
+                             int threads, size_t smem, Args&&... args) {
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = ClusterLaunch(blocks, cluster, threads, smem, st, &attr);
   if (cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...)) return e;
   return cudaGetLastError();
 }
@@ -540,16 +548,8 @@ inline int TmaClusterSize(int64_t blocks, int64_t run, int preferred) {
 
 // Whether clusters of `cluster` blocks of `kernel` (threads, smem bytes) can be resident at all.
 bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(unsigned(cluster));
-  cfg.blockDim = dim3(unsigned(threads));
-  cfg.dynamicSmemBytes = smem;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = unsigned(cluster);
-  attr[0].val.clusterDim.y = attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  cudaLaunchAttribute attr;
+  const cudaLaunchConfig_t cfg = ClusterLaunch(cluster, cluster, threads, smem, nullptr, &attr);
   int n = 0;
   return cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0;
 }
