@@ -742,7 +742,8 @@ struct TmaBwdPlan {
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
 // (16-bit, aligned, C and 3 G multiples of 8) and: gate groups of 8 or 16 channels (the gate
 // gradient's reduction is one shuffle between a thread and its neighbour); lines of at most
-// kTmaMaxLine positions; an even number of (image, slab) blocks, for the clusters of two.
+// kTmaMaxLine positions; an even number of (image, slab) blocks, for the clusters (of eight
+// where they divide the blocks, below; else of two).
 // The plan takes it only where it measured faster than the register backward (H100, v22,
 // docs/kernel_notes.md): one direction, gate groups of 16 channels, lines of 97-128 positions
 // (8 x 1152 x 128 x 128 bfloat16 G = 72 1.03-1.06 ms against 1.07-1.09; float16 1.00-1.03

@@ -394,8 +394,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     }
     // The line barrier (the cluster's) orders this line's edges, running dx sum and gate
     // gradients before their reads, and keeps the cluster's blocks in lockstep. The fence first
-    // makes the outputs
-    // written into the stage visible to the bulk stores (the async proxy).
+    // makes the outputs written into the stage visible to the bulk stores (the async proxy).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     LineSync(a.lockstep);
     if (bulk && threadIdx.x == 0) {
