@@ -181,14 +181,15 @@ LOCKSTEP_SETTINGS = [{}, _NO_LOCKSTEP, {"CGSPN_CUDA_TMA_L2": "256"},
 LOCKSTEP_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
 LOCKSTEP_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((16, 768, 96, 96), 48, "bfloat16", 1),
                    ((4, 1152, 128, 256), 72, "bfloat16", 1)]
-# Lockstep groups of 4 or 8 neighbouring slabs (CGSPN_CUDA_TMA_CLUSTER) against pairs: the
-# lockstep family showed that its gain is the slabs reading the same pixels together, not shared
-# L2 granules (without it the forward is 1.34x slower with no promotion at all).
-CLUSTER_SETTINGS = [{}, {"CGSPN_CUDA_TMA_CLUSTER": "4"}, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {},
-                    {"CGSPN_CUDA_TMA_CLUSTER": "4"}]
+# Lockstep groups of 2, 4 or 8 neighbouring slabs (CGSPN_CUDA_TMA_CLUSTER; the forward's default
+# is 2, the backward's 8 since v24): the lockstep family showed that its gain is the slabs
+# reading the same pixels together, not shared L2 granules (without it the forward is 1.34x
+# slower with no promotion at all).
+_CLUSTER = [{"CGSPN_CUDA_TMA_CLUSTER": str(c)} for c in (2, 4, 8)]
+CLUSTER_SETTINGS = _CLUSTER + _CLUSTER[:2]
 CLUSTER_CASES = LOCKSTEP_CASES[:4]
-# The TMA backward alone, its default (pairs) against groups of 8 and 4, interleaved, three times.
-BWD_CLUSTER_SETTINGS = [{}, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {"CGSPN_CUDA_TMA_CLUSTER": "4"}] * 3
+# The TMA backward alone, in pairs, groups of 8 and of 4, interleaved, three times.
+BWD_CLUSTER_SETTINGS = [_CLUSTER[0], _CLUSTER[2], _CLUSTER[1]] * 3
 BWD_CLUSTER_CASES = [((8, 1152, 128, 128), 72, dt, 1) for dt in ("bfloat16", "float16")]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.

@@ -12,7 +12,10 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <map>
+#include <mutex>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 
@@ -151,9 +154,10 @@ cudaError_t AllowSharedMemory(const void* kernel, size_t smem) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
 }
 
-int EnvInt(const char* name) {  // tuning knobs for experiments/tune_kernel.py; 0 = unset
+// A tuning knob for experiments/tune_kernel.py, or `unset` where the variable is not set.
+int EnvInt(const char* name, int unset = 0) {
   const char* v = std::getenv(name);
-  return v ? std::atoi(v) : 0;
+  return v ? std::atoi(v) : unset;
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
@@ -547,19 +551,25 @@ inline int TmaClusterSize(int64_t blocks, int64_t run, int preferred) {
 }
 
 // Whether clusters of `cluster` blocks of `kernel` (threads, smem bytes) can be resident at all.
+// The plan asks at every call of the handler, so the answer is kept per device and query.
 bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  static std::mutex mu;
+  static std::map<std::tuple<int, const void*, int, int, size_t>, bool> known;
+  const auto key = std::make_tuple(device, kernel, cluster, threads, smem);
+  std::lock_guard<std::mutex> lock(mu);
+  if (auto it = known.find(key); it != known.end()) return it->second;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = ClusterLaunch(cluster, cluster, threads, smem, nullptr, &attr);
   int n = 0;
-  return cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0;
+  const bool fit = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0;
+  return known[key] = fit;
 }
 
 // Whether the TMA kernels' clusters keep in lockstep (a cluster barrier per line): yes, unless
 // CGSPN_CUDA_TMA_LOCKSTEP=0 (experiments; lines split between two blocks always do).
-inline bool TmaLockstep() {
-  const char* v = std::getenv("CGSPN_CUDA_TMA_LOCKSTEP");
-  return !(v && std::atoi(v) == 0);
-}
+inline bool TmaLockstep() { return EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", 1) != 0; }
 
 // A map of [rows][W][inner] 16-bit elements at `base` with boxes [box_rows][box_w][box_inner].
 // Out-of-range elements of a box (a partial last slab, the gates past the last group) read as 0.
@@ -655,8 +665,7 @@ template <typename T>
 bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
                     bool normalize, const T* x, const T* lam, const T* w, TmaPlan* tp) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  const char* knob_env = std::getenv("CGSPN_CUDA_TMA_FWD");
-  const int knob = knob_env ? std::atoi(knob_env) : -1;
+  const int knob = EnvInt("CGSPN_CUDA_TMA_FWD", -1);
   if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8 || (s.C / s.G) % 8) return false;
   const LineSpan span(s, dirs);
   const bool any_rows = span.any_rows, any_cols = span.any_cols;
@@ -756,8 +765,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
                      bool normalize, const T* x, const T* lam, const T* w, const T* h,
                      const T* dh, const T* dx, const T* dlam, TmaBwdPlan* tp) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  const char* knob_env = std::getenv("CGSPN_CUDA_TMA_BWD");
-  const int knob = knob_env ? std::atoi(knob_env) : -1;
+  const int knob = EnvInt("CGSPN_CUDA_TMA_BWD", -1);
   if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8) return false;
   const int64_t Sg = s.C / s.G;
   if (Sg != 8 && Sg != 16) return false;
