@@ -191,6 +191,16 @@ CLUSTER_CASES = LOCKSTEP_CASES[:4]
 # The TMA backward alone, in pairs, groups of 8 and of 4, interleaved, three times.
 BWD_CLUSTER_SETTINGS = [_CLUSTER[0], _CLUSTER[2], _CLUSTER[1]] * 3
 BWD_CLUSTER_CASES = [((8, 1152, 128, 128), 72, dt, 1) for dt in ("bfloat16", "float16")]
+# The lockstep's line barrier (v25): relaxed at cluster scope with a block barrier inside (the
+# backward's default since v25) against release and acquire at cluster scope (the forward's;
+# v20-v24's for both, whose MEMBAR.ALL.GPU held 40% of the TMA forward's stall samples); the TMA
+# backward also forced where the plan declines it (D = 4, 96 positions). Split lines keep the
+# cluster's (the control).
+_RELAXED_SYNC = {"CGSPN_CUDA_TMA_LOCKSTEP": "1"}
+_CLUSTER_SYNC = {"CGSPN_CUDA_TMA_LOCKSTEP": "2"}
+_TMA_BWD = {"CGSPN_CUDA_TMA_BWD": "1"}
+LINE_SYNC_SETTINGS = [_RELAXED_SYNC, _CLUSTER_SYNC, dict(_TMA_BWD, **_RELAXED_SYNC),
+                      dict(_TMA_BWD, **_CLUSTER_SYNC), _RELAXED_SYNC, _CLUSTER_SYNC]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -212,6 +222,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "lockstep": (LOCKSTEP_SETTINGS, LOCKSTEP_CASES),
             "cluster": (CLUSTER_SETTINGS, CLUSTER_CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
+            "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -349,7 +360,8 @@ def main():
                         "the GPU is; tmal2: the TMA copies' L2 promotion; "
                         "lockstep: the TMA clusters' lockstep against a block barrier; "
                         "cluster, bwdcluster: lockstep groups of 4 "
-                        "and 8 slabs")
+                        "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
+                        "release and acquire")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -367,6 +367,11 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
         assert all(" P=2 " in ln for ln in plans), plans
 
 
+# The TMA kernels' line barrier by CGSPN_CUDA_TMA_LOCKSTEP (LineSyncKind in
+# xla_ffi/gspn_cuda_forward_tma.cuh), as the plan lines name it.
+_LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
+
+
 # The TMA forward (xla_ffi/gspn_cuda_forward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
 # whole gate groups per 8-channel vector, lines of at most 256 positions, blocks of 48 channels
 # in clusters of two that keep in lockstep (neighbouring slabs, or the halves of lines longer
@@ -392,15 +397,17 @@ def test_paired_gate_loads(shape, G, knobs, dtype, monkeypatch, capfd):
     ((2, 128, 100, 128), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_SPLIT": "1"}),
     # The copies with v20-v23's 256-byte L2 promotion (none is the default since v24).
     ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_L2": "256"}),
-    # A block barrier per line instead of the cluster's (an experiment's knob; split lines keep
-    # the cluster barrier, which their edge exchange needs).
+    # Line barriers other than release and acquire at cluster scope (an experiment's knob): a
+    # block barrier alone, and the relaxed lockstep (the backward's); split lines keep the
+    # cluster's, which their edge exchange needs.
     ((2, 100, 128, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
     ((1, 20, 256, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
+    ((2, 100, 128, 128), 8, ("tb", "rl"), {"CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     # Lockstep groups of four slabs (an experiment's knob): 12 blocks, H = W.
     ((2, 128, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_CLUSTER": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256",
-        "no_lockstep", "no_lockstep_split", "cluster_4"])
+        "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -412,6 +419,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" split={int(split)} " in ln for ln in plans), plans
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
+    sync = "cluster" if split else _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "2")]
+    assert all(f" sync={sync} " in ln for ln in plans), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
@@ -430,13 +439,16 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_BWD": "1"}),
     ((2, 128, 96, 192), 24, ("bt", "lr", "tb"), {"CGSPN_CUDA_TMA_BWD": "1"}),
     ((1, 128, 72, 1152), 72, ("lr",), {}),
-    # A block barrier per line instead of the cluster's (an experiment's knob), with the dx sum.
+    # Line barriers other than the relaxed lockstep (an experiment's knob), with the dx sum: a
+    # block barrier alone, and release and acquire at cluster scope (v22-v24).
     ((2, 40, 72, 128), 16, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
+    ((2, 40, 72, 128), 16, ("bt", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "2"}),
     # Lockstep groups of four slabs (an experiment's knob): 12 blocks.
     ((4, 72, 72, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_CLUSTER": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
-        "C1152_G72_columns", "no_lockstep", "cluster_4"])
+        "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -448,6 +460,8 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     blocks = shape[0] * -(-shape[3] // 48)
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "8" if blocks % 8 == 0 else "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
+    sync = _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "1")]
+    assert all(f" sync={sync} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

@@ -567,9 +567,20 @@ bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
   return known[key] = fit;
 }
 
-// Whether the TMA kernels' clusters keep in lockstep (a cluster barrier per line): yes, unless
-// CGSPN_CUDA_TMA_LOCKSTEP=0 (experiments; lines split between two blocks always do).
-inline bool TmaLockstep() { return EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", 1) != 0; }
+// The TMA kernels' line barrier (LineSyncKind) where a block reads nothing of its peers':
+// `preferred`, unless CGSPN_CUDA_TMA_LOCKSTEP says 0 (a block barrier alone), 1 (the relaxed
+// lockstep) or 2 (release and acquire at cluster scope); experiments. Split lines always take
+// kLineSyncCluster. Measured (H100, v25, docs/kernel_notes.md; 8 x 1152 x 128 x 128 G = 72,
+// three runs): the TMA backward 5% faster relaxed (bfloat16 0.868-0.914 ms against 0.925-0.931,
+// float16 0.867-0.872 against 0.912-1.026), but the TMA forward 3-8% slower (bfloat16 D = 1
+// 0.446-0.453 against 0.432-0.449, D = 4 1.708-1.754 against 1.578-1.594): each keeps its own.
+inline int TmaLineSync(int preferred) {
+  const int k = EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", preferred);
+  return k == kLineSyncBlock || k == kLineSyncLockstep || k == kLineSyncCluster ? k : preferred;
+}
+inline const char* LineSyncName(int kind) {
+  return kind == kLineSyncBlock ? "block" : kind == kLineSyncCluster ? "cluster" : "lockstep";
+}
 
 // A map of [rows][W][inner] 16-bit elements at `base` with boxes [box_rows][box_w][box_inner].
 // Out-of-range elements of a box (a partial last slab, the gates past the last group) read as 0.
@@ -699,7 +710,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
   a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
   a.split = split;
-  a.lockstep = split || TmaLockstep();
+  a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
@@ -725,8 +736,8 @@ template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks,
-                 tp.smem, tp.cluster, tp.a.gbox, tp.a.split,
+                 "cluster=%d sync=%s gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads,
+                 tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.split,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
@@ -787,7 +798,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8);
   a.chunk = chunk, a.normalize = normalize;
   a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
-  a.lockstep = TmaLockstep();
+  a.lockstep = TmaLineSync(kLineSyncLockstep);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
@@ -826,8 +837,8 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   const auto kernel = TmaBwdKernelFor<T>(tp.a.D);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
-                 tp.blocks, tp.smem, tp.cluster, tp.a.gbox, tp.a.nsub,
+                 "cluster=%d sync=%s gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
+                 tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, tp.a);

@@ -82,7 +82,7 @@ struct TmaBwdLaunch {
   int nsub;      // 8-channel vectors per gate group: 1 or 2
   int mode;      // experiments (CGSPN_CUDA_TMA_BWD_MODE): 1 copies only, 2 copies and stores,
                  // 3 no stores, 4 no dw stores, 5 dx and dlam from the registers
-  int lockstep;  // 1: a cluster barrier per line; 0 (experiments): a block barrier
+  int lockstep;  // the line barrier: a LineSyncKind
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)

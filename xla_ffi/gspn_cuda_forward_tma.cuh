@@ -50,7 +50,7 @@ struct TmaLaunch {
   int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
-  int lockstep;  // 1: a cluster barrier per line (always where split); 0: a block barrier
+  int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default)
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -62,12 +62,28 @@ struct TmaLaunch {
 __device__ __forceinline__ void ClusterSync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
-// The barrier at the end of each line of the TMA kernels: the cluster's, which keeps its blocks
-// in lockstep, or (experiments: CGSPN_CUDA_TMA_LOCKSTEP=0) the block's alone. Either orders the
-// block's shared-memory accesses; `cluster` is uniform over the cluster.
-__device__ __forceinline__ void LineSync(bool cluster) {
-  if (cluster) ClusterSync();
-  else __syncthreads();
+// The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep), uniform over the
+// cluster. Each kind orders the block's shared-memory accesses (the h tiles, the span edges, the
+// outputs written into the stage before their bulk stores):
+//  - kLineSyncCluster: release and acquire at cluster scope (the forward's; and wherever a block
+//    reads its peer's shared memory: lines split between a cluster's two blocks). The release
+//    compiles to MEMBAR.ALL.GPU, which waits until the line's global stores are acknowledged:
+//    Nsight Compute put 40% of the TMA forward's warp stall samples there (v25, 8 x 1152 x 128
+//    x 128 bfloat16 G = 72), yet the forward measured 3-8% slower without it.
+//  - kLineSyncLockstep (the backward's): a block barrier for the ordering, inside a relaxed
+//    cluster barrier that only keeps the cluster's blocks in lockstep; 5% faster there.
+//  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
+enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
+__device__ __forceinline__ void LineSync(int kind) {
+  if (kind == kLineSyncLockstep) {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+    __syncthreads();
+    asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
+  } else if (kind == kLineSyncCluster) {
+    ClusterSync();
+  } else {
+    __syncthreads();
+  }
 }
 // The address of `p` (this block's shared memory) in block `rank` of the cluster.
 __device__ __forceinline__ unsigned PeerAddr(const void* p, unsigned rank) {
