@@ -169,7 +169,8 @@ TMA_L2_SETTINGS = [{}] + _L2 + [dict(l2, CGSPN_CUDA_TMA_BWD="1", CGSPN_CUDA_TMA_
                                 for l2 in [{}] + _L2] + [{}]
 TMA_L2_CASES = [((8, 1152, 128, 128), 72, "bfloat16", D) for D in (1, 4)]
 TMA_L2_CASES += [((16, 768, 96, 96), 48, "bfloat16", 1), ((4, 1152, 128, 256), 72, "bfloat16", 1)]
-# The clusters' lockstep (a cluster barrier per line) against a block barrier alone
+# The clusters' lockstep (v24: a cluster barrier per line, release and acquire; since v25 the
+# backward's default has a relaxed arrive, family linesync) against a block barrier alone
 # (CGSPN_CUDA_TMA_LOCKSTEP=0), with the copies unpromoted (the default since v24) and with the
 # 256-byte L2 promotion under which v20's model measured the lockstep (0.41 ms against 0.68-0.73
 # at 8 x 1152 x 128 x 128 bfloat16 G = 72): was its gain the neighbouring slabs' shared 256-byte
@@ -191,7 +192,7 @@ CLUSTER_CASES = LOCKSTEP_CASES[:4]
 # The TMA backward alone, in pairs, groups of 8 and of 4, interleaved, three times.
 BWD_CLUSTER_SETTINGS = [_CLUSTER[0], _CLUSTER[2], _CLUSTER[1]] * 3
 BWD_CLUSTER_CASES = [((8, 1152, 128, 128), 72, dt, 1) for dt in ("bfloat16", "float16")]
-# The lockstep's line barrier (v25): relaxed at cluster scope with a block barrier inside (the
+# The lockstep's line barrier (v25): a relaxed cluster arrive with a block barrier inside (the
 # backward's default since v25) against release and acquire at cluster scope (the forward's;
 # v20-v24's for both, whose MEMBAR.ALL.GPU held 40% of the TMA forward's stall samples); the TMA
 # backward also forced where the plan declines it (D = 4, 96 positions). Split lines keep the

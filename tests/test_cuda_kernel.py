@@ -420,7 +420,7 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = "cluster" if split else _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "2")]
-    assert all(f" sync={sync} " in ln for ln in plans), plans
+    assert all(f" linesync={sync} " in ln for ln in plans), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
@@ -461,7 +461,7 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "8" if blocks % 8 == 0 else "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "1")]
-    assert all(f" sync={sync} " in ln for ln in plans), plans
+    assert all(f" linesync={sync} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

@@ -568,12 +568,14 @@ bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
 }
 
 // The TMA kernels' line barrier (LineSyncKind) where a block reads nothing of its peers':
-// `preferred`, unless CGSPN_CUDA_TMA_LOCKSTEP says 0 (a block barrier alone), 1 (the relaxed
-// lockstep) or 2 (release and acquire at cluster scope); experiments. Split lines always take
+// `preferred`, unless CGSPN_CUDA_TMA_LOCKSTEP says 0 (a block barrier alone; also what an empty
+// value reads as), 1 (the lockstep with a relaxed arrive; before v25, 1 meant release and
+// acquire) or 2 (release and acquire at cluster scope); experiments. Split lines always take
 // kLineSyncCluster. Measured (H100, v25, docs/kernel_notes.md; 8 x 1152 x 128 x 128 G = 72,
 // three runs): the TMA backward 5% faster relaxed (bfloat16 0.868-0.914 ms against 0.925-0.931,
-// float16 0.867-0.872 against 0.912-1.026), but the TMA forward 3-8% slower (bfloat16 D = 1
-// 0.446-0.453 against 0.432-0.449, D = 4 1.708-1.754 against 1.578-1.594): each keeps its own.
+// float16 0.867-0.872 against 0.912-1.026), but the TMA forward slower (bfloat16 D = 1
+// 0.446-0.453 against 0.432-0.449, D = 4 1.708-1.754 against 1.578-1.594; only 16 x 768 x 96 x
+// 96 G = 48 gained, 0.303 against 0.309-0.313): each keeps its own.
 inline int TmaLineSync(int preferred) {
   const int k = EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", preferred);
   return k == kLineSyncBlock || k == kLineSyncLockstep || k == kLineSyncCluster ? k : preferred;
@@ -736,7 +738,7 @@ template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d sync=%s gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads,
+                 "cluster=%d linesync=%s gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads,
                  tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.split,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
@@ -837,7 +839,7 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   const auto kernel = TmaBwdKernelFor<T>(tp.a.D);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d sync=%s gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
+                 "cluster=%d linesync=%s gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
                  tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,

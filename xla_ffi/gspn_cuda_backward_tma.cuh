@@ -82,7 +82,7 @@ struct TmaBwdLaunch {
   int nsub;      // 8-channel vectors per gate group: 1 or 2
   int mode;      // experiments (CGSPN_CUDA_TMA_BWD_MODE): 1 copies only, 2 copies and stores,
                  // 3 no stores, 4 no dw stores, 5 dx and dlam from the registers
-  int lockstep;  // the line barrier: a LineSyncKind
+  int lockstep;  // the line barrier: a LineSyncKind (kLineSyncLockstep by default)
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
@@ -294,7 +294,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       if (active) {
         load(dhs, p, z);
         if (coupled) {
-          // The span edges come from the neighbouring spans' warps (written before the cluster
+          // The span edges come from the neighbouring spans' warps (written before the line
           // barrier that ended line t + 1).
           float e[8];
           if (k == 0 && q16 == 0 && p > 0) {
@@ -392,8 +392,8 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         for (int j = 0; j < 3; ++j) gp[j] = FromF<T>(out[j]);
       }
     }
-    // The line barrier (the cluster's) orders this line's edges, running dx sum and gate
-    // gradients before their reads, and keeps the cluster's blocks in lockstep. The fence first
+    // The line barrier orders this line's edges, running dx sum and gate gradients before their
+    // reads (its block barrier), and keeps the cluster's blocks in lockstep. The fence first
     // makes the outputs written into the stage visible to the bulk stores (the async proxy).
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     LineSync(a.lockstep);

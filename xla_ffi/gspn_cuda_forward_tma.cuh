@@ -50,7 +50,8 @@ struct TmaLaunch {
   int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
-  int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default)
+  int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default and always
+                 // where split)
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -62,16 +63,21 @@ struct TmaLaunch {
 __device__ __forceinline__ void ClusterSync() {
   asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
 }
-// The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep), uniform over the
-// cluster. Each kind orders the block's shared-memory accesses (the h tiles, the span edges, the
-// outputs written into the stage before their bulk stores):
-//  - kLineSyncCluster: release and acquire at cluster scope (the forward's; and wherever a block
-//    reads its peer's shared memory: lines split between a cluster's two blocks). The release
-//    compiles to MEMBAR.ALL.GPU, which waits until the line's global stores are acknowledged:
-//    Nsight Compute put 40% of the TMA forward's warp stall samples there (v25, 8 x 1152 x 128
-//    x 128 bfloat16 G = 72), yet the forward measured 3-8% slower without it.
-//  - kLineSyncLockstep (the backward's): a block barrier for the ordering, inside a relaxed
-//    cluster barrier that only keeps the cluster's blocks in lockstep; 5% faster there.
+// The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep). Each kind orders
+// the block's own accesses across its threads, as __syncthreads does: the h tiles, the span
+// edges, the gate gradients and outputs written into the stage (before the dw stores and the
+// bulk tensor stores), the backward's running dx sum in global memory (only its block touches
+// its slab). `kind` is a launch argument, and every call is made by whole, converged warps
+// (.aligned).
+//  - kLineSyncCluster: release and acquire at cluster scope (the forward's default; always
+//    where a block reads its peer's shared memory: lines split between a cluster's two blocks).
+//    The release compiles to MEMBAR.ALL.GPU, which waits until the line's global stores are
+//    acknowledged: Nsight Compute put 35-42% of the TMA forward's warp stall samples there (v24
+//    code, 8 x 1152 x 128 x 128 bfloat16 G = 72), yet the forward measured 3-8% slower without
+//    it (medians of three runs; docs/kernel_notes.md, v25).
+//  - kLineSyncLockstep (the backward's default; 5% faster there): a block barrier for the
+//    ordering, inside a cluster barrier whose arrive is relaxed, which only keeps the cluster's
+//    blocks in lockstep (its wait keeps the default acquire: CCTL.IVALL, no memory barrier).
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
 __device__ __forceinline__ void LineSync(int kind) {
