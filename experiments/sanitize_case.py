@@ -15,7 +15,8 @@ G = 8, forced onto the TMA forward (CGSPN_CUDA_TMA_FWD=1; 16-bit only): row and 
 a partial last slab (48 + 16 channels) whose tensor-map boxes run past C and past the gates; and
 the same with lines split between a cluster's two blocks (CGSPN_CUDA_TMA_SPLIT=1: odd lines of 5
 and 71 positions, whose second halves' boxes run past the line), which read each other's shared
-memory. The TMA backward forced (CGSPN_CUDA_TMA_BWD=1): C = 64 with G = 8 (a partial slab, three
+memory; and with h sent out as bulk tensor stores (CGSPN_CUDA_TMA_FWD_BULK=1). The TMA
+backward forced (CGSPN_CUDA_TMA_BWD=1): C = 64 with G = 8 (a partial slab, three
 directions with the running dx sum) and C = 128 with G = 8 (groups of 16 channels, three slabs, so
 that a cluster's two blocks belong to different images; and with B = 8, clusters of eight).
 """
@@ -44,13 +45,15 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          ((1, 4, 61, 40), 40, ("tb", "lr"), {"CGSPN_CUDA_HALF_FWD": "1",
                                              "CGSPN_CUDA_HALF_BWD": "1"}),
          ((1, 5, 72, 64), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD": "1"}),
+         ((1, 5, 72, 64), 8, ("bt", "rl"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "1"}),
          ((1, 5, 71, 64), 8, ("tb", "rl"),
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
          ((1, 5, 72, 64), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((8, 5, 9, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_BWD": "1"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
-         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD")
+         "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

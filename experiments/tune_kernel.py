@@ -202,6 +202,12 @@ _CLUSTER_SYNC = {"CGSPN_CUDA_TMA_LOCKSTEP": "2"}
 _TMA_BWD = {"CGSPN_CUDA_TMA_BWD": "1"}
 LINE_SYNC_SETTINGS = [_RELAXED_SYNC, _CLUSTER_SYNC, dict(_TMA_BWD, **_RELAXED_SYNC),
                       dict(_TMA_BWD, **_CLUSTER_SYNC), _RELAXED_SYNC, _CLUSTER_SYNC]
+# The TMA forward's h as one bulk tensor store per line and block from the stage
+# (CGSPN_CUDA_TMA_FWD_BULK=1, lines not split) against 16-byte stores from every thread, with
+# either line barrier: does the forward's preference for the release at cluster scope (v25)
+# come from its h stores?
+_BULK = {"CGSPN_CUDA_TMA_FWD_BULK": "1"}
+FWD_BULK_SETTINGS = [{}, _BULK, _RELAXED_SYNC, dict(_BULK, **_RELAXED_SYNC), {}, _BULK]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -224,6 +230,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "cluster": (CLUSTER_SETTINGS, CLUSTER_CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
+            "fwdbulk": (FWD_BULK_SETTINGS, LOCKSTEP_CASES[:4], ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -232,6 +239,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
+         "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -362,7 +370,7 @@ def main():
                         "lockstep: the TMA clusters' lockstep against a block barrier; "
                         "cluster, bwdcluster: lockstep groups of 4 "
                         "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
-                        "release and acquire")
+                        "release and acquire; fwdbulk: the TMA forward's h as bulk stores")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -405,9 +405,24 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((2, 100, 128, 128), 8, ("tb", "rl"), {"CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     # Lockstep groups of four slabs (an experiment's knob): 12 blocks, H = W.
     ((2, 128, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_CLUSTER": "4"}),
+    # h as bulk tensor stores from the stage (an experiment's knob): rows with a partial last
+    # slab, every direction with H != W, 1152 channels in groups of 16, clusters whose two
+    # blocks belong to different images and directions, with the relaxed lockstep; ignored
+    # where lines are split.
+    ((2, 100, 128, 128), 8, ("tb", "bt"), {"CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+    ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+    ((3, 33, 33, 128), 8, ("lr", "bt"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+    ((2, 100, 128, 128), 8, ("lr", "bt"),
+     {"CGSPN_CUDA_TMA_FWD_BULK": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
+    ((1, 20, 256, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_FWD_BULK": "1"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256",
-        "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4"])
+        "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4", "bulk_h_rows",
+        "bulk_h_all_dirs", "bulk_h_C1152_G72", "bulk_h_straddling", "bulk_h_relaxed",
+        "bulk_h_split"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -421,6 +436,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = "cluster" if split else _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "2")]
     assert all(f" linesync={sync} " in ln for ln in plans), plans
+    bulk = int("CGSPN_CUDA_TMA_FWD_BULK" in knobs and not split)
+    assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,

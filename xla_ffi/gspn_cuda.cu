@@ -676,7 +676,8 @@ struct TmaPlan {
 // shorter lines too (tests, A/B).
 template <typename T>
 bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
-                    bool normalize, const T* x, const T* lam, const T* w, TmaPlan* tp) {
+                    bool normalize, const T* x, const T* lam, const T* w, const T* h,
+                    TmaPlan* tp) {
   static_assert(sizeof(T) == 2, "16-bit types only");
   const int knob = EnvInt("CGSPN_CUDA_TMA_FWD", -1);
   if (knob == 0 || !aligned || s.C % 8 || (3 * s.G) % 8 || (s.C / s.G) % 8) return false;
@@ -713,6 +714,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
   a.split = split;
   a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
+  a.bulk_h = !split && EnvInt("CGSPN_CUDA_TMA_FWD_BULK") == 1;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
@@ -731,15 +733,17 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                         int(split ? (s.H + 1) / 2 : s.H)};
   return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
          boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
-         boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox);
+         boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox) &&
+         (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, kTmaSlab));
 }
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s gbox=%d split=%d blocks/SM=%d\n", kTmaSlab, kTmaThreads,
-                 tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.split,
+                 "cluster=%d linesync=%s gbox=%d split=%d bulk_h=%d blocks/SM=%d\n", kTmaSlab,
+                 kTmaThreads, tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep),
+                 tp.a.gbox, tp.a.split, tp.a.bulk_h,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
@@ -857,7 +861,7 @@ ffi::Error Forward(cudaStream_t st, const ScanShape& s, ffi::AnyBuffer x, ffi::A
   const bool aligned = Aligned16(xp) && Aligned16(lp) && Aligned16(wp) && Aligned16(hp);
   if constexpr (sizeof(T) == 2) {
     TmaPlan tp;
-    if (PlanTmaForward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, &tp))
+    if (PlanTmaForward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, hp, &tp))
       return CudaError(LaunchTmaForward<T>(st, tp, hp), "forward launch (TMA)");
   }
   Plan pl;

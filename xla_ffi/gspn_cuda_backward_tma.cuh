@@ -65,15 +65,6 @@ struct TmaBwdMaps {
   CUtensorMap dx_row, dx_col, dlam_row, dlam_col;  // the outputs, stored from the stage
 };
 
-// The box at (c0, c1, c2) of a 3-D tensor map from shared memory (a bulk async-group).
-__device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1, int c2,
-                                         const void* src) {
-  asm volatile(
-      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
-      ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SharedAddr(src))
-      : "memory");
-}
-
 struct TmaBwdLaunch {
   int B, H, W, C, G, D;
   int dir_bits;  // 2 bits per direction, as Launch

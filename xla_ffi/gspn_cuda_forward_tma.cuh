@@ -42,6 +42,7 @@ constexpr int kTmaCluster = 2;
 // direction's positions increase with the image coordinate (LineGeometry).
 struct TmaMaps {
   CUtensorMap x_row, x_col, lam_row, lam_col, w_row, w_col;
+  CUtensorMap h_row, h_col;  // the output, where TmaLaunch::bulk_h (stored from the x box)
 };
 
 struct TmaLaunch {
@@ -52,6 +53,11 @@ struct TmaLaunch {
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
   int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default and always
                  // where split)
+  // 1 (experiments, CGSPN_CUDA_TMA_FWD_BULK=1; lines not split): h goes out as one bulk tensor
+  // store of the line's box per block, written over the x box in the stage (as the TMA
+  // backward's dx and dlam are) and issued by the producer after the line barrier, instead of
+  // 16-byte stores from every thread.
+  int bulk_h;
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -117,6 +123,15 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c
       "cp.async.bulk.tensor.3d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(SharedAddr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SharedAddr(bar))
+      : "memory");
+}
+
+// The box at (c0, c1, c2) of a 3-D tensor map from shared memory (a bulk async-group).
+__device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1, int c2,
+                                         const void* src) {
+  asm volatile(
+      "cp.async.bulk.tensor.3d.global.shared::cta.bulk_group [%0, {%1, %2, %3}], [%4];"
+      ::"l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SharedAddr(src))
       : "memory");
 }
 
@@ -188,12 +203,29 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
     for (int t = 0; t < T_steps; ++t) {
       LineSync(a.lockstep);
+      if (lane == 0 && a.bulk_h) {
+        // Line t's h, written by the consumers over its x box and fenced before the barrier, as
+        // one bulk store; read out of the stage before line t + K is copied into it. Here, not
+        // in a consumer warp, so that no consumer waits for it.
+        const int i = dir == kTopBottom ? t : a.H - 1 - t;  // row lines
+        const int j = dir == kLeftRight ? t : a.W - 1 - t;  // column lines
+        const int drow = (d * a.B + b) * a.H;
+        const unsigned char* xs = smem + (t % K) * stage_bytes;
+        if (rows)
+          TmaStore(&maps.h_row, c0, 0, drow + i, xs);
+        else
+          TmaStore(&maps.h_col, c0, j, drow, xs);
+        asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+      }
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
         issue(t + K);
       }
       __syncwarp();
     }
+    // The last bulk stores must be complete before the kernel ends (their source must stay).
+    if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     return;
   }
 
@@ -265,7 +297,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         }
       }
     }
-    // The stage is read: hand it back to the producer.
+    // The stage is read: hand it back to the producer. (Where h goes out through it, this
+    // warp still writes h over its x box below: the producer copies into the stage only after
+    // the line barrier, and after its bulk store of that h has read it.)
     __syncwarp();
     if (lane == 0) MbarArrive(&empty[s]);
     T* hline = hthread + (b * geo.image + geo.base + int64_t(t) * geo.step_stride) * a.C;
@@ -273,11 +307,23 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     for (int k = 0; k < kTmaItems; ++k) {
       const int p = p0 + k * kStride;
       if (!lane_ok || p >= Lown) continue;
-      Pack<T, 8>::Store(hline + k * kStride * pstep, hv[k]);
+      if (a.bulk_h) {  // over x at (p, v), which only this thread read
+        T e[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) e[i] = FromF<T>(hv[k][i]);
+        uint4 r;
+        memcpy(&r, e, sizeof(r));
+        *reinterpret_cast<uint4*>(const_cast<T*>(xs) + p * S + v * 8) = r;
+      } else {
+        Pack<T, 8>::Store(hline + k * kStride * pstep, hv[k]);
+      }
       StoreF<8>(now + p * S + v * 8, hv[k]);
 #pragma unroll
       for (int i = 0; i < 8; ++i) hown[k][i] = hv[k][i];
     }
+    // The h written into the stage must be visible to the bulk store (the async proxy), which
+    // the producer issues after the line barrier.
+    if (a.bulk_h) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     LineSync(a.lockstep);
   }
 }
