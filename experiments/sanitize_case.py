@@ -15,10 +15,12 @@ G = 8, forced onto the TMA forward (CGSPN_CUDA_TMA_FWD=1; 16-bit only): row and 
 a partial last slab (48 + 16 channels) whose tensor-map boxes run past C and past the gates; and
 the same with lines split between a cluster's two blocks (CGSPN_CUDA_TMA_SPLIT=1: odd lines of 5
 and 71 positions, whose second halves' boxes run past the line), which read each other's shared
-memory; and with h sent out as bulk tensor stores (CGSPN_CUDA_TMA_FWD_BULK=1). The TMA
-backward forced (CGSPN_CUDA_TMA_BWD=1): C = 64 with G = 8 (a partial slab, three
-directions with the running dx sum) and C = 128 with G = 8 (groups of 16 channels, three slabs, so
-that a cluster's two blocks belong to different images; and with B = 8, clusters of eight).
+memory. Their h goes out as bulk tensor stores where the call's column lines are even (rows of 71
+and columns of 6: the rows' second-half boxes run past W), else from every thread (columns of
+5); and without the unsplit kernel's bulk stores (CGSPN_CUDA_TMA_FWD_BULK=0). The TMA backward
+forced (CGSPN_CUDA_TMA_BWD=1): C = 64 with G = 8 (a partial slab, three directions with the
+running dx sum) and C = 128 with G = 8 (groups of 16 channels, three slabs, so that a cluster's
+two blocks belong to different images; and with B = 8, clusters of eight).
 """
 import os
 
@@ -46,8 +48,10 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
                                              "CGSPN_CUDA_HALF_BWD": "1"}),
          ((1, 5, 72, 64), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD": "1"}),
          ((1, 5, 72, 64), 8, ("bt", "rl"),
-          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
          ((1, 5, 71, 64), 8, ("tb", "rl"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
+         ((2, 6, 71, 64), 8, ("bt", "lr"),
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
          ((1, 5, 72, 64), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),

@@ -202,12 +202,18 @@ _CLUSTER_SYNC = {"CGSPN_CUDA_TMA_LOCKSTEP": "2"}
 _TMA_BWD = {"CGSPN_CUDA_TMA_BWD": "1"}
 LINE_SYNC_SETTINGS = [_RELAXED_SYNC, _CLUSTER_SYNC, dict(_TMA_BWD, **_RELAXED_SYNC),
                       dict(_TMA_BWD, **_CLUSTER_SYNC), _RELAXED_SYNC, _CLUSTER_SYNC]
-# The TMA forward's h as one bulk tensor store per line and block from the stage
-# (CGSPN_CUDA_TMA_FWD_BULK=1, lines not split) against 16-byte stores from every thread, with
-# either line barrier: does the forward's preference for the release at cluster scope (v25)
-# come from its h stores?
-_BULK = {"CGSPN_CUDA_TMA_FWD_BULK": "1"}
-FWD_BULK_SETTINGS = [{}, _BULK, _RELAXED_SYNC, dict(_BULK, **_RELAXED_SYNC), {}, _BULK]
+# The TMA forward's h as one bulk tensor store per line and block from the stage (the default
+# since v26) against 16-byte stores from every thread (CGSPN_CUDA_TMA_FWD_BULK=0), with either
+# line barrier: does the forward's preference for the release at cluster scope (v25) come from
+# its h stores?
+_THREAD_H = {"CGSPN_CUDA_TMA_FWD_BULK": "0"}
+# Also the split lines (rows of 256), which store in bulk too since v26, and the TMA forced at
+# 64 positions, where the plan keeps the register forward (v20, v24: TMA 0.454-0.510 ms against
+# 0.375 at 32 x 1152 x 64 x 64 bfloat16 G = 72).
+_TMA_FWD = {"CGSPN_CUDA_TMA_FWD": "1"}
+FWD_BULK_SETTINGS = [_THREAD_H, {}, dict(_THREAD_H, **_RELAXED_SYNC), _RELAXED_SYNC,
+                     _THREAD_H, {}, _TMA_FWD, dict(_TMA_FWD, **_THREAD_H)]
+FWD_BULK_CASES = LOCKSTEP_CASES + [((32, 1152, 64, 64), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -230,7 +236,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "cluster": (CLUSTER_SETTINGS, CLUSTER_CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
-            "fwdbulk": (FWD_BULK_SETTINGS, LOCKSTEP_CASES[:4], ("fwd",)),
+            "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}

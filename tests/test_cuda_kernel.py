@@ -395,6 +395,9 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
     # Forced on lines of up to 128: halves of 64 (columns of 128) and 50 (rows of 100).
     ((2, 128, 100, 128), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_SPLIT": "1"}),
+    # Odd rows (33: the second half's box runs past W) beside even columns: h in bulk stores.
+    ((2, 64, 33, 64), 8, ("tb", "bt", "lr"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1"}),
     # The copies with v20-v23's 256-byte L2 promotion (none is the default since v24).
     ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_L2": "256"}),
     # Line barriers other than release and acquire at cluster scope (an experiment's knob): a
@@ -405,24 +408,20 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((2, 100, 128, 128), 8, ("tb", "rl"), {"CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     # Lockstep groups of four slabs (an experiment's knob): 12 blocks, H = W.
     ((2, 128, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_CLUSTER": "4"}),
-    # h as bulk tensor stores from the stage (an experiment's knob): rows with a partial last
-    # slab, every direction with H != W, 1152 channels in groups of 16, clusters whose two
-    # blocks belong to different images and directions, with the relaxed lockstep; ignored
-    # where lines are split.
-    ((2, 100, 128, 128), 8, ("tb", "bt"), {"CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+    # h as 16-byte stores from every thread (the form before v26's bulk tensor stores, kept
+    # behind a knob and for split odd column lines): rows with a partial last slab, every
+    # direction with H != W, 1152 channels in groups of 16 with the relaxed lockstep. (The
+    # split cases above store h in bulk where their lines allow: rows of 256, columns of 128.)
+    ((2, 100, 128, 128), 8, ("tb", "bt"), {"CGSPN_CUDA_TMA_FWD_BULK": "0"}),
     ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
-     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "1"}),
-    ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_FWD_BULK": "1"}),
-    ((3, 33, 33, 128), 8, ("lr", "bt"),
-     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "1"}),
-    ((2, 100, 128, 128), 8, ("lr", "bt"),
-     {"CGSPN_CUDA_TMA_FWD_BULK": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
-    ((1, 20, 256, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_FWD_BULK": "1"}),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
+    ((1, 72, 128, 1152), 72, ("rl", "tb"),
+     {"CGSPN_CUDA_TMA_FWD_BULK": "0", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
-        "split_rows_256", "split_columns_201", "split_forced", "split_forced_128", "l2_256",
-        "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4", "bulk_h_rows",
-        "bulk_h_all_dirs", "bulk_h_C1152_G72", "bulk_h_straddling", "bulk_h_relaxed",
-        "bulk_h_split"])
+        "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
+        "split_odd_rows_bulk", "l2_256",
+        "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4", "thread_h_rows",
+        "thread_h_all_dirs", "thread_h_C1152_G72_relaxed"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -436,7 +435,9 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = "cluster" if split else _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "2")]
     assert all(f" linesync={sync} " in ln for ln in plans), plans
-    bulk = int("CGSPN_CUDA_TMA_FWD_BULK" in knobs and not split)
+    # h goes out as bulk tensor stores unless the knob says no or a split column line is odd.
+    odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
+    bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
 
 

@@ -53,10 +53,12 @@ struct TmaLaunch {
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
   int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default and always
                  // where split)
-  // 1 (experiments, CGSPN_CUDA_TMA_FWD_BULK=1; lines not split): h goes out as one bulk tensor
-  // store of the line's box per block, written over the x box in the stage (as the TMA
-  // backward's dx and dlam are) and issued by the producer after the line barrier, instead of
-  // 16-byte stores from every thread.
+  // 1 (the default): h goes out as one bulk tensor store of the block's box per line, written
+  // over the x box in the stage (as the TMA backward's dx and dlam are) and issued by the
+  // producer after the line barrier. 0 (CGSPN_CUDA_TMA_FWD_BULK=0, and split odd column lines,
+  // whose second half's box would store into the next image): 16-byte stores from every
+  // thread. Measured faster in bulk (H100, docs/kernel_notes.md, v26): the consumers issue no
+  // global stores, and the line's release at cluster scope has none of theirs to wait for.
   int bulk_h;
   int64_t chunk;
   bool normalize;
@@ -212,9 +214,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         const int drow = (d * a.B + b) * a.H;
         const unsigned char* xs = smem + (t % K) * stage_bytes;
         if (rows)
-          TmaStore(&maps.h_row, c0, 0, drow + i, xs);
+          TmaStore(&maps.h_row, c0, off, drow + i, xs);
         else
-          TmaStore(&maps.h_col, c0, j, drow, xs);
+          TmaStore(&maps.h_col, c0, j, drow + off, xs);
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
       }
