@@ -714,7 +714,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
   a.split = split;
   a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
-  // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1-4% faster).
+  // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not where a split column line is odd: the second half's box would run past the image into
   // the next one's first row, which is inside the map (a row line's runs past W, and the store
   // drops what lies outside the tensor).

@@ -57,8 +57,8 @@ struct TmaLaunch {
   // over the x box in the stage (as the TMA backward's dx and dlam are) and issued by the
   // producer after the line barrier. 0 (CGSPN_CUDA_TMA_FWD_BULK=0, and split odd column lines,
   // whose second half's box would store into the next image): 16-byte stores from every
-  // thread. Measured faster in bulk (H100, docs/kernel_notes.md, v26): the consumers issue no
-  // global stores, and the line's release at cluster scope has none of theirs to wait for.
+  // thread. Measured 1.5-3% faster in bulk at 128 x 128 (H100, docs/kernel_notes.md, v26):
+  // the consumers issue about 5% fewer instructions.
   int bulk_h;
   int64_t chunk;
   bool normalize;
@@ -79,10 +79,11 @@ __device__ __forceinline__ void ClusterSync() {
 // (.aligned).
 //  - kLineSyncCluster: release and acquire at cluster scope (the forward's default; always
 //    where a block reads its peer's shared memory: lines split between a cluster's two blocks).
-//    The release compiles to MEMBAR.ALL.GPU, which waits until the line's global stores are
-//    acknowledged: Nsight Compute put 35-42% of the TMA forward's warp stall samples there (v24
-//    code, 8 x 1152 x 128 x 128 bfloat16 G = 72), yet the forward measured 3-8% slower without
-//    it (medians of three runs; docs/kernel_notes.md, v25).
+//    The release compiles to MEMBAR.ALL.GPU: Nsight Compute put 35-42% of the TMA forward's
+//    warp stall samples there (v24 code, 8 x 1152 x 128 x 128 bfloat16 G = 72), as many with h
+//    in bulk stores, which leave the consumers no global stores to wait for (v26): it is the
+//    barrier's own latency. Yet the forward measured 3-8% slower without it (medians of three
+//    runs; docs/kernel_notes.md, v25, v26).
 //  - kLineSyncLockstep (the backward's default; 5% faster there): a block barrier for the
 //    ordering, inside a cluster barrier whose arrive is relaxed, which only keeps the cluster's
 //    blocks in lockstep (its wait keeps the default acquire: CCTL.IVALL, no memory barrier).
