@@ -715,9 +715,10 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.split = split;
   a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
-  // Not where a split column line is odd: the second half's box would run past the image into
-  // the next one's first row, which is inside the map (a row line's runs past W, and the store
-  // drops what lies outside the tensor).
+  // Not in calls of split lines whose column lines are odd (the whole call): the second half's
+  // box would run past the image into the next image's (or direction's) first row, which is
+  // inside the map. (A row line's runs past W, and the store drops what lies outside the
+  // tensor.)
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * kTmaSlab * sizeof(T));

@@ -36,7 +36,7 @@ constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
 constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
 constexpr int kTmaCluster = 2;
 
-// The tensor maps of one call: x, lam and the gates, each as [rows][W][inner] with boxes for
+// The tensor maps of one call: x, lam, the gates and h, each as [rows][W][inner] with boxes for
 // lines along rows (directions tb, bt: box [1][W][inner box]) and along columns (lr, rl:
 // [H][1][inner box]). In shared memory both boxes are [positions][inner box]: every
 // direction's positions increase with the image coordinate (LineGeometry).
@@ -55,10 +55,11 @@ struct TmaLaunch {
                  // where split)
   // 1 (the default): h goes out as one bulk tensor store of the block's box per line, written
   // over the x box in the stage (as the TMA backward's dx and dlam are) and issued by the
-  // producer after the line barrier. 0 (CGSPN_CUDA_TMA_FWD_BULK=0, and split odd column lines,
-  // whose second half's box would store into the next image): 16-byte stores from every
-  // thread. Measured 1.5-3% faster in bulk at 128 x 128 (H100, docs/kernel_notes.md, v26):
-  // the consumers issue about 5% fewer instructions.
+  // producer after the line barrier. 0 (CGSPN_CUDA_TMA_FWD_BULK other than 1, and calls of
+  // split lines with odd column lines, whose second half's box would store into the next
+  // image: the whole call, its row lines too): 16-byte stores from every thread. Measured
+  // 1.5-3% faster in bulk at 128 x 128 (H100, docs/kernel_notes.md, v26): the consumers issue
+  // about 5% fewer instructions.
   int bulk_h;
   int64_t chunk;
   bool normalize;
@@ -141,7 +142,8 @@ __device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1,
 // Blocks: one per (direction, image, slab of kTmaSlab channels[, half line]), half fastest,
 // then slab, launched in clusters of kTmaCluster whose blocks scan the same number of lines (the
 // host sees to it). A block's Lb positions: the line's L, or the half of ceil(L / 2) (the
-// second half's box runs past the line where L is odd: read and never used).
+// second half's box runs past the line where L is odd: read and never used; stored back only on
+// row lines, where it lies past W and the store drops it).
 // Shared memory: kTmaStages stages of {x [Lb][kTmaSlab], lam [Lb][kTmaSlab], gates [Lb][gbox]},
 // the h tiles [2][Lb][kTmaSlab] (float, by line parity), then the "full" and "empty" mbarriers.
 template <typename T>
@@ -181,8 +183,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   }
   __syncthreads();
 
-  // Line t's copies into stage t % K (one thread). Rows of the maps: x's [B * H], lam's and the
-  // gates' [D * B * H]; a row line is (row i, all W), a column line (column j, rows of image b).
+  // Line t's copies into stage t % K (one thread). Rows of the maps: x's [B * H], lam's, the
+  // gates' and h's [D * B * H]; a row line is (row i, all W), a column line (column j, rows of
+  // image b).
   auto issue = [&](int t) {
     const int s = t % K;
     unsigned char* st = smem + s * stage_bytes;
@@ -227,7 +230,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       }
       __syncwarp();
     }
-    // The last bulk stores must be complete before the kernel ends (their source must stay).
+    // Every store has read its stage (the wait per line); this waits for their writes too.
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     return;
   }
