@@ -264,12 +264,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       pk.Unpack(out);
     };
     auto put = [&](const T* box, int p, const float* in) {
-      T e[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) e[i] = FromF<T>(in[i]);
-      uint4 r;
-      memcpy(&r, e, sizeof(r));
-      *reinterpret_cast<uint4*>(const_cast<T*>(box) + p * S + v * 8) = r;
+      StoreBox8(const_cast<T*>(box) + p * S + v * 8, in);
     };
 
     // a_2 z of the previous item's last position, for this item's first (lanes 0 and 1).

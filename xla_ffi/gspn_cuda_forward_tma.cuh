@@ -67,11 +67,6 @@ struct TmaLaunch {
   int xbytes, gbytes;
 };
 
-// Every thread of the cluster arrives, then waits for the others; release and acquire at cluster
-// scope, so it also orders the block's shared-memory accesses as __syncthreads does.
-__device__ __forceinline__ void ClusterSync() {
-  asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
-}
 // The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep). Each kind orders
 // the block's own accesses across its threads, as __syncthreads does: the h tiles, the span
 // edges, the gate gradients and outputs written into the stage (before the dw stores and the
@@ -82,8 +77,8 @@ __device__ __forceinline__ void ClusterSync() {
 //    where a block reads its peer's shared memory: lines split between a cluster's two blocks).
 //    The release compiles to MEMBAR.ALL.GPU: Nsight Compute put 35-42% of the TMA forward's
 //    warp stall samples there (v24 code, 8 x 1152 x 128 x 128 bfloat16 G = 72), as many with h
-//    in bulk stores, which leave the consumers no global stores to wait for (v26): it is the
-//    barrier's own latency. Yet the forward measured 3-8% slower without it (medians of three
+//    in bulk stores, which leave the consumers no global stores to wait for (v26): most likely
+//    the barrier's own latency. Yet the forward measured 3-8% slower without it (medians of three
 //    runs; docs/kernel_notes.md, v25, v26).
 //  - kLineSyncLockstep (the backward's default; 5% faster there): a block barrier for the
 //    ordering, inside a cluster barrier whose arrive is relaxed, which only keeps the cluster's
@@ -95,8 +90,8 @@ __device__ __forceinline__ void LineSync(int kind) {
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
     __syncthreads();
     asm volatile("barrier.cluster.wait.aligned;" ::: "memory");
-  } else if (kind == kLineSyncCluster) {
-    ClusterSync();
+  } else if (kind == kLineSyncCluster) {  // every thread of the cluster arrives, then waits
+    asm volatile("barrier.cluster.arrive.release;\n\tbarrier.cluster.wait.acquire;" ::: "memory");
   } else {
     __syncthreads();
   }
@@ -128,6 +123,18 @@ __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c
       " [%0], [%1, {%2, %3, %4}], [%5];" ::"r"(SharedAddr(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(SharedAddr(bar))
       : "memory");
+}
+
+// 8 floats as T at `p` in shared memory (16 bytes, aligned): an output written into a stage box
+// for a bulk tensor store.
+template <typename T>
+__device__ __forceinline__ void StoreBox8(T* p, const float* in) {
+  T e[8];
+#pragma unroll
+  for (int i = 0; i < 8; ++i) e[i] = FromF<T>(in[i]);
+  uint4 r;
+  memcpy(&r, e, sizeof(r));
+  *reinterpret_cast<uint4*>(p) = r;
 }
 
 // The box at (c0, c1, c2) of a 3-D tensor map from shared memory (a bulk async-group).
@@ -314,12 +321,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       const int p = p0 + k * kStride;
       if (!lane_ok || p >= Lown) continue;
       if (a.bulk_h) {  // over x at (p, v), which only this thread read
-        T e[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) e[i] = FromF<T>(hv[k][i]);
-        uint4 r;
-        memcpy(&r, e, sizeof(r));
-        *reinterpret_cast<uint4*>(const_cast<T*>(xs) + p * S + v * 8) = r;
+        StoreBox8(const_cast<T*>(xs) + p * S + v * 8, hv[k]);
       } else {
         Pack<T, 8>::Store(hline + k * kStride * pstep, hv[k]);
       }
