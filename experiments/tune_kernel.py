@@ -214,6 +214,16 @@ _TMA_FWD = {"CGSPN_CUDA_TMA_FWD": "1"}
 FWD_BULK_SETTINGS = [_THREAD_H, {}, dict(_THREAD_H, **_RELAXED_SYNC), _RELAXED_SYNC,
                      _THREAD_H, {}, _TMA_FWD, dict(_TMA_FWD, **_THREAD_H)]
 FWD_BULK_CASES = LOCKSTEP_CASES + [((32, 1152, 64, 64), 72, "bfloat16", 1)]
+# The TMA forward's narrow slabs (v27): where its 48-channel blocks would leave some SMs with
+# two and the others with one (8 x 1152 x 128 x 128 G = 72: 60 of 132 with two; v24's fill
+# family), the plan gives each SM at most one wide block and covers the other channels with
+# 24-channel ones (16 + 16 slabs per image at 8 images on an H100), against all wide
+# (CGSPN_CUDA_TMA_WIDE=99), with either line barrier. B = 6 and the float16 case split too; B = 10,
+# D = 4 and 96 x 96 (at least 1.8 blocks per SM already) keep all wide: the controls.
+_ALL_WIDE = {"CGSPN_CUDA_TMA_WIDE": "99"}
+NARROW_SETTINGS = [{}, _ALL_WIDE, {}, _ALL_WIDE, _RELAXED_SYNC, dict(_ALL_WIDE, **_RELAXED_SYNC)]
+NARROW_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (6, 8, 10)]
+NARROW_CASES += LOCKSTEP_CASES[1:4]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -237,6 +247,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
+            "narrow": (NARROW_SETTINGS, NARROW_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -245,7 +256,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
-         "CGSPN_CUDA_TMA_FWD_BULK",
+         "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_WIDE",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -376,7 +387,8 @@ def main():
                         "lockstep: the TMA clusters' lockstep against a block barrier; "
                         "cluster, bwdcluster: lockstep groups of 4 "
                         "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
-                        "release and acquire; fwdbulk: the TMA forward's h as bulk stores")
+                        "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
+                        "narrow: the TMA forward's narrow slabs against all wide")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

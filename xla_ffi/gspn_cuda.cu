@@ -602,13 +602,14 @@ bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int
 }
 
 // The gate box's width: the gate elements of a slab's groups, from the 16-byte boundary at or
-// before its first group's, rounded up to 8 elements; the widest over the slabs.
-int TmaGateBox(const ScanShape& s) {
+// before its first group's, rounded up to 8 elements; the widest over the slabs of `slab`
+// channels from channel c_begin to C.
+int TmaGateBox(const ScanShape& s, int64_t slab = kTmaSlab, int64_t c_begin = 0) {
   const int64_t Sg = s.C / s.G;
   int gbox = 8;
-  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
+  for (int64_t c0 = c_begin; c0 < s.C; c0 += slab) {
     const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
-    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
+    const int64_t end = 3 * ((std::min(c0 + slab, s.C) - 1) / Sg) + 3;
     gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
   }
   return gbox;
@@ -657,11 +658,43 @@ bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
 }
 
 struct TmaPlan {
-  TmaMaps maps;
+  TmaMaps maps, narrow_maps;  // boxes of kTmaSlab and of kTmaNarrowSlab channels
   TmaLaunch a;
   int blocks, cluster;
   size_t smem;
 };
+
+// The TMA forward's wide slabs per (direction, image) where the other channels go to narrow
+// slabs (TmaLaunch::wide_blocks): where the call's nslab-wide blocks would give some
+// multiprocessors two and the others one (more than one per multiprocessor, fewer than two),
+// as many as give each multiprocessor at most one, if the wide and narrow blocks then fit two
+// per multiprocessor and pair up in whole clusters; else nslab (all wide).
+// CGSPN_CUDA_TMA_WIDE=n forces min(n, nslab) (tests, A/B; clusters permitting).
+int64_t TmaWideSlabs(const ScanShape& s, int64_t nslab) {
+  const int64_t lines = s.D * s.B;  // (direction, image) pairs
+  auto narrow_for = [&](int64_t m) {
+    return (std::max<int64_t>(s.C - m * kTmaSlab, 0) + kTmaNarrowSlab - 1) / kTmaNarrowSlab;
+  };
+  // Clusters hold slabs of one width and never straddle directions of different line counts.
+  auto pairs_up = [&](int64_t m) {
+    const int64_t n = narrow_for(m);
+    return (lines * m) % kTmaCluster == 0 && (lines * n) % kTmaCluster == 0 &&
+           (s.H == s.W || ((s.B * m) % kTmaCluster == 0 && (s.B * n) % kTmaCluster == 0));
+  };
+  const int forced = EnvInt("CGSPN_CUDA_TMA_WIDE", -1);
+  if (forced >= 0) {
+    const int64_t m = std::min<int64_t>(forced, nslab);
+    return pairs_up(m) ? m : nslab;
+  }
+  int device = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
+    return nslab;
+  if (lines * nslab <= sms || lines * nslab >= 2 * sms) return nslab;
+  const int64_t m = sms / lines;
+  if (m >= nslab || lines * (m + narrow_for(m)) > 2 * sms || !pairs_up(m)) return nslab;
+  return m;
+}
 
 // Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
 // buffers, C and 3 G multiples of 8 (the maps' row strides and the gate boxes' 16-byte starts);
@@ -697,21 +730,26 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
   const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
-  const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
-  // A cluster's two blocks must scan the same number of lines: never straddle two directions
-  // of different line counts (the halves of one line always do).
+  const int64_t nwide = split ? nslab : TmaWideSlabs(s, nslab);
+  const int64_t nnarrow =
+      (std::max<int64_t>(s.C - nwide * kTmaSlab, 0) + kTmaNarrowSlab - 1) / kTmaNarrowSlab;
+  const int64_t wide_blocks = s.D * s.B * nwide * (split ? 2 : 1);
+  const int64_t blocks = wide_blocks + s.D * s.B * nnarrow;
+  // A cluster's two blocks must scan the same number of lines and slabs of one width: never
+  // straddle two directions of different line counts (the halves of one line always do), nor
+  // the wide and the narrow slabs (TmaWideSlabs sees to the latter).
   if (!split && (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)))
     return false;
-  tp->cluster = split ? kTmaCluster
-                      : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab, kTmaCluster);
+  tp->cluster = split || nnarrow ? kTmaCluster
+                                 : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab,
+                                                  kTmaCluster);
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
-  const int gbox = TmaGateBox(s);
   TmaLaunch& a = tp->a;
   a = {};
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
-  a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
+  a.chunk = chunk, a.normalize = normalize;
   a.split = split;
   a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
@@ -721,38 +759,51 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // tensor.)
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
-  a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
-  a.gbytes = round128(Lb * gbox * sizeof(T));
+  // The stage pieces and shared bytes of slabs of `width` channels from channel c_begin.
+  auto slabs = [&](TmaSlabs* k, int64_t n, int width, int64_t c_begin) {
+    k->nslab = int(n), k->c_begin = int(c_begin);
+    k->gbox = TmaGateBox(s, width, c_begin);
+    k->xbytes = round128(Lb * width * sizeof(T));
+    k->gbytes = round128(Lb * k->gbox * sizeof(T));
+    return size_t(kTmaStages) * (2 * k->xbytes + k->gbytes) + 2 * Lb * width * 4 +
+           2 * kTmaStages * 8;
+  };
+  tp->smem = slabs(&a.wide, nwide, kTmaSlab, 0);
+  if (nnarrow)
+    tp->smem = std::max(tp->smem, slabs(&a.narrow, nnarrow, kTmaNarrowSlab, nwide * kTmaSlab));
+  a.wide_blocks = int(wide_blocks);
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
-             2 * kTmaStages * 8;
   if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
                  knob == 1 ? 1 : 2))
     return false;
   // The maps (only those a direction of the call uses; the others stay zero, never read).
-  tp->maps = {};
+  tp->maps = {}, tp->narrow_maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
-  TmaMaps& m = tp->maps;
   // Boxes of a block's positions: the whole line, or half of it (rounded up) where split.
   const LineBoxes boxes{any_rows, any_cols, int(split ? (s.W + 1) / 2 : s.W),
                         int(split ? (s.H + 1) / 2 : s.H)};
-  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
-         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
-         boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox) &&
-         (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, kTmaSlab));
+  auto encode = [&](TmaMaps& m, const TmaSlabs& k, int width) {
+    return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, width) &&
+           boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, width) &&
+           boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, k.gbox) &&
+           (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, width));
+  };
+  return (!nwide || encode(tp->maps, a.wide, kTmaSlab)) &&
+         (!nnarrow || encode(tp->narrow_maps, a.narrow, kTmaNarrowSlab));
 }
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s gbox=%d split=%d bulk_h=%d blocks/SM=%d\n", kTmaSlab,
-                 kTmaThreads, tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep),
-                 tp.a.gbox, tp.a.split, tp.a.bulk_h,
+                 "cluster=%d linesync=%s gbox=%d split=%d bulk_h=%d wide=%d narrow=%d "
+                 "blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
+                 LineSyncName(tp.a.lockstep), tp.a.wide.gbox, tp.a.split, tp.a.bulk_h,
+                 tp.a.wide.nslab, tp.a.narrow.nslab,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
-                          tp.maps, h, tp.a);
+                          tp.maps, tp.narrow_maps, h, tp.a);
 }
 
 // ------------------------------------------------------------------ the TMA backward
