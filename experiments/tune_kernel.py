@@ -224,6 +224,14 @@ _ALL_WIDE = {"CGSPN_CUDA_TMA_WIDE": "99"}
 NARROW_SETTINGS = [{}, _ALL_WIDE, {}, _ALL_WIDE, _RELAXED_SYNC, dict(_ALL_WIDE, **_RELAXED_SYNC)]
 NARROW_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (6, 8, 10)]
 NARROW_CASES += LOCKSTEP_CASES[1:4]
+# The same settings over the batch (v27): the narrow slabs where the rule takes them (B = 6-8 at
+# 128 x 128), and the line barriers at every fill, 0.1 to 1.5 blocks' worth per SM (the first
+# narrow run had the relaxed lockstep 25% faster at B = 6, 2% slower at B = 8).
+NARROW_FILL_SETTINGS = NARROW_SETTINGS[:2] + NARROW_SETTINGS[4:] + NARROW_SETTINGS[:2] + \
+    NARROW_SETTINGS[4:]
+NARROW_FILL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1)
+                     for B in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16)]
+NARROW_FILL_CASES += [((B, 768, 96, 96), 48, "bfloat16", 1) for B in (6, 8, 12, 24)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -248,6 +256,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "narrow": (NARROW_SETTINGS, NARROW_CASES, ("fwd",)),
+            "narrowfill": (NARROW_FILL_SETTINGS, NARROW_FILL_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -388,7 +397,8 @@ def main():
                         "cluster, bwdcluster: lockstep groups of 4 "
                         "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
-                        "narrow: the TMA forward's narrow slabs against all wide")
+                        "narrow: the TMA forward's narrow slabs against all wide; narrowfill: the same "
+                        "and the line barriers over the batch")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
