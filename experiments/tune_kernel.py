@@ -214,24 +214,22 @@ _TMA_FWD = {"CGSPN_CUDA_TMA_FWD": "1"}
 FWD_BULK_SETTINGS = [_THREAD_H, {}, dict(_THREAD_H, **_RELAXED_SYNC), _RELAXED_SYNC,
                      _THREAD_H, {}, _TMA_FWD, dict(_TMA_FWD, **_THREAD_H)]
 FWD_BULK_CASES = LOCKSTEP_CASES + [((32, 1152, 64, 64), 72, "bfloat16", 1)]
-# The TMA forward's narrow slabs (v27): where its 48-channel blocks would leave some SMs with
-# two and the others with one (8 x 1152 x 128 x 128 G = 72: 60 of 132 with two; v24's fill
-# family), the plan gives each SM at most one wide block and covers the other channels with
-# 24-channel ones (16 + 16 slabs per image at 8 images on an H100), against all wide
-# (CGSPN_CUDA_TMA_WIDE=99), with either line barrier. B = 6 and the float16 case split too; B = 10,
-# D = 4 and 96 x 96 (at least 1.8 blocks per SM already) keep all wide: the controls.
-_ALL_WIDE = {"CGSPN_CUDA_TMA_WIDE": "99"}
-NARROW_SETTINGS = [{}, _ALL_WIDE, {}, _ALL_WIDE, _RELAXED_SYNC, dict(_ALL_WIDE, **_RELAXED_SYNC)]
-NARROW_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (6, 8, 10)]
-NARROW_CASES += LOCKSTEP_CASES[1:4]
-# The same settings over the batch (v27): the narrow slabs where the rule takes them (B = 6-8 at
-# 128 x 128), and the line barriers at every fill, 0.1 to 1.5 blocks' worth per SM (the first
-# narrow run had the relaxed lockstep 25% faster at B = 6, 2% slower at B = 8).
-NARROW_FILL_SETTINGS = NARROW_SETTINGS[:2] + NARROW_SETTINGS[4:] + NARROW_SETTINGS[:2] + \
-    NARROW_SETTINGS[4:]
-NARROW_FILL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1)
-                     for B in (2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 16)]
-NARROW_FILL_CASES += [((B, 768, 96, 96), 48, "bfloat16", 1) for B in (6, 8, 12, 24)]
+# The TMA forward's line barrier over the batch (v27): release and acquire at cluster scope (2)
+# against the relaxed lockstep (1), each forced, and the plan's default, which turns relaxed
+# once fewer than R blocks remain (R = 176 on an H100; 132 and 220 by the knob), twice
+# interleaved. The first such sweep (family
+# narrowfill of commit 4708fcd, with 24-channel slabs that were then dropped;
+# docs/bench/tune_narrowfill_h100_v27.log) had the relaxed lockstep 19-23% faster at 2-6 images of
+# 1152 x 128 x 128 and at 96 x 96, but 2-7% slower at 8-10 images.
+_RELAX_BELOW = [{"CGSPN_CUDA_TMA_RELAX_BELOW": r} for r in ("132", "220")]
+LINE_SYNC_FILL_SETTINGS = [_CLUSTER_SYNC, _RELAXED_SYNC, {}] + _RELAX_BELOW + \
+    [_CLUSTER_SYNC, _RELAXED_SYNC, {}]
+LINE_SYNC_FILL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8, 9, 10, 11, 12, 16)]
+LINE_SYNC_FILL_CASES += [((B, 1152, 112, 112), 72, "bfloat16", 1) for B in (6, 8, 10)]
+LINE_SYNC_FILL_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
+                         ((8, 1152, 128, 128), 72, "float16", 1),
+                         ((16, 768, 96, 96), 48, "bfloat16", 1),
+                         ((8, 768, 96, 96), 48, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -255,8 +253,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
-            "narrow": (NARROW_SETTINGS, NARROW_CASES, ("fwd",)),
-            "narrowfill": (NARROW_FILL_SETTINGS, NARROW_FILL_CASES, ("fwd",)),
+            "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -265,7 +262,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
-         "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_WIDE",
+         "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -397,8 +394,7 @@ def main():
                         "cluster, bwdcluster: lockstep groups of 4 "
                         "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
-                        "narrow: the TMA forward's narrow slabs against all wide; narrowfill: the same "
-                        "and the line barriers over the batch")
+                        "linesyncfill: the TMA forward's line barriers over the batch")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -417,26 +417,21 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
     ((1, 72, 128, 1152), 72, ("rl", "tb"),
      {"CGSPN_CUDA_TMA_FWD_BULK": "0", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
-    # Narrow slabs of 24 channels after the wide ones (the plan's own where they balance the
-    # multiprocessors; test_tma_forward_balances_the_multiprocessors), forced by
-    # CGSPN_CUDA_TMA_WIDE: one wide slab and four narrow ones, the last of 8 channels; only
-    # narrow slabs, every direction, H != W; 1152 channels as the plan splits them at 8 images
-    # on an H100 (16 wide, 16 narrow); pairs across images and directions (H = W); the
-    # per-thread h stores.
-    ((2, 100, 128, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_WIDE": "1"}),
-    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
-     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_WIDE": "0"}),
-    ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_WIDE": "16"}),
-    ((3, 33, 33, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_WIDE": "1"}),
-    ((2, 100, 128, 128), 8, ("bt", "lr"),
-     {"CGSPN_CUDA_TMA_WIDE": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
+    # The line barrier turning relaxed partway (v27), once relax_at blocks have finished: the
+    # plan's own at 288 blocks of lines of 128 (more than two per SM on an H100: later blocks
+    # start after the count has grown), forced at the first finished block (all at once here),
+    # with the per-thread h stores, and every direction.
+    ((12, 72, 128, 1152), 72, ("tb",), {}),
+    ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "11"}),
+    ((2, 100, 128, 128), 8, ("bt", "rl"),
+     {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
+    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "20"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
         "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4", "thread_h_rows",
-        "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "narrow_after_one_wide",
-        "narrow_only_all_dirs", "narrow_C1152_G72", "narrow_straddling_pairs",
-        "narrow_thread_h"])
+        "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
+        "relax_after_first", "relax_after_first_thread_h", "relax_after_first_all_dirs"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -448,48 +443,29 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" split={int(split)} " in ln for ln in plans), plans
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
-    sync = "cluster" if split else _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "2")]
-    assert all(f" linesync={sync} " in ln for ln in plans), plans
+    relax_at = -1  # never
+    if split or "CGSPN_CUDA_TMA_LOCKSTEP" in knobs:
+        sync = "cluster" if split else _LINE_SYNC[knobs["CGSPN_CUDA_TMA_LOCKSTEP"]]
+    else:
+        relax_at = _tma_relax_at(shape, directions, knobs)
+        sync = "lockstep" if relax_at == 0 else "cluster"
+    assert all(f" linesync={sync} relax_at={relax_at} " in ln for ln in plans), plans
     # h goes out as bulk tensor stores unless the knob says no or a split column line is odd.
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
-    # Forced narrow slabs: min(n, ceil(C / 48)) wide ones, 24-channel slabs for the rest.
-    C = shape[3]
-    wide = min(int(knobs.get("CGSPN_CUDA_TMA_WIDE", C)), -(-C // 48))
-    narrow = -(-max(C - 48 * wide, 0) // 24)
-    assert all(f" wide={wide} narrow={narrow} " in ln for ln in plans), plans
 
 
-def _balanced_wide_slabs(lines, C, sms):
-    """The TMA forward's rule for its wide slabs per (direction, image), restated: where its
-    lines x ceil(C / 48) blocks fall between one and two per multiprocessor, as many as give
-    each multiprocessor at most one, if the wide and narrow blocks fit two per multiprocessor
-    and pair up; else all wide."""
-    nslab = -(-C // 48)
-    if not sms < lines * nslab < 2 * sms:
-        return nslab
-    m = sms // lines
-    narrow = -(-max(C - 48 * m, 0) // 24)
-    fits = m < nslab and lines * (m + narrow) <= 2 * sms
-    return m if fits and lines * m % 2 == 0 and lines * narrow % 2 == 0 else nslab
-
-
-@pytest.mark.parametrize("B", [4, 8])
-def test_tma_forward_balances_the_multiprocessors(B, monkeypatch, capfd):
-    """Without knobs, 1152 channels at B images take narrow slabs where the wide ones alone
-    would leave some multiprocessors with two blocks and others with one (8 images on an H100:
-    16 wide and 16 narrow slabs per image), and none where one block each covers them (4)."""
-    _set_knobs(monkeypatch, {})
-    sms = _gpu().core_count
-    check(((B, 72, 72, 1152), 72), ("tb",), "bfloat16")
-    plans = _printed_plans(capfd)["forward"]
-    wide = _balanced_wide_slabs(B, 1152, sms)
-    narrow = -(-max(1152 - 48 * wide, 0) // 24)
-    assert plans and all(" TMA " in ln and f" wide={wide} narrow={narrow} " in ln
-                         for ln in plans), (sms, plans)
-    if sms == 132:  # an H100 SXM: the case the rule was measured on
-        assert (wide, narrow) == ((24, 0) if B == 4 else (16, 16)), (wide, narrow)
+def _tma_relax_at(shape, directions, knobs):
+    """After how many finished blocks the TMA forward's line barrier turns relaxed, restated
+    (TmaRelaxAt): 0 on lines of at most 96 positions, else the blocks beyond R = 4/3 of the
+    multiprocessors (or CGSPN_CUDA_TMA_RELAX_BELOW)."""
+    B, H, W, C = shape
+    if max(W if d in ("tb", "bt") else H for d in directions) <= 96:
+        return 0
+    blocks = len(directions) * B * -(-C // 48)
+    below = int(knobs.get("CGSPN_CUDA_TMA_RELAX_BELOW", _gpu().core_count * 4 // 3))
+    return max(blocks - below, 0)
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,

@@ -602,14 +602,13 @@ bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int
 }
 
 // The gate box's width: the gate elements of a slab's groups, from the 16-byte boundary at or
-// before its first group's, rounded up to 8 elements; the widest over the slabs of `slab`
-// channels from channel c_begin to C.
-int TmaGateBox(const ScanShape& s, int64_t slab = kTmaSlab, int64_t c_begin = 0) {
+// before its first group's, rounded up to 8 elements; the widest over the slabs.
+int TmaGateBox(const ScanShape& s) {
   const int64_t Sg = s.C / s.G;
   int gbox = 8;
-  for (int64_t c0 = c_begin; c0 < s.C; c0 += slab) {
+  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
     const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
-    const int64_t end = 3 * ((std::min(c0 + slab, s.C) - 1) / Sg) + 3;
+    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
     gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
   }
   return gbox;
@@ -658,42 +657,27 @@ bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
 }
 
 struct TmaPlan {
-  TmaMaps maps, narrow_maps;  // boxes of kTmaSlab and of kTmaNarrowSlab channels
+  TmaMaps maps;
   TmaLaunch a;
   int blocks, cluster;
   size_t smem;
 };
 
-// The TMA forward's wide slabs per (direction, image) where the other channels go to narrow
-// slabs (TmaLaunch::wide_blocks): where the call's nslab-wide blocks would give some
-// multiprocessors two and the others one (more than one per multiprocessor, fewer than two),
-// as many as give each multiprocessor at most one, if the wide and narrow blocks then fit two
-// per multiprocessor and pair up in whole clusters; else nslab (all wide).
-// CGSPN_CUDA_TMA_WIDE=n forces min(n, nslab) (tests, A/B; clusters permitting).
-int64_t TmaWideSlabs(const ScanShape& s, int64_t nslab) {
-  const int64_t lines = s.D * s.B;  // (direction, image) pairs
-  auto narrow_for = [&](int64_t m) {
-    return (std::max<int64_t>(s.C - m * kTmaSlab, 0) + kTmaNarrowSlab - 1) / kTmaNarrowSlab;
-  };
-  // Clusters hold slabs of one width and never straddle directions of different line counts.
-  auto pairs_up = [&](int64_t m) {
-    const int64_t n = narrow_for(m);
-    return (lines * m) % kTmaCluster == 0 && (lines * n) % kTmaCluster == 0 &&
-           (s.H == s.W || ((s.B * m) % kTmaCluster == 0 && (s.B * n) % kTmaCluster == 0));
-  };
-  const int forced = EnvInt("CGSPN_CUDA_TMA_WIDE", -1);
-  if (forced >= 0) {
-    const int64_t m = std::min<int64_t>(forced, nslab);
-    return pairs_up(m) ? m : nslab;
-  }
-  int device = 0, sms = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-    return nslab;
-  if (lines * nslab <= sms || lines * nslab >= 2 * sms) return nslab;
-  const int64_t m = sms / lines;
-  if (m >= nslab || lines * (m + narrow_for(m)) > 2 * sms || !pairs_up(m)) return nslab;
-  return m;
+// When the TMA forward's line barrier turns from release and acquire to the relaxed lockstep
+// (TmaLaunch::relax_at): once fewer than R of the call's `blocks` blocks remain, R = 4/3 of the
+// multiprocessors (176 on an H100; CGSPN_CUDA_TMA_RELAX_BELOW=R for experiments), and from the
+// start on lines of at most 96 positions. Measured (H100, docs/kernel_notes.md, v27; 1152
+// channels, bfloat16 G = 72, each form forced): at 128 x 128 the relaxed lockstep 19-23% faster
+// at 2-6 images (48-144 blocks) and 9% at 7 (168), release and acquire 2-7% faster at 8-10
+// (192-240) and 3.5% at D = 4 (768); at 96 x 96 the relaxed 9-22% faster at every batch (6-24
+// images of 768 channels: 96-384 blocks).
+int TmaRelaxAt(int64_t blocks, int64_t Lmax) {
+  if (Lmax <= 96) return 0;
+  int device = 0, sms = 132;
+  if (cudaGetDevice(&device) == cudaSuccess)
+    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int64_t below = EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", sms * 4 / 3);
+  return int(std::clamp<int64_t>(blocks - below, 0, INT32_MAX));
 }
 
 // Whether the TMA forward takes a call, and its launch. It needs: a 16-bit type; 16-byte aligned
@@ -730,28 +714,26 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
   const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
-  const int64_t nwide = split ? nslab : TmaWideSlabs(s, nslab);
-  const int64_t nnarrow =
-      (std::max<int64_t>(s.C - nwide * kTmaSlab, 0) + kTmaNarrowSlab - 1) / kTmaNarrowSlab;
-  const int64_t wide_blocks = s.D * s.B * nwide * (split ? 2 : 1);
-  const int64_t blocks = wide_blocks + s.D * s.B * nnarrow;
-  // A cluster's two blocks must scan the same number of lines and slabs of one width: never
-  // straddle two directions of different line counts (the halves of one line always do), nor
-  // the wide and the narrow slabs (TmaWideSlabs sees to the latter).
+  const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
+  // A cluster's two blocks must scan the same number of lines: never straddle two directions
+  // of different line counts (the halves of one line always do).
   if (!split && (blocks % kTmaCluster || ((s.B * nslab) % kTmaCluster && s.H != s.W)))
     return false;
-  tp->cluster = split || nnarrow ? kTmaCluster
-                                 : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab,
-                                                  kTmaCluster);
+  tp->cluster = split ? kTmaCluster
+                      : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab, kTmaCluster);
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
+  const int gbox = TmaGateBox(s);
   TmaLaunch& a = tp->a;
   a = {};
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
-  a.chunk = chunk, a.normalize = normalize;
+  a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
   a.split = split;
   a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
+  a.relax_at = split || EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", -1) >= 0
+                   ? INT32_MAX
+                   : TmaRelaxAt(blocks, Lmax);
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not in calls of split lines whose column lines are odd (the whole call): the second half's
   // box would run past the image into the next image's (or direction's) first row, which is
@@ -759,51 +741,40 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // tensor.)
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
-  // The stage pieces and shared bytes of slabs of `width` channels from channel c_begin.
-  auto slabs = [&](TmaSlabs* k, int64_t n, int width, int64_t c_begin) {
-    k->nslab = int(n), k->c_begin = int(c_begin);
-    k->gbox = TmaGateBox(s, width, c_begin);
-    k->xbytes = round128(Lb * width * sizeof(T));
-    k->gbytes = round128(Lb * k->gbox * sizeof(T));
-    return size_t(kTmaStages) * (2 * k->xbytes + k->gbytes) + 2 * Lb * width * 4 +
-           2 * kTmaStages * 8;
-  };
-  tp->smem = slabs(&a.wide, nwide, kTmaSlab, 0);
-  if (nnarrow)
-    tp->smem = std::max(tp->smem, slabs(&a.narrow, nnarrow, kTmaNarrowSlab, nwide * kTmaSlab));
-  a.wide_blocks = int(wide_blocks);
+  a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
+  a.gbytes = round128(Lb * gbox * sizeof(T));
   tp->blocks = int(blocks);
+  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
+             2 * kTmaStages * 8 + 2 * sizeof(int);
   if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
                  knob == 1 ? 1 : 2))
     return false;
   // The maps (only those a direction of the call uses; the others stay zero, never read).
-  tp->maps = {}, tp->narrow_maps = {};
+  tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
+  TmaMaps& m = tp->maps;
   // Boxes of a block's positions: the whole line, or half of it (rounded up) where split.
   const LineBoxes boxes{any_rows, any_cols, int(split ? (s.W + 1) / 2 : s.W),
                         int(split ? (s.H + 1) / 2 : s.H)};
-  auto encode = [&](TmaMaps& m, const TmaSlabs& k, int width) {
-    return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, width) &&
-           boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, width) &&
-           boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, k.gbox) &&
-           (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, width));
-  };
-  return (!nwide || encode(tp->maps, a.wide, kTmaSlab)) &&
-         (!nnarrow || encode(tp->narrow_maps, a.narrow, kTmaNarrowSlab));
+  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
+         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
+         boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox) &&
+         (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, kTmaSlab));
 }
 
 template <typename T>
-cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h) {
+cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s gbox=%d split=%d bulk_h=%d wide=%d narrow=%d "
-                 "blocks/SM=%d\n", kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
-                 LineSyncName(tp.a.lockstep), tp.a.wide.gbox, tp.a.split, tp.a.bulk_h,
-                 tp.a.wide.nslab, tp.a.narrow.nslab,
+                 "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d blocks/SM=%d\n",
+                 kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
+                 LineSyncName(tp.a.relax_at == 0 ? kLineSyncLockstep : tp.a.lockstep),
+                 tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
+                 tp.a.bulk_h,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
-                          tp.maps, tp.narrow_maps, h, tp.a);
+                          tp.maps, h, done, tp.a);
 }
 
 // ------------------------------------------------------------------ the TMA backward
@@ -907,9 +878,10 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
 }
 
 template <typename T>
-ffi::Error Forward(cudaStream_t st, const ScanShape& s, ffi::AnyBuffer x, ffi::AnyBuffer lam,
-                   ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> h,
-                   ffi::Span<const int64_t> dirs, int64_t chunk, bool normalize) {
+ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanShape& s,
+                   ffi::AnyBuffer x, ffi::AnyBuffer lam, ffi::AnyBuffer w,
+                   ffi::Result<ffi::AnyBuffer> h, ffi::Span<const int64_t> dirs, int64_t chunk,
+                   bool normalize) {
   const T* xp = static_cast<const T*>(x.untyped_data());
   const T* lp = static_cast<const T*>(lam.untyped_data());
   const T* wp = static_cast<const T*>(w.untyped_data());
@@ -917,8 +889,18 @@ ffi::Error Forward(cudaStream_t st, const ScanShape& s, ffi::AnyBuffer x, ffi::A
   const bool aligned = Aligned16(xp) && Aligned16(lp) && Aligned16(wp) && Aligned16(hp);
   if constexpr (sizeof(T) == 2) {
     TmaPlan tp;
-    if (PlanTmaForward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, hp, &tp))
-      return CudaError(LaunchTmaForward<T>(st, tp, hp), "forward launch (TMA)");
+    if (PlanTmaForward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, hp, &tp)) {
+      // The count of finished blocks where the line barrier turns relaxed partway.
+      unsigned* done = nullptr;
+      if (tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) {
+        auto mem = scratch.Allocate(sizeof(unsigned), 16);
+        if (!mem) return ffi::Error::Internal("gspn_scan (CUDA): no scratch for the block count");
+        done = static_cast<unsigned*>(*mem);
+        if (cudaError_t e = cudaMemsetAsync(done, 0, sizeof(unsigned), st); e != cudaSuccess)
+          return CudaError(e, "forward (TMA): zeroing the block count");
+      }
+      return CudaError(LaunchTmaForward<T>(st, tp, hp, done), "forward launch (TMA)");
+    }
   }
   Plan pl;
   if (ffi::Error e = MakePlan<T>(s, dirs, chunk, normalize, aligned, 0, &pl); e.failure()) return e;
@@ -988,16 +970,16 @@ ffi::Error DispatchDtype(ffi::DataType dt, F&& f) {
   }
 }
 
-ffi::Error FwdImpl(cudaStream_t st, ffi::AnyBuffer x, ffi::AnyBuffer lam, ffi::AnyBuffer w,
-                   ffi::Result<ffi::AnyBuffer> h, ffi::Span<const int64_t> directions,
-                   int64_t chunk, bool normalize) {
+ffi::Error FwdImpl(cudaStream_t st, ffi::ScratchAllocator scratch, ffi::AnyBuffer x,
+                   ffi::AnyBuffer lam, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> h,
+                   ffi::Span<const int64_t> directions, int64_t chunk, bool normalize) {
   ScanShape s;
   if (ffi::Error e = CheckCall(x, lam, w, directions, chunk, &s); e.failure()) return e;
   if (h->element_type() != x.element_type())
     return ffi::Error::InvalidArgument("gspn_scan: h must have the dtype of x");
   return DispatchDtype(x.element_type(), [&](auto tag) {
     using T = decltype(tag);
-    return Forward<T>(st, s, x, lam, w, h, directions, chunk, normalize);
+    return Forward<T>(st, scratch, s, x, lam, w, h, directions, chunk, normalize);
   });
 }
 
@@ -1021,7 +1003,9 @@ ffi::Error BwdImpl(cudaStream_t st, ffi::ScratchAllocator scratch, ffi::AnyBuffe
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     GspnFwdCuda, cgspn::FwdImpl,
-    cgspn::BindForward(xla::ffi::Ffi::Bind().Ctx<xla::ffi::PlatformStream<cudaStream_t>>()));
+    cgspn::BindForward(xla::ffi::Ffi::Bind()
+                           .Ctx<xla::ffi::PlatformStream<cudaStream_t>>()
+                           .Ctx<xla::ffi::ScratchAllocator>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     GspnBwdCuda, cgspn::BwdImpl,

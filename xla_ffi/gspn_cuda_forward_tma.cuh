@@ -28,11 +28,11 @@
 namespace cgspn {
 namespace {
 
-constexpr int kTmaSlab = 48;        // channels per block (96 bytes of 16-bit types)
-constexpr int kTmaNarrowSlab = 24;  // channels per block of the forward's narrow slabs
-constexpr int kTmaWarps = 6;        // consumer warps; one more warp produces
-constexpr int kTmaStages = 2;       // lines of copies in flight (3 was slower in the model)
-constexpr int kTmaMaxLine = 128;    // positions of a block: items per thread <= 4
+constexpr int kTmaSlab = 48;      // channels per block (96 bytes of 16-bit types)
+constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces
+constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
+constexpr int kTmaMaxLine = 128;  // positions of a block: items (kTmaSlab / 8 each) per thread <= 4
+constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
 constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
 constexpr int kTmaCluster = 2;
 
@@ -45,31 +45,20 @@ struct TmaMaps {
   CUtensorMap h_row, h_col;  // the output, where TmaLaunch::bulk_h (stored from the x box)
 };
 
-// The slabs of one width in a forward call (TmaLaunch::wide, ::narrow).
-struct TmaSlabs {
-  int nslab;           // slabs of this width per (direction, image)
-  int c_begin;         // the first channel of the first
-  int gbox;            // gate elements per pixel in a box (a multiple of 8)
-  int xbytes, gbytes;  // stage pieces: the x (and lam) box, the gate box (128-byte multiples)
-};
-
 struct TmaLaunch {
   int B, H, W, C, G, D;
   int dir_bits;  // 2 bits per direction, as Launch
-  // Slabs of kTmaSlab channels from channel 0, then (where the plan balances the
-  // multiprocessors' load, TmaLaunch::wide_blocks) slabs of kTmaNarrowSlab for the rest.
-  TmaSlabs wide, narrow;
-  // Blocks 0 .. wide_blocks - 1 scan wide slabs, the others narrow ones. Blocks are placed on
-  // the multiprocessors in turn, one each before any gets a second: where the call has more
-  // wide blocks than multiprocessors but fewer than two per multiprocessor, some hold two and
-  // set the time while the others idle (8 x 1152 x 128 x 128 G = 72: 60 of 132 hold two;
-  // v24 measured a doubled SM at 3.3 us a line, a single one at 2.2). The plan then gives each
-  // (direction, image) at most one wide slab per multiprocessor and covers the other channels
-  // with narrow slabs, so that a multiprocessor holds at most one wide and one narrow block.
-  int wide_blocks;
+  int nslab;     // ceil(C / kTmaSlab)
+  int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
   int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default and always
                  // where split)
+  // The line barrier turns to kLineSyncLockstep once `relax_at` blocks of the call have
+  // finished (counted in TmaFwdKernel's `done`); 0: from the first line; INT32_MAX: never.
+  // Measured (H100, docs/kernel_notes.md, v27): the relaxed lockstep is 19-23% faster while few
+  // blocks run (2-7 images of 1152 x 128 x 128 G = 72 bfloat16), but release and acquire 2-7%
+  // faster while the GPU is full (8-10 images).
+  int relax_at;
   // 1 (the default): h goes out as one bulk tensor store of the block's box per line, written
   // over the x box in the stage (as the TMA backward's dx and dlam are) and issued by the
   // producer after the line barrier. 0 (CGSPN_CUDA_TMA_FWD_BULK other than 1, and calls of
@@ -80,6 +69,8 @@ struct TmaLaunch {
   int bulk_h;
   int64_t chunk;
   bool normalize;
+  // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
+  int xbytes, gbytes;
 };
 
 // The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep). Each kind orders
@@ -161,29 +152,28 @@ __device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1,
       : "memory");
 }
 
-// Blocks: one per (direction, image, slab[, half line]), half fastest, then slab; the wide
-// slabs' blocks first, then the narrow ones' (TmaLaunch::wide_blocks); launched in clusters of
-// kTmaCluster whose blocks scan the same number of lines and slabs of the same width (the host
-// sees to it). A block's Lb positions: the line's L, or the half of ceil(L / 2) (the
+// Blocks: one per (direction, image, slab of kTmaSlab channels[, half line]), half fastest,
+// then slab, launched in clusters of kTmaCluster whose blocks scan the same number of lines (the
+// host sees to it). A block's Lb positions: the line's L, or the half of ceil(L / 2) (the
 // second half's box runs past the line where L is odd: read and never used; stored back only on
 // row lines, where it lies past W and the store drops it).
-// Shared memory: kTmaStages stages of {x [Lb][S], lam [Lb][S], gates [Lb][gbox]}, the h tiles
-// [2][Lb][S] (float, by line parity), then the "full" and "empty" mbarriers; sized for the wide
-// slabs, of which a narrow block uses part.
-// One block of slabs of S channels (`sl`; `block` counts the blocks of that width).
-template <typename T, int S>
-__device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__ h,
-                                            const TmaLaunch& a, const TmaSlabs& sl, int block) {
-  constexpr int NV = S / 8, K = kTmaStages, NCT = kTmaWarps * 32;
-  constexpr int kItems = kTmaMaxLine * NV / NCT;  // per thread
-  static_assert(kItems * NCT == kTmaMaxLine * NV, "a line's items fill the consumer threads");
+// Shared memory: kTmaStages stages of {x [Lb][kTmaSlab], lam [Lb][kTmaSlab], gates [Lb][gbox]},
+// the h tiles [2][Lb][kTmaSlab] (float, by line parity), the "full" and "empty" mbarriers, then
+// the line barrier's kind by line parity (TmaLaunch::relax_at). `done` counts the finished
+// blocks (zero at launch; unused where relax_at is 0 or INT32_MAX).
+template <typename T>
+__global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
+    GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, unsigned* done,
+                     const TmaLaunch a) {
+  static_assert(sizeof(T) == 2, "16-bit types only");
+  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kTmaWarps * 32;
   extern __shared__ __align__(128) unsigned char smem[];
-  const int stage_bytes = 2 * sl.xbytes + sl.gbytes;
+  const int stage_bytes = 2 * a.xbytes + a.gbytes;
 
-  const int part = a.split ? block % 2 : 0;  // the cluster rank where split
-  const int idx = a.split ? block / 2 : block;
-  const int slab = idx % sl.nslab;
-  const int rest = idx / sl.nslab;
+  const int part = a.split ? blockIdx.x % 2 : 0;  // the cluster rank where split
+  const int idx = a.split ? blockIdx.x / 2 : blockIdx.x;
+  const int slab = idx % a.nslab;
+  const int rest = idx / a.nslab;
   const int b = rest % a.B, d = rest / a.B;
   const int dir = (a.dir_bits >> (2 * d)) & 3;
   const bool rows = dir == kTopBottom || dir == kBottomTop;
@@ -195,8 +185,10 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   float* tile = reinterpret_cast<float*>(smem + K * stage_bytes);
   uint64_t* full = reinterpret_cast<uint64_t*>(tile + 2 * Lb * S);
   uint64_t* empty = full + K;
+  int* sync_kind = reinterpret_cast<int*>(empty + K);  // [line parity]
+  const bool adaptive = a.relax_at > 0 && a.relax_at < INT32_MAX;
 
-  const int c0 = sl.c_begin + slab * S;
+  const int c0 = slab * S;
   const int Sg = a.C / a.G;
   const int gfirst = (3 * (c0 / Sg)) & ~7;  // the gate box's first element, 16-byte aligned
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -206,6 +198,7 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
       MbarInit(&empty[s], kTmaWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    sync_kind[0] = sync_kind[1] = a.relax_at == 0 ? int(kLineSyncLockstep) : a.lockstep;
   }
   __syncthreads();
 
@@ -226,19 +219,28 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   auto issue = [&](int t) {
     const int s = t % K;
     unsigned char* st = smem + s * stage_bytes;
-    MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * sl.gbox * sizeof(T)));
+    MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * a.gbox * sizeof(T)));
     int c1, c2;
     box_at(t, &c1, &c2);
     TmaLoad(st, rows ? &maps.x_row : &maps.x_col, c0, c1, c2 - xshift, &full[s]);
-    TmaLoad(st + sl.xbytes, rows ? &maps.lam_row : &maps.lam_col, c0, c1, c2, &full[s]);
-    TmaLoad(st + 2 * sl.xbytes, rows ? &maps.w_row : &maps.w_col, gfirst, c1, c2, &full[s]);
+    TmaLoad(st + a.xbytes, rows ? &maps.lam_row : &maps.lam_col, c0, c1, c2, &full[s]);
+    TmaLoad(st + 2 * a.xbytes, rows ? &maps.w_row : &maps.w_col, gfirst, c1, c2, &full[s]);
   };
 
   if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
+    // The count of finished blocks, loaded a line before it is used (its latency hidden), and
+    // the kind of line t + 1's barrier from it, written before line t's barrier, after which
+    // every thread of the block reads it; once relaxed, it stays so (the count only grows).
+    unsigned finished = 0;
     for (int t = 0; t < T_steps; ++t) {
-      LineSync(a.lockstep);
+      if (adaptive && lane == 0) {
+        if (finished >= unsigned(a.relax_at)) sync_kind[(t + 1) & 1] = kLineSyncLockstep;
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
+      }
+      __syncwarp();
+      LineSync(sync_kind[t & 1]);
       if (lane == 0 && a.bulk_h) {
         // Line t's h, written by the consumers over its x box and fenced before the barrier, as
         // one bulk store; read out of the stage before line t + K is copied into it. Here, not
@@ -277,9 +279,9 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   // The other half's h tiles (split lines): the position next to this half's edge.
   const unsigned peer_tiles = a.split ? PeerAddr(tile, part ^ 1) : 0u;
   const int peer_pos = part == 0 ? 0 : Lb - 1;
-  float hown[kItems][8];
+  float hown[kTmaItems][8];
 #pragma unroll
-  for (int k = 0; k < kItems; ++k)
+  for (int k = 0; k < kTmaItems; ++k)
 #pragma unroll
     for (int i = 0; i < 8; ++i) hown[k][i] = 0.f;
 
@@ -288,16 +290,16 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
     MbarWait(&full[s], (t / K) & 1);
     const unsigned char* st = smem + s * stage_bytes;
     const T* xs = reinterpret_cast<const T*>(st);
-    const T* ls = reinterpret_cast<const T*>(st + sl.xbytes);
-    const T* gs = reinterpret_cast<const T*>(st + 2 * sl.xbytes);
+    const T* ls = reinterpret_cast<const T*>(st + a.xbytes);
+    const T* gs = reinterpret_cast<const T*>(st + 2 * a.xbytes);
     const float* prev = tile + ((t + 1) & 1) * Lb * S;  // written by line t - 1
     float* now = tile + (t & 1) * Lb * S;
     const unsigned peer_prev =
         peer_tiles + unsigned((((t + 1) & 1) * Lb * S + peer_pos * S + v * 8) * sizeof(float));
     const bool restart = LineGeometry::Restarts(t, a.chunk);
-    float hv[kItems][8];
+    float hv[kTmaItems][8];
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) {
+    for (int k = 0; k < kTmaItems; ++k) {
       const int p = p0 + k * kStride;  // in the block's box; off + p in the line
       if (!lane_ok || p >= Lown) continue;
       Pack<T, 8> xp, lp;
@@ -309,7 +311,7 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
 #pragma unroll
       for (int i = 0; i < 8; ++i) hv[k][i] = lv[i] * xv[i];
       if (!restart) {
-        const T* gp = gs + p * sl.gbox + gel;
+        const T* gp = gs + p * a.gbox + gel;
         const float g[3] = {ToF<T>(gp[0]), ToF<T>(gp[1]), ToF<T>(gp[2])};
         const bool has_left = off + p > 0, has_right = off + p + 1 < L;
         float wa[3], wc[3];
@@ -335,7 +337,7 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
     if (lane == 0) MbarArrive(&empty[s]);
     T* hline = hthread + (b * geo.image + geo.base + int64_t(t) * geo.step_stride) * a.C;
 #pragma unroll
-    for (int k = 0; k < kItems; ++k) {
+    for (int k = 0; k < kTmaItems; ++k) {
       const int p = p0 + k * kStride;
       if (!lane_ok || p >= Lown) continue;
       if (a.bulk_h) {  // over x at (p, v), which only this thread read
@@ -350,23 +352,9 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
     // The h written into the stage must be visible to the bulk store (the async proxy), which
     // the producer issues after the line barrier.
     if (a.bulk_h) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    LineSync(a.lockstep);
+    LineSync(sync_kind[t & 1]);
   }
-}
-
-// The TMA forward: each block scans its slab of one width (FwdTmaBlock); `narrow_maps` are the
-// maps with kTmaNarrowSlab-channel boxes (zero where the call has no narrow slabs).
-template <typename T>
-__global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
-    GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps,
-                     const __grid_constant__ TmaMaps narrow_maps, T* __restrict__ h,
-                     const __grid_constant__ TmaLaunch a) {
-  static_assert(sizeof(T) == 2, "16-bit types only");
-  const int block = int(blockIdx.x);
-  if (block < a.wide_blocks)
-    FwdTmaBlock<T, kTmaSlab>(maps, h, a, a.wide, block);
-  else
-    FwdTmaBlock<T, kTmaNarrowSlab>(narrow_maps, h, a, a.narrow, block - a.wide_blocks);
+  if (adaptive && threadIdx.x == 0) atomicAdd(done, 1u);
 }
 
 
