@@ -77,9 +77,10 @@ struct TmaLaunch {
 // the block's own accesses across its threads, as __syncthreads does: the h tiles, the span
 // edges, the gate gradients and outputs written into the stage (before the dw stores and the
 // bulk tensor stores), the backward's running dx sum in global memory (only its block touches
-// its slab). `kind` is a launch argument, and every call is made by whole, converged warps
-// (.aligned).
-//  - kLineSyncCluster: release and acquire at cluster scope (the forward's default; always
+// its slab). `kind` is the same in every thread of a block (a launch argument, or the forward's
+// switch from shared memory: TmaLaunch::relax_at; the blocks of a cluster may differ for a
+// line), and every call is made by whole, converged warps (.aligned).
+//  - kLineSyncCluster: release and acquire at cluster scope (the forward's, until relax_at; always
 //    where a block reads its peer's shared memory: lines split between a cluster's two blocks).
 //    The release compiles to MEMBAR.ALL.GPU: Nsight Compute put 35-42% of the TMA forward's
 //    warp stall samples there (v24 code, 8 x 1152 x 128 x 128 bfloat16 G = 72), as many with h
@@ -201,6 +202,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     sync_kind[0] = sync_kind[1] = a.relax_at == 0 ? int(kLineSyncLockstep) : a.lockstep;
   }
   __syncthreads();
+  int kind = sync_kind[0];  // the line barrier of the line at hand
 
   // Line t's box: its first pixel as (position, row) in the maps of [D * B * H] rows (lam, the
   // gates, h); x's map has [B * H] rows, d B H fewer. A row line is (row i, all W), a column line
@@ -230,17 +232,22 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
-    // The count of finished blocks, loaded a line before it is used (its latency hidden), and
-    // the kind of line t + 1's barrier from it, written before line t's barrier, after which
-    // every thread of the block reads it; once relaxed, it stays so (the count only grows).
+    // Where adaptive: the count of finished blocks, loaded a line before it is used (its
+    // latency hidden), gives the kind of line t + 1's barrier, written for the consumers before
+    // line t's barrier, after which they read it; once relaxed, it stays so (the count only
+    // grows).
     unsigned finished = 0;
     for (int t = 0; t < T_steps; ++t) {
-      if (adaptive && lane == 0) {
-        if (finished >= unsigned(a.relax_at)) sync_kind[(t + 1) & 1] = kLineSyncLockstep;
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
+      int next = kind;
+      if (adaptive) {
+        if (__shfl_sync(~0u, finished, 0) >= unsigned(a.relax_at)) next = kLineSyncLockstep;
+        if (lane == 0) {
+          sync_kind[(t + 1) & 1] = next;
+          asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
+        }
       }
-      __syncwarp();
-      LineSync(sync_kind[t & 1]);
+      LineSync(kind);
+      kind = next;
       if (lane == 0 && a.bulk_h) {
         // Line t's h, written by the consumers over its x box and fenced before the barrier, as
         // one bulk store; read out of the stage before line t + K is copied into it. Here, not
@@ -288,6 +295,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   for (int t = 0; t < T_steps; ++t) {
     const int s = t % K;
     MbarWait(&full[s], (t / K) & 1);
+    if (adaptive) kind = sync_kind[t & 1];  // written before line t - 1's barrier
     const unsigned char* st = smem + s * stage_bytes;
     const T* xs = reinterpret_cast<const T*>(st);
     const T* ls = reinterpret_cast<const T*>(st + a.xbytes);
@@ -352,7 +360,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // The h written into the stage must be visible to the bulk store (the async proxy), which
     // the producer issues after the line barrier.
     if (a.bulk_h) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    LineSync(sync_kind[t & 1]);
+    LineSync(kind);
   }
   if (adaptive && threadIdx.x == 0) atomicAdd(done, 1u);
 }
