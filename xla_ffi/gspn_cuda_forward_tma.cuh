@@ -85,9 +85,11 @@ struct TmaLaunch {
 //    The release compiles to MEMBAR.ALL.GPU: Nsight Compute put 35-42% of the TMA forward's
 //    warp stall samples there (v24 code, 8 x 1152 x 128 x 128 bfloat16 G = 72), as many with h
 //    in bulk stores, which leave the consumers no global stores to wait for (v26): most likely
-//    the barrier's own latency. Yet the forward measured 3-8% slower without it (medians of three
-//    runs; docs/kernel_notes.md, v25, v26).
-//  - kLineSyncLockstep (the backward's default; 5% faster there): a block barrier for the
+//    the barrier's own latency. Yet the forward measured 2-8% slower without it while the GPU
+//    is full of its blocks (8-10 images of 1152 x 128 x 128), and 19-23% faster while few run
+//    (docs/kernel_notes.md, v25-v27).
+//  - kLineSyncLockstep (the backward's default, 5% faster there; the forward's from relax_at
+//    on): a block barrier for the
 //    ordering, inside a cluster barrier whose arrive is relaxed, which only keeps the cluster's
 //    blocks in lockstep (its wait keeps the default acquire: CCTL.IVALL, no memory barrier).
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
