@@ -419,9 +419,12 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_FWD_BULK": "0", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     # The line barrier turning relaxed partway (v27), once relax_at blocks have finished: the
     # plan's own at 288 blocks of lines of 128 (more than two per SM on an H100: later blocks
-    # start after the count has grown), forced at the first finished block (all at once here),
-    # with the per-thread h stores, and every direction.
+    # start after the count has grown), and at the first finished block there (the blocks
+    # still running switch mid-scan: added after v27's device runs, not yet run on a GPU);
+    # forced at the first finished block on small calls (whose blocks may all finish before
+    # they see it), with the per-thread h stores, and every direction.
     ((12, 72, 128, 1152), 72, ("tb",), {}),
+    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_RELAX_BELOW": "287"}),
     ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "11"}),
     ((2, 100, 128, 128), 8, ("bt", "rl"),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
@@ -431,7 +434,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "split_odd_rows_bulk", "l2_256",
         "no_lockstep", "no_lockstep_split", "relaxed_lockstep", "cluster_4", "thread_h_rows",
         "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
-        "relax_after_first", "relax_after_first_thread_h", "relax_after_first_all_dirs"])
+        "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
+        "relax_after_first_all_dirs"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)

@@ -890,14 +890,17 @@ ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanSh
   if constexpr (sizeof(T) == 2) {
     TmaPlan tp;
     if (PlanTmaForward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, hp, &tp)) {
-      // The count of finished blocks where the line barrier turns relaxed partway.
+      // The count of finished blocks where the line barrier turns relaxed partway. It steers
+      // only the speed: without scratch for it, the barrier keeps its first kind throughout.
       unsigned* done = nullptr;
       if (tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) {
-        auto mem = scratch.Allocate(sizeof(unsigned), 16);
-        if (!mem) return ffi::Error::Internal("gspn_scan (CUDA): no scratch for the block count");
-        done = static_cast<unsigned*>(*mem);
-        if (cudaError_t e = cudaMemsetAsync(done, 0, sizeof(unsigned), st); e != cudaSuccess)
-          return CudaError(e, "forward (TMA): zeroing the block count");
+        if (auto mem = scratch.Allocate(sizeof(unsigned), 16)) {
+          done = static_cast<unsigned*>(*mem);
+          if (cudaError_t e = cudaMemsetAsync(done, 0, sizeof(unsigned), st); e != cudaSuccess)
+            return CudaError(e, "forward (TMA): zeroing the block count");
+        } else {
+          tp.a.relax_at = INT32_MAX;
+        }
       }
       return CudaError(LaunchTmaForward<T>(st, tp, hp, done), "forward launch (TMA)");
     }
