@@ -54,7 +54,7 @@ struct TmaLaunch {
   int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default and always
                  // where split)
   // The line barrier turns to kLineSyncLockstep once `relax_at` blocks of the call have
-  // finished (counted in TmaFwdKernel's `done`); 0: from the first line; INT32_MAX: never.
+  // finished (counted in GspnFwdTmaKernel's `done`); 0: from the first line; INT32_MAX: never.
   // Measured (H100, docs/kernel_notes.md, v27): the relaxed lockstep is 19-23% faster while few
   // blocks run (2-7 images of 1152 x 128 x 128 G = 72 bfloat16), but release and acquire 2-7%
   // faster while the GPU is full (8-10 images).
@@ -89,9 +89,9 @@ struct TmaLaunch {
 //    is full of its blocks (8-10 images of 1152 x 128 x 128), and 19-23% faster while few run
 //    (docs/kernel_notes.md, v25-v27).
 //  - kLineSyncLockstep (the backward's default, 5% faster there; the forward's from relax_at
-//    on): a block barrier for the
-//    ordering, inside a cluster barrier whose arrive is relaxed, which only keeps the cluster's
-//    blocks in lockstep (its wait keeps the default acquire: CCTL.IVALL, no memory barrier).
+//    on): a block barrier for the ordering, inside a cluster barrier whose arrive is relaxed,
+//    which only keeps the cluster's blocks in lockstep (its wait keeps the default acquire:
+//    CCTL.IVALL, no memory barrier).
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
 __device__ __forceinline__ void LineSync(int kind) {
