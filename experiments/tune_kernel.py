@@ -217,10 +217,9 @@ FWD_BULK_CASES = LOCKSTEP_CASES + [((32, 1152, 64, 64), 72, "bfloat16", 1)]
 # The TMA forward's line barrier over the batch (v27): release and acquire at cluster scope (2)
 # against the relaxed lockstep (1), each forced, and the plan's default, which turns relaxed
 # once fewer than R blocks remain (R = 176 on an H100; 132 and 220 by the knob), twice
-# interleaved. The first such sweep (family
-# narrowfill of commit 4708fcd, with 24-channel slabs that were then dropped;
-# docs/bench/tune_narrowfill_h100_v27.log) had the relaxed lockstep 19-23% faster at 2-6 images of
-# 1152 x 128 x 128 and at 96 x 96, but 2-7% slower at 8-10 images.
+# interleaved. The first such sweep (family narrowfill of commit 4708fcd, with 24-channel slabs
+# that were then dropped; docs/bench/tune_narrowfill_h100_v27.log) had the relaxed lockstep
+# 19-23% faster at 2-6 images of 1152 x 128 x 128 and at 96 x 96, but 2-7% slower at 8-10.
 _RELAX_BELOW = [{"CGSPN_CUDA_TMA_RELAX_BELOW": r} for r in ("132", "220")]
 LINE_SYNC_FILL_SETTINGS = [_CLUSTER_SYNC, _RELAXED_SYNC, {}] + _RELAX_BELOW + \
     [_CLUSTER_SYNC, _RELAXED_SYNC, {}]

@@ -162,6 +162,15 @@ int EnvInt(const char* name, int unset = 0) {
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
+// An attribute of the current device, or `fallback` where the query fails.
+int DeviceAttr(cudaDeviceAttr attr, int fallback) {
+  int device = 0, value = fallback;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&value, attr, device) != cudaSuccess)
+    return fallback;
+  return value;
+}
+
 // The tail split (SlabOfBlock in the kernels): the slabs of the last, partial wave are each
 // scanned by k blocks of Vs / k lanes, the largest k (a power of 2) whose blocks still fit one
 // wave, with whole gate groups (a multiple of nsub lanes; not with the second launch's partial
@@ -305,10 +314,8 @@ ffi::Error PlanCall(const ScanShape& s, ffi::Span<const int64_t> dirs, int64_t c
            (block_threads <= kBwdThreads || (sizeof(T) == 2 && slab_bytes >= 128));
   };
 
-  int device = 0, sms = 132, smem_optin = 48 << 10;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+  const int smem_optin = DeviceAttr(cudaDevAttrMaxSharedMemoryPerBlockOptin, 48 << 10);
   const int64_t vtot = s.C / V;  // vectors per pixel
   const int64_t grid_lines = kind == 0 ? s.D * s.B : s.B;
   const int tiles = kind == 0 ? 2 : BwdTiles(int(sizeof(T)), NG);
@@ -673,9 +680,7 @@ struct TmaPlan {
 // images of 768 channels: 96-384 blocks).
 int TmaRelaxAt(int64_t blocks, int64_t Lmax) {
   if (Lmax <= 96) return 0;
-  int device = 0, sms = 132;
-  if (cudaGetDevice(&device) == cudaSuccess)
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int64_t below = EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", sms * 4 / 3);
   return int(std::clamp<int64_t>(blocks - below, 0, INT32_MAX));
 }
@@ -734,6 +739,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.relax_at = split || EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", -1) >= 0
                    ? INT32_MAX
                    : TmaRelaxAt(blocks, Lmax);
+  if (a.relax_at == 0) a.lockstep = kLineSyncLockstep;  // relaxed from the first line
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not in calls of split lines whose column lines are odd (the whole call): the second half's
   // box would run past the image into the next image's (or direction's) first row, which is
@@ -768,7 +774,7 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
-                 LineSyncName(tp.a.relax_at == 0 ? kLineSyncLockstep : tp.a.lockstep),
+                 LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
                  tp.a.bulk_h,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,

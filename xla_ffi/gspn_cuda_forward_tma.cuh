@@ -51,8 +51,8 @@ struct TmaLaunch {
   int nslab;     // ceil(C / kTmaSlab)
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
-  int lockstep;  // the line barrier: a LineSyncKind (kLineSyncCluster by default and always
-                 // where split)
+  int lockstep;  // the first line's barrier: a LineSyncKind (kLineSyncCluster by default and
+                 // always where split; kLineSyncLockstep where relax_at is 0)
   // The line barrier turns to kLineSyncLockstep once `relax_at` blocks of the call have
   // finished (counted in GspnFwdTmaKernel's `done`); 0: from the first line; INT32_MAX: never.
   // Measured (H100, docs/kernel_notes.md, v27): the relaxed lockstep is 19-23% faster while few
