@@ -228,6 +228,15 @@ LINE_SYNC_FILL_CASES += [((B, 1152, 112, 112), 72, "bfloat16", 1) for B in (6, 8
 LINE_SYNC_FILL_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
                          ((8, 1152, 128, 128), 72, "float16", 1),
                          ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# v28: which part of the release's GPU-wide memory barrier helps the TMA forward on a full GPU.
+# Forced relaxed lines with a fence in the producer before its copies (PACE=1), in the
+# consumers before the line barrier (2), or the producer asleep N ns (N >= 16); then the
+# adaptive default with the same on its relaxed lines.
+_PACES = [{"CGSPN_CUDA_TMA_PACE": p} for p in ("1", "2", "250", "500", "1000")]
+PACE_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC] + [{**_RELAXED_SYNC, **p} for p in _PACES] + \
+    [_PACES[0], _PACES[3], {}, _CLUSTER_SYNC, _RELAXED_SYNC]
+PACE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 8, 12)]
+PACE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((16, 768, 96, 96), 48, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -252,6 +261,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
+            "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -260,7 +270,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TAIL_SPLIT", "CGSPN_CUDA_TAIL_WAVE", "CGSPN_CUDA_PREFETCH_FWD",
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
-         "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW",
+         "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -392,7 +402,8 @@ def main():
                         "cluster, bwdcluster: lockstep groups of 4 "
                         "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
-                        "linesyncfill: the TMA forward's line barriers over the batch")
+                        "linesyncfill: the TMA forward's line barriers over the batch; "
+                        "pace: what the relaxed lines of the TMA forward add (fences, sleeps)")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

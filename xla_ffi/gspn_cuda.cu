@@ -740,6 +740,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                    ? INT32_MAX
                    : TmaRelaxAt(blocks, Lmax);
   if (a.relax_at == 0) a.lockstep = kLineSyncLockstep;  // relaxed from the first line
+  a.pace = std::max(0, EnvInt("CGSPN_CUDA_TMA_PACE"));
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not in calls of split lines whose column lines are odd (the whole call): the second half's
   // box would run past the image into the next image's (or direction's) first row, which is
@@ -772,11 +773,12 @@ template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d blocks/SM=%d\n",
+                 "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d pace=%d "
+                 "blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
-                 tp.a.bulk_h,
+                 tp.a.bulk_h, tp.a.pace,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,

@@ -67,6 +67,12 @@ struct TmaLaunch {
   // 1.5-3% faster in bulk at 128 x 128 (H100, docs/kernel_notes.md, v26): the consumers issue
   // about 5% fewer instructions.
   int bulk_h;
+  // Experiments (CGSPN_CUDA_TMA_PACE; 0 by default): what the relaxed lockstep's lines add to
+  // find out which part of the release's GPU-wide memory barrier helps a full GPU (v25-v27).
+  // kPaceProducerFence: a GPU-scope fence in the producer before it issues the next copies;
+  // kPaceConsumerFence: one in every consumer before the line barrier; >= kPaceSleepMin: the
+  // producer sleeps that many nanoseconds before it issues the next copies.
+  int pace;
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -94,6 +100,7 @@ struct TmaLaunch {
 //    CCTL.IVALL, no memory barrier).
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
+enum TmaPace { kPaceNone = 0, kPaceProducerFence = 1, kPaceConsumerFence = 2, kPaceSleepMin = 16 };
 __device__ __forceinline__ void LineSync(int kind) {
   if (kind == kLineSyncLockstep) {
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
@@ -201,7 +208,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       MbarInit(&empty[s], kTmaWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    sync_kind[0] = sync_kind[1] = a.relax_at == 0 ? int(kLineSyncLockstep) : a.lockstep;
+    sync_kind[0] = sync_kind[1] = a.lockstep;
   }
   __syncthreads();
   int kind = sync_kind[0];  // the line barrier of the line at hand
@@ -235,20 +242,20 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
     // Where adaptive: the count of finished blocks, loaded a line before it is used (its
-    // latency hidden), gives the kind of line t + 1's barrier, written for the consumers before
-    // line t's barrier, after which they read it; once relaxed, it stays so (the count only
-    // grows).
+    // latency hidden) and after the line barrier (whose release would wait for it), gives the
+    // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
+    // which they read it; once relaxed, it stays so (the count only grows).
     unsigned finished = 0;
     for (int t = 0; t < T_steps; ++t) {
       int next = kind;
       if (adaptive) {
         if (__shfl_sync(~0u, finished, 0) >= unsigned(a.relax_at)) next = kLineSyncLockstep;
-        if (lane == 0) {
-          sync_kind[(t + 1) & 1] = next;
-          asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
-        }
+        if (lane == 0) sync_kind[(t + 1) & 1] = next;
       }
       LineSync(kind);
+      if (adaptive && lane == 0)
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
+      const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
       if (lane == 0 && a.bulk_h) {
         // Line t's h, written by the consumers over its x box and fenced before the barrier, as
@@ -262,6 +269,11 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       }
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
+        if (paced && a.pace == kPaceProducerFence) {
+          asm volatile("fence.acq_rel.gpu;" ::: "memory");
+        } else if (paced && a.pace >= kPaceSleepMin) {
+          __nanosleep(unsigned(a.pace));
+        }
         issue(t + K);
       }
       __syncwarp();
@@ -362,6 +374,8 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // The h written into the stage must be visible to the bulk store (the async proxy), which
     // the producer issues after the line barrier.
     if (a.bulk_h) asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    if (a.pace == kPaceConsumerFence && kind == kLineSyncLockstep)
+      asm volatile("fence.acq_rel.gpu;" ::: "memory");
     LineSync(kind);
   }
   if (adaptive && threadIdx.x == 0) atomicAdd(done, 1u);
