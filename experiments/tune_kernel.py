@@ -237,6 +237,18 @@ PACE_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC] + [{**_RELAXED_SYNC, **p} for
     [_PACES[0], _PACES[3], {}, _CLUSTER_SYNC, _RELAXED_SYNC]
 PACE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 8, 12)]
 PACE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# Then: the producer's sleep only while its block is alone on its SM and the call's running
+# blocks outnumber the SMs (PACE_ALONE=1), against the sleep in every block, over the batch.
+_ALONE = {"CGSPN_CUDA_TMA_PACE_ALONE": "1"}
+PACE_ALONE_SETTINGS = [{}, _RELAXED_SYNC] + \
+    [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("1000", "1500", "2000")] + \
+    [{**_RELAXED_SYNC, **_ALONE, "CGSPN_CUDA_TMA_PACE": p}
+     for p in ("1000", "1500", "2000", "3000")] + \
+    [{}, _RELAXED_SYNC]
+PACE_ALONE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 6, 8, 9, 10, 12, 16)]
+PACE_ALONE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
+                     ((8, 1152, 112, 112), 72, "bfloat16", 1),
+                     ((8, 1152, 128, 128), 72, "float16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -262,6 +274,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
+            "pacealone": (PACE_ALONE_SETTINGS, PACE_ALONE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -271,6 +284,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
+         "CGSPN_CUDA_TMA_PACE_ALONE",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -403,7 +417,8 @@ def main():
                         "and 8 slabs; linesync: the lockstep's relaxed line barrier against "
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
                         "linesyncfill: the TMA forward's line barriers over the batch; "
-                        "pace: what the relaxed lines of the TMA forward add (fences, sleeps)")
+                        "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
+                        "pacealone: the sleep only in blocks alone on their SM")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -438,6 +438,9 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"}),
     ((12, 72, 128, 1152), 72, ("tb",),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "287", "CGSPN_CUDA_TMA_PACE": "300"}),
+    ((12, 72, 128, 1152), 72, ("bt",),
+     {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "500",
+      "CGSPN_CUDA_TMA_PACE_ALONE": "1"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -445,7 +448,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
         "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
-        "pace_sleep_partway"])
+        "pace_sleep_partway", "pace_sleep_alone"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -468,7 +471,9 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
-    assert all(f" pace={knobs.get('CGSPN_CUDA_TMA_PACE', '0')} " in ln for ln in plans), plans
+    pace = f" pace={knobs.get('CGSPN_CUDA_TMA_PACE', '0')} "
+    pace += f"pace_alone={knobs.get('CGSPN_CUDA_TMA_PACE_ALONE', '0')} "
+    assert all(pace in ln for ln in plans), plans
 
 
 def _tma_relax_at(shape, directions, knobs):

@@ -73,6 +73,9 @@ struct TmaLaunch {
   // kPaceConsumerFence: one in every consumer before the line barrier; >= kPaceSleepMin: the
   // producer sleeps that many nanoseconds before it issues the next copies.
   int pace;
+  // With pace_alone (CGSPN_CUDA_TMA_PACE_ALONE=1), the sleep only while the block is alone on
+  // its multiprocessor and the call's running blocks outnumber the multiprocessors (`sms`).
+  int pace_alone, sms;
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -101,6 +104,10 @@ struct TmaLaunch {
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
 enum TmaPace { kPaceNone = 0, kPaceProducerFence = 1, kPaceConsumerFence = 2, kPaceSleepMin = 16 };
+// The TMA forward's counts in scratch (zeroed before the launch): finished blocks, started
+// blocks, then blocks running on each multiprocessor by %smid (pace_alone).
+constexpr int kTmaCountFinished = 0, kTmaCountStarted = 1, kTmaCountSm = 2, kTmaMaxSmId = 1024;
+constexpr int kTmaCounts = kTmaCountSm + kTmaMaxSmId;
 __device__ __forceinline__ void LineSync(int kind) {
   if (kind == kLineSyncLockstep) {
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
@@ -197,6 +204,14 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   uint64_t* empty = full + K;
   int* sync_kind = reinterpret_cast<int*>(empty + K);  // [line parity]
   const bool adaptive = a.relax_at > 0 && a.relax_at < INT32_MAX;
+  unsigned smid = kTmaMaxSmId;
+  if (a.pace_alone) {
+    asm("mov.u32 %0, %%smid;" : "=r"(smid));
+    if (threadIdx.x == 0 && smid < kTmaMaxSmId) {
+      atomicAdd(done + kTmaCountStarted, 1u);
+      atomicAdd(done + kTmaCountSm + smid, 1u);
+    }
+  }
 
   const int c0 = slab * S;
   const int Sg = a.C / a.G;
@@ -245,16 +260,24 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // latency hidden) and after the line barrier (whose release would wait for it), gives the
     // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
     // which they read it; once relaxed, it stays so (the count only grows).
-    unsigned finished = 0;
+    unsigned finished = 0, started = 0, on_sm = 0;
+    const bool alone_counted = a.pace_alone && smid < kTmaMaxSmId;
     for (int t = 0; t < T_steps; ++t) {
       int next = kind;
       if (adaptive) {
         if (__shfl_sync(~0u, finished, 0) >= unsigned(a.relax_at)) next = kLineSyncLockstep;
         if (lane == 0) sync_kind[(t + 1) & 1] = next;
       }
+      const bool alone = alone_counted && on_sm == 1 && int(started - finished) > a.sms;
       LineSync(kind);
-      if (adaptive && lane == 0)
+      if ((adaptive || alone_counted) && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
+      if (alone_counted && lane == 0) {
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
+                     : "=r"(started) : "l"(done + kTmaCountStarted));
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
+                     : "=r"(on_sm) : "l"(done + kTmaCountSm + smid));
+      }
       const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
       if (lane == 0 && a.bulk_h) {
@@ -271,7 +294,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         MbarWait(&empty[t % K], (t / K) & 1);
         if (paced && a.pace == kPaceProducerFence) {
           asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        } else if (paced && a.pace >= kPaceSleepMin) {
+        } else if (paced && a.pace >= kPaceSleepMin && (!a.pace_alone || alone)) {
           __nanosleep(unsigned(a.pace));
         }
         issue(t + K);
@@ -378,7 +401,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       asm volatile("fence.acq_rel.gpu;" ::: "memory");
     LineSync(kind);
   }
-  if (adaptive && threadIdx.x == 0) atomicAdd(done, 1u);
+  if (threadIdx.x == 0 && a.pace_alone && smid < kTmaMaxSmId)
+    atomicSub(done + kTmaCountSm + smid, 1u);
+  if (threadIdx.x == 0 && (adaptive || a.pace_alone)) atomicAdd(done + kTmaCountFinished, 1u);
 }
 
 
