@@ -8,6 +8,7 @@
 #              tune_kernel.py)
 #   model    - experiments/sm_bandwidth.cu, the standalone model of what one SM can stream
 #   batches  - one case at several batch sizes: the cost of a partial last wave
+#   trace    - line timelines of the TMA forward's blocks (experiments/tma_trace.py; TRACE_ARGS)
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k, which also
 #              matches "pytestmark", the attribute of every decorated test: "tma" selects nearly
 #              all, "tma_forward" the TMA tests;
@@ -47,6 +48,7 @@ for step in "$@"; do
     model) nvcc -O3 -std=c++17 --use_fast_math -arch=sm_90 -o /tmp/smbw experiments/sm_bandwidth.cu \
              && timeout 200 /tmp/smbw >"$OUT/sm_bandwidth.txt" 2>&1 || rc=1
            tail -30 "$OUT/sm_bandwidth.txt" ;;
+    trace) timeout 300 python3 experiments/tma_trace.py --out "$OUT/trace" ${TRACE_ARGS:-} || rc=1 ;;
     batches) timeout 200 python3 experiments/tune_kernel.py batches --out "$OUT/batches" || rc=1 ;;
     test) timeout 520 python3 -m pytest -q -x -p no:cacheprovider --durations=12 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;

@@ -249,6 +249,11 @@ PACE_ALONE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 6, 8, 
 PACE_ALONE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
                      ((8, 1152, 112, 112), 72, "bfloat16", 1),
                      ((8, 1152, 128, 128), 72, "float16", 1)]
+# The sleep's length near 1 µs (the 1500 and 2000 ns rows of pacealone were equal: rounded?).
+PACE_FINE_SETTINGS = [{}, _RELAXED_SYNC] + \
+    [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("700", "900", "1000", "1100", "1300")]
+PACE_FINE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8)]
+PACE_FINE_CASES += [((8, 1152, 112, 112), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -275,6 +280,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "pacealone": (PACE_ALONE_SETTINGS, PACE_ALONE_CASES, ("fwd",)),
+            "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -418,7 +424,7 @@ def main():
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
                         "linesyncfill: the TMA forward's line barriers over the batch; "
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
-                        "pacealone: the sleep only in blocks alone on their SM")
+                        "pacealone: the sleep only in blocks alone on their SM; pacefine: its length near 1 µs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

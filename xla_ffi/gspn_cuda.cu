@@ -18,6 +18,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "gspn.h"
 #include "gspn_cuda_forward.cuh"
@@ -787,6 +788,39 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
                           tp.maps, h, done, tp.a);
 }
 
+// An experiment (CGSPN_CUDA_TMA_TRACE=file): the launch with each block's line times recorded
+// (GspnFwdTmaKernel), waited for and written to `path` as int64 words: the block count, the
+// words per block, then the blocks' traces. It synchronises the stream: never in real use.
+template <typename T>
+cudaError_t TracedTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done,
+                             const ScanShape& s, ffi::Span<const int64_t> dirs, const char* path) {
+  int T_max = 0;
+  for (int64_t d : dirs) T_max = std::max<int>(T_max, d <= kBottomTop ? int(s.H) : int(s.W));
+  const int64_t words = int64_t(tp.blocks) * TmaTraceWords(T_max);
+  // Every block writes T_max words' room; a block of shorter lines leaves its tail zero.
+  unsigned long long* trace = nullptr;
+  cudaError_t e = cudaMallocAsync(&trace, words * 8, st);
+  if (e == cudaSuccess) e = cudaMemsetAsync(trace, 0, words * 8, st);
+  if (e != cudaSuccess) return e;
+  TmaPlan traced = tp;
+  traced.a.trace = trace;
+  traced.a.trace_words = TmaTraceWords(T_max);
+  e = LaunchTmaForward<T>(st, traced, h, done);
+  std::vector<unsigned long long> host(words);
+  if (e == cudaSuccess)
+    e = cudaMemcpyAsync(host.data(), trace, words * 8, cudaMemcpyDeviceToHost, st);
+  if (e == cudaSuccess) e = cudaStreamSynchronize(st);
+  cudaFreeAsync(trace, st);
+  if (e != cudaSuccess) return e;
+  if (FILE* f = std::fopen(path, "wb")) {
+    const int64_t head[2] = {tp.blocks, TmaTraceWords(T_max)};
+    std::fwrite(head, sizeof(head), 1, f);
+    std::fwrite(host.data(), 8, host.size(), f);
+    std::fclose(f);
+  }
+  return cudaSuccess;
+}
+
 // ------------------------------------------------------------------ the TMA backward
 
 // The TMA backward's instance for a call of D directions (with the running dx sum or without).
@@ -914,6 +948,9 @@ ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanSh
           tp.a.pace_alone = 0;
         }
       }
+      if (const char* path = std::getenv("CGSPN_CUDA_TMA_TRACE"); path && *path)
+        return CudaError(TracedTmaForward<T>(st, tp, hp, done, s, dirs, path),
+                         "forward launch (TMA, traced)");
       return CudaError(LaunchTmaForward<T>(st, tp, hp, done), "forward launch (TMA)");
     }
   }

@@ -76,6 +76,11 @@ struct TmaLaunch {
   // With pace_alone (CGSPN_CUDA_TMA_PACE_ALONE=1), the sleep only while the block is alone on
   // its multiprocessor and the call's running blocks outnumber the multiprocessors (`sms`).
   int pace_alone, sms;
+  // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
+  // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
+  // longest scan: see GspnFwdTmaKernel).
+  unsigned long long* trace;
+  int trace_words;
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -108,6 +113,14 @@ enum TmaPace { kPaceNone = 0, kPaceProducerFence = 1, kPaceConsumerFence = 2, kP
 // blocks, then blocks running on each multiprocessor by %smid (pace_alone).
 constexpr int kTmaCountFinished = 0, kTmaCountStarted = 1, kTmaCountSm = 2, kTmaMaxSmId = 1024;
 constexpr int kTmaCounts = kTmaCountSm + kTmaMaxSmId;
+// A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
+// and at the end of each of its T lines' barriers.
+__host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
+__device__ __forceinline__ unsigned long long GlobalTimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
 __device__ __forceinline__ void LineSync(int kind) {
   if (kind == kLineSyncLockstep) {
     asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
@@ -260,6 +273,15 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // latency hidden) and after the line barrier (whose release would wait for it), gives the
     // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
     // which they read it; once relaxed, it stays so (the count only grows).
+    unsigned long long* trace =
+        a.trace ? a.trace + int64_t(blockIdx.x) * a.trace_words : nullptr;
+    if (trace && lane == 0) {
+      unsigned id;
+      asm("mov.u32 %0, %%smid;" : "=r"(id));
+      trace[0] = id;
+      trace[1] = GlobalTimer();
+      trace[3] = clock64();
+    }
     unsigned finished = 0, started = 0, on_sm = 0;
     const bool alone_counted = a.pace_alone && smid < kTmaMaxSmId;
     for (int t = 0; t < T_steps; ++t) {
@@ -270,6 +292,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       }
       const bool alone = alone_counted && on_sm == 1 && int(started - finished) > a.sms;
       LineSync(kind);
+      if (trace && lane == 0) trace[4 + t] = clock64();
       if ((adaptive || alone_counted) && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
       if (alone_counted && lane == 0) {
@@ -303,6 +326,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     }
     // Every store has read its stage (the wait per line); this waits for their writes too.
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+    if (trace && lane == 0) trace[2] = GlobalTimer();
     return;
   }
 
