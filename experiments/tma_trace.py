@@ -127,7 +127,8 @@ def main():
         shape = (B, 1152, 128, 128)
         results, curves = run(shape, 72, jnp.bfloat16, out, args.settings)
         summary[f"B={B}"] = results
-        plot(curves, out / f"tma_trace_B{B}.png", f"{B}×1152×128×128 bfloat16 G = 72, TMA forward")
+        plot(curves, out / f"tma_trace_B{B}.png",
+             f"{B}×1152×128×128 bfloat16 G = 72, TMA forward")
         print(f"\n{B}×1152×128×128 bfloat16 G = 72: span µs; per group: blocks, median start / "
               "end / last end µs, median line ns (first / last quarter)")
         for name, r in results.items():

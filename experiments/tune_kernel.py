@@ -424,7 +424,8 @@ def main():
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
                         "linesyncfill: the TMA forward's line barriers over the batch; "
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
-                        "pacealone: the sleep only in blocks alone on their SM; pacefine: its length near 1 µs")
+                        "pacealone: the sleep only in blocks alone on their SM; "
+                        "pacefine: its length near 1 µs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")
