@@ -2,10 +2,11 @@
 
 Each setting runs one call of the case with CGSPN_CUDA_TMA_TRACE set, so that every block's
 producer records its multiprocessor (%smid), its start and end (%globaltimer, ns) and the clock
-at the end of each line's barrier (clock64). From them: how many blocks shared each block's
-multiprocessor, and per group (alone, or sharing) when blocks started and ended and how long
-their lines took, early and late in the scan. The question (docs/kernel_notes.md, v25-v28): why
-a GPU-scope fence, or a sleep, in each line makes the forward faster while the GPU is full.
+at the end of each line's barrier (clock64; all kept in trace_B<batch>.npz). From them: how many
+blocks shared each block's multiprocessor, and per group (alone, or sharing) when blocks started
+and ended and how long their lines took, early and late in the scan. The question
+(docs/kernel_notes.md, v25-v28): why a GPU-scope fence, or a sleep, in each line makes the
+forward faster while the GPU is full.
 
     python3 experiments/tma_trace.py --out runs/trace [--batch 8 2]
 """
@@ -27,8 +28,10 @@ SETTINGS = {"default": {}, "release": {"CGSPN_CUDA_TMA_LOCKSTEP": "2"},
             "relaxed": {"CGSPN_CUDA_TMA_LOCKSTEP": "1"},
             "relaxed+fence": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"},
             "relaxed+sleep1000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "1000"},
-            "relaxed+sleep2000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2000"}}
-KNOBS = ("CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE", "CGSPN_CUDA_TMA_TRACE")
+            "relaxed+sleep2000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2000"},
+            "relaxed+fair30": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_FAIR": "30"}}
+KNOBS = ("CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE", "CGSPN_CUDA_TMA_FAIR",
+         "CGSPN_CUDA_TMA_TRACE")
 
 
 def read_trace(path: Path):
@@ -75,7 +78,7 @@ def run(shape, G, dtype, out: Path, settings):
     lam = jax.random.uniform(ks[1], (1, B, H, W, C), minval=0.5, maxval=1.5).astype(dtype)
     w = jax.random.normal(ks[2], (1, B, H, W, G, 3)).astype(dtype)
     fwd = jax.jit(lambda x, lam, w: gspn_scan(x, lam, w, directions=("tb",), backend="ffi"))
-    results, curves = {}, {}
+    results, curves, raw = {}, {}, {}
     for name in settings:
         for k in KNOBS:
             os.environ.pop(k, None)
@@ -89,7 +92,10 @@ def run(shape, G, dtype, out: Path, settings):
         smid, g0, g1, ends = read_trace(path)
         results[name], shared = summarise(smid, g0, g1, ends)
         curves[name] = (g0 - g0.min(), ends, shared)
+        raw.update({f"{name}/smid": smid, f"{name}/start": g0, f"{name}/end": g1,
+                    f"{name}/lines": ends.astype(np.float32)})
         path.unlink()
+    np.savez_compressed(out / f"trace_B{B}.npz", **raw)
     for k in KNOBS:
         os.environ.pop(k, None)
     return results, curves

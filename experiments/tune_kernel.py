@@ -237,19 +237,19 @@ PACE_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC] + [{**_RELAXED_SYNC, **p} for
     [_PACES[0], _PACES[3], {}, _CLUSTER_SYNC, _RELAXED_SYNC]
 PACE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 8, 12)]
 PACE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((16, 768, 96, 96), 48, "bfloat16", 1)]
-# Then: the producer's sleep only while its block is alone on its SM and the call's running
-# blocks outnumber the SMs (PACE_ALONE=1), against the sleep in every block, over the batch.
-_ALONE = {"CGSPN_CUDA_TMA_PACE_ALONE": "1"}
-PACE_ALONE_SETTINGS = [{}, _RELAXED_SYNC] + \
-    [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("1000", "1500", "2000")] + \
-    [{**_RELAXED_SYNC, **_ALONE, "CGSPN_CUDA_TMA_PACE": p}
-     for p in ("1000", "1500", "2000", "3000")] + \
-    [{}, _RELAXED_SYNC]
-PACE_ALONE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 6, 8, 9, 10, 12, 16)]
-PACE_ALONE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
-                     ((8, 1152, 112, 112), 72, "bfloat16", 1),
-                     ((8, 1152, 128, 128), 72, "float16", 1)]
-# The sleep's length near 1 µs (the 1500 and 2000 ns rows of pacealone were equal: rounded?).
+# Then (v28): the sleep only on lines where the block runs ahead of the running blocks' mean
+# rate by more than FAIR per mille. (Before it, PACE_ALONE=1 slept only in blocks alone on their
+# SM while the call's blocks outnumbered the SMs: family pacealone, code in 0e3431f; it never
+# beat the sleep in every block.)
+_FAIR = [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_FAIR": f} for f in ("10", "30", "100")]
+FAIR_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC,
+                 {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}] + _FAIR + \
+    [{"CGSPN_CUDA_TMA_FAIR": "30"}, {}, _RELAXED_SYNC]
+FAIR_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 6, 8, 9, 10, 12, 16)]
+FAIR_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
+               ((8, 1152, 112, 112), 72, "bfloat16", 1),
+               ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# The sleep's length near 1 µs (pacealone's 1500 and 2000 ns rows were equal: rounded?).
 PACE_FINE_SETTINGS = [{}, _RELAXED_SYNC] + \
     [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("700", "900", "1000", "1100", "1300")]
 PACE_FINE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8)]
@@ -279,7 +279,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
-            "pacealone": (PACE_ALONE_SETTINGS, PACE_ALONE_CASES, ("fwd",)),
+            "fair": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -290,7 +290,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
-         "CGSPN_CUDA_TMA_PACE_ALONE",
+         "CGSPN_CUDA_TMA_FAIR",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -424,7 +424,7 @@ def main():
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
                         "linesyncfill: the TMA forward's line barriers over the batch; "
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
-                        "pacealone: the sleep only in blocks alone on their SM; "
+                        "fair: the sleep only in blocks ahead of the mean rate; "
                         "pacefine: its length near 1 µs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)

@@ -430,8 +430,9 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "20"}),
     # What the relaxed lines add (an experiment's knob, v28): a fence in the producer before its
-    # copies, one in every consumer before the line barrier, the producer asleep for 300 ns;
-    # the last where the barrier turns relaxed partway.
+    # copies, one in every consumer before the line barrier, the producer asleep for 300 ns
+    # where the barrier turns relaxed partway; asleep only where its block runs ahead of the
+    # mean (CGSPN_CUDA_TMA_FAIR), relaxed throughout and partway.
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "1"}),
     ((2, 100, 128, 128), 8, ("bt", "rl"),
@@ -439,8 +440,9 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((12, 72, 128, 1152), 72, ("tb",),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "287", "CGSPN_CUDA_TMA_PACE": "300"}),
     ((12, 72, 128, 1152), 72, ("bt",),
-     {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "500",
-      "CGSPN_CUDA_TMA_PACE_ALONE": "1"}),
+     {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_FAIR": "20"}),
+    ((2, 100, 128, 128), 8, ("lr", "tb"),
+     {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FAIR": "1"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -448,7 +450,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
         "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
-        "pace_sleep_partway", "pace_sleep_alone"])
+        "pace_sleep_partway", "fair_sleep", "fair_sleep_partway"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -472,7 +474,7 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
     pace = f" pace={knobs.get('CGSPN_CUDA_TMA_PACE', '0')} "
-    pace += f"pace_alone={knobs.get('CGSPN_CUDA_TMA_PACE_ALONE', '0')} "
+    pace += f"fair={knobs.get('CGSPN_CUDA_TMA_FAIR', '0')} "
     assert all(pace in ln for ln in plans), plans
 
 

@@ -73,9 +73,10 @@ struct TmaLaunch {
   // kPaceConsumerFence: one in every consumer before the line barrier; >= kPaceSleepMin: the
   // producer sleeps that many nanoseconds before it issues the next copies.
   int pace;
-  // With pace_alone (CGSPN_CUDA_TMA_PACE_ALONE=1), the sleep only while the block is alone on
-  // its multiprocessor and the call's running blocks outnumber the multiprocessors (`sms`).
-  int pace_alone, sms;
+  // With fair > 0 (CGSPN_CUDA_TMA_FAIR, per mille), the sleep (pace ns, else 1000) only on
+  // lines where the block's own rate (lines per ns since its start) exceeds the mean rate of
+  // the call's running blocks by more than fair / 1000 (TmaFair in scratch).
+  int fair;
   // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
   // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
   // longest scan: see GspnFwdTmaKernel).
@@ -109,10 +110,14 @@ struct TmaLaunch {
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
 enum TmaPace { kPaceNone = 0, kPaceProducerFence = 1, kPaceConsumerFence = 2, kPaceSleepMin = 16 };
-// The TMA forward's counts in scratch (zeroed before the launch): finished blocks, started
-// blocks, then blocks running on each multiprocessor by %smid (pace_alone).
-constexpr int kTmaCountFinished = 0, kTmaCountStarted = 1, kTmaCountSm = 2, kTmaMaxSmId = 1024;
-constexpr int kTmaCounts = kTmaCountSm + kTmaMaxSmId;
+// The TMA forward's counts in scratch (zeroed before the launch): finished blocks (`done`,
+// the first word), then where
+// TmaLaunch::fair, started blocks and (as 64-bit words) the lines done by running blocks and the
+// sum of their start times (%globaltimer, ns).
+struct TmaFair {
+  unsigned finished, started;
+  unsigned long long lines, start_sum;
+};
 // A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
 // and at the end of each of its T lines' barriers.
 __host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
@@ -217,14 +222,6 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   uint64_t* empty = full + K;
   int* sync_kind = reinterpret_cast<int*>(empty + K);  // [line parity]
   const bool adaptive = a.relax_at > 0 && a.relax_at < INT32_MAX;
-  unsigned smid = kTmaMaxSmId;
-  if (a.pace_alone) {
-    asm("mov.u32 %0, %%smid;" : "=r"(smid));
-    if (threadIdx.x == 0 && smid < kTmaMaxSmId) {
-      atomicAdd(done + kTmaCountStarted, 1u);
-      atomicAdd(done + kTmaCountSm + smid, 1u);
-    }
-  }
 
   const int c0 = slab * S;
   const int Sg = a.C / a.G;
@@ -269,10 +266,6 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t);
-    // Where adaptive: the count of finished blocks, loaded a line before it is used (its
-    // latency hidden) and after the line barrier (whose release would wait for it), gives the
-    // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
-    // which they read it; once relaxed, it stays so (the count only grows).
     unsigned long long* trace =
         a.trace ? a.trace + int64_t(blockIdx.x) * a.trace_words : nullptr;
     if (trace && lane == 0) {
@@ -282,24 +275,45 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       trace[1] = GlobalTimer();
       trace[3] = clock64();
     }
-    unsigned finished = 0, started = 0, on_sm = 0;
-    const bool alone_counted = a.pace_alone && smid < kTmaMaxSmId;
+    // Where fair: this block's start enters the running blocks' sums.
+    TmaFair* fc = reinterpret_cast<TmaFair*>(done);
+    const unsigned long long born = a.fair > 0 ? GlobalTimer() : 0;
+    if (a.fair > 0 && lane == 0) {
+      atomicAdd(&fc->start_sum, born);
+      atomicAdd(&fc->started, 1u);
+    }
+    // Where adaptive: the count of finished blocks, loaded a line before it is used (its
+    // latency hidden) and after the line barrier (whose release would wait for it), gives the
+    // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
+    // which they read it; once relaxed, it stays so (the count only grows).
+    unsigned finished = 0, started = 0;
+    unsigned long long lines = 0, start_sum = 0, seen = 0;  // fair: loaded at `seen`
     for (int t = 0; t < T_steps; ++t) {
       int next = kind;
       if (adaptive) {
         if (__shfl_sync(~0u, finished, 0) >= unsigned(a.relax_at)) next = kLineSyncLockstep;
         if (lane == 0) sync_kind[(t + 1) & 1] = next;
       }
-      const bool alone = alone_counted && on_sm == 1 && int(started - finished) > a.sms;
+      // Fair: is this block ahead of the running blocks' mean rate, as loaded a line ago?
+      bool ahead = false;
+      if (a.fair > 0 && lane == 0 && t >= 8) {
+        const int running = int(started - finished);
+        const double all_ns = double(running) * double(seen) - double(start_sum);
+        const double mine = double(t) / double(seen - born);
+        ahead = running > 0 && all_ns > 0 &&
+                mine * all_ns * 1000.0 > double(lines) * (1000 + a.fair);
+      }
       LineSync(kind);
       if (trace && lane == 0) trace[4 + t] = clock64();
-      if ((adaptive || alone_counted) && lane == 0)
+      if ((adaptive || a.fair > 0) && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
-      if (alone_counted && lane == 0) {
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
-                     : "=r"(started) : "l"(done + kTmaCountStarted));
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];"
-                     : "=r"(on_sm) : "l"(done + kTmaCountSm + smid));
+      if (a.fair > 0 && lane == 0) {
+        asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&fc->lines) : "memory");
+        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(started) : "l"(&fc->started));
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(lines) : "l"(&fc->lines));
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
+                     : "=l"(start_sum) : "l"(&fc->start_sum));
+        seen = GlobalTimer();
       }
       const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
@@ -317,7 +331,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         MbarWait(&empty[t % K], (t / K) & 1);
         if (paced && a.pace == kPaceProducerFence) {
           asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        } else if (paced && a.pace >= kPaceSleepMin && (!a.pace_alone || alone)) {
+        } else if (paced && a.fair > 0) {
+          if (ahead) __nanosleep(a.pace >= kPaceSleepMin ? unsigned(a.pace) : 1000u);
+        } else if (paced && a.pace >= kPaceSleepMin) {
           __nanosleep(unsigned(a.pace));
         }
         issue(t + K);
@@ -327,6 +343,10 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // Every store has read its stage (the wait per line); this waits for their writes too.
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     if (trace && lane == 0) trace[2] = GlobalTimer();
+    if (a.fair > 0 && lane == 0) {  // out of the running blocks' sums (thread 0 counts it done)
+      atomicAdd(&fc->lines, 0ull - unsigned(T_steps));
+      atomicAdd(&fc->start_sum, 0ull - born);
+    }
     return;
   }
 
@@ -425,9 +445,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       asm volatile("fence.acq_rel.gpu;" ::: "memory");
     LineSync(kind);
   }
-  if (threadIdx.x == 0 && a.pace_alone && smid < kTmaMaxSmId)
-    atomicSub(done + kTmaCountSm + smid, 1u);
-  if (threadIdx.x == 0 && (adaptive || a.pace_alone)) atomicAdd(done + kTmaCountFinished, 1u);
+  if (threadIdx.x == 0 && (adaptive || a.fair > 0)) atomicAdd(done, 1u);
 }
 
 
