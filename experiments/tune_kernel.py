@@ -249,6 +249,8 @@ FAIR_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 6, 8, 9, 10,
 FAIR_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
                ((8, 1152, 112, 112), 72, "bfloat16", 1),
                ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# (The first run of fair summed %globaltimer start times in doubles, which the epoch-based timer
+# overflows: its rows are void. fair2 is the same family on the mended code.)
 # The sleep's length near 1 µs (pacealone's 1500 and 2000 ns rows were equal: rounded?).
 PACE_FINE_SETTINGS = [{}, _RELAXED_SYNC] + \
     [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("700", "900", "1000", "1100", "1300")]
@@ -280,6 +282,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "fair": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
+            "fair2": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],

@@ -297,10 +297,13 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       // Fair: is this block ahead of the running blocks' mean rate, as loaded a line ago?
       bool ahead = false;
       if (a.fair > 0 && lane == 0 && t >= 8) {
+        // The running blocks' summed lifetimes, in wrapping 64-bit arithmetic: %globaltimer
+        // counts ns from an epoch, so the sums of start times wrap (the difference does not).
         const int running = int(started - finished);
-        const double all_ns = double(running) * double(seen) - double(start_sum);
+        const double all_ns =
+            double(static_cast<long long>(unsigned(running) * seen - start_sum));
         const double mine = double(t) / double(seen - born);
-        ahead = running > 0 && all_ns > 0 &&
+        ahead = running > 0 && all_ns > 0 && all_ns < 1e15 &&
                 mine * all_ns * 1000.0 > double(lines) * (1000 + a.fair);
       }
       LineSync(kind);
