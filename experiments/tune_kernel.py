@@ -251,6 +251,15 @@ FAIR_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
                ((16, 768, 96, 96), 48, "bfloat16", 1)]
 # (The first run of fair summed %globaltimer start times in doubles, which the epoch-based timer
 # overflows: its rows are void. fair2 is the same family on the mended code.)
+# The slabs of image i rotated by r i (v28: the traces found the two blocks of an SM slow where
+# their slabs lay 0 or 12 apart).
+ROTATE_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC,
+                   {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}]
+ROTATE_SETTINGS += [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_ROTATE": r}
+                    for r in ("2", "4", "6", "8", "10")]
+ROTATE_SETTINGS += [{"CGSPN_CUDA_TMA_ROTATE": r} for r in ("4", "8")] + [{}, _RELAXED_SYNC]
+ROTATE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 9, 10)]
+ROTATE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((8, 1152, 112, 112), 72, "bfloat16", 1)]
 # The sleep's length near 1 µs (pacealone's 1500 and 2000 ns rows were equal: rounded?).
 PACE_FINE_SETTINGS = [{}, _RELAXED_SYNC] + \
     [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("700", "900", "1000", "1100", "1300")]
@@ -283,6 +292,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "fair": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
             "fair2": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
+            "rotate": (ROTATE_SETTINGS, ROTATE_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -293,7 +303,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
-         "CGSPN_CUDA_TMA_FAIR",
+         "CGSPN_CUDA_TMA_FAIR", "CGSPN_CUDA_TMA_ROTATE",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 

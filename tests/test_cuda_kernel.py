@@ -443,6 +443,11 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_FAIR": "20"}),
     ((2, 100, 128, 128), 8, ("lr", "tb"),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FAIR": "1"}),
+    # Slabs rotated by image and direction (an experiment's knob, v28): 1152 channels (24 slabs),
+    # and 256 (five slabs of 48 and one of 16) in every direction.
+    ((3, 72, 128, 1152), 72, ("tb", "lr"), {"CGSPN_CUDA_TMA_ROTATE": "6"}),
+    ((3, 40, 128, 256), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_ROTATE": "2"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -450,7 +455,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
         "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
-        "pace_sleep_partway", "fair_sleep", "fair_sleep_partway"])
+        "pace_sleep_partway", "fair_sleep", "fair_sleep_partway", "rotate_1152",
+        "rotate_partial_slab"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -475,6 +481,7 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
     pace = f" pace={knobs.get('CGSPN_CUDA_TMA_PACE', '0')} "
     pace += f"fair={knobs.get('CGSPN_CUDA_TMA_FAIR', '0')} "
+    pace += f"rotate={knobs.get('CGSPN_CUDA_TMA_ROTATE', '0')} "
     assert all(pace in ln for ln in plans), plans
 
 

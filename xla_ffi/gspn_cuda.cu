@@ -743,6 +743,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   if (a.relax_at == 0) a.lockstep = kLineSyncLockstep;  // relaxed from the first line
   a.pace = std::max(0, EnvInt("CGSPN_CUDA_TMA_PACE"));
   a.fair = std::max(0, EnvInt("CGSPN_CUDA_TMA_FAIR"));
+  a.rotate = EnvInt("CGSPN_CUDA_TMA_ROTATE");
+  if (split || nslab % 2 || a.rotate % 2 || a.rotate < 0) a.rotate = 0;  // clusters stay pairs
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not in calls of split lines whose column lines are odd (the whole call): the second half's
   // box would run past the image into the next image's (or direction's) first row, which is
@@ -776,11 +778,11 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d pace=%d "
-                 "fair=%d blocks/SM=%d\n",
+                 "fair=%d rotate=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
-                 tp.a.bulk_h, tp.a.pace, tp.a.fair,
+                 tp.a.bulk_h, tp.a.pace, tp.a.fair, tp.a.rotate,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,

@@ -82,6 +82,12 @@ struct TmaLaunch {
   // longest scan: see GspnFwdTmaKernel).
   unsigned long long* trace;
   int trace_words;
+  // Experiments (CGSPN_CUDA_TMA_ROTATE=r, even; unsplit calls with an even slab count): image
+  // (or direction) i's blocks take its slabs rotated by r i, so that the blocks that come to
+  // share a multiprocessor (about one wave of blocks apart) cover other channel offsets. Its
+  // question (v28 traces, 8 x 1152 x 128 x 128): the two blocks on a multiprocessor ran 20%
+  // slower where their slabs lay 0 or 12 apart than where they lay 8 or 16 apart.
+  int rotate;
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -207,9 +213,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
 
   const int part = a.split ? blockIdx.x % 2 : 0;  // the cluster rank where split
   const int idx = a.split ? blockIdx.x / 2 : blockIdx.x;
-  const int slab = idx % a.nslab;
   const int rest = idx / a.nslab;
   const int b = rest % a.B, d = rest / a.B;
+  const int slab = (idx % a.nslab + a.rotate * rest) % a.nslab;  // TmaLaunch::rotate
   const int dir = (a.dir_bits >> (2 * d)) & 3;
   const bool rows = dir == kTopBottom || dir == kBottomTop;
   const LineGeometry geo = LineGeometry::Make(dir, a.H, a.W);
