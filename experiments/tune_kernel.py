@@ -237,30 +237,9 @@ PACE_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC] + [{**_RELAXED_SYNC, **p} for
     [_PACES[0], _PACES[3], {}, _CLUSTER_SYNC, _RELAXED_SYNC]
 PACE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 8, 12)]
 PACE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((16, 768, 96, 96), 48, "bfloat16", 1)]
-# Then (v28): the sleep only on lines where the block runs ahead of the running blocks' mean
-# rate by more than FAIR per mille. (Before it, PACE_ALONE=1 slept only in blocks alone on their
-# SM while the call's blocks outnumbered the SMs: family pacealone, code in 0e3431f; it never
-# beat the sleep in every block.)
-_FAIR = [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_FAIR": f} for f in ("10", "30", "100")]
-FAIR_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC,
-                 {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}] + _FAIR + \
-    [{"CGSPN_CUDA_TMA_FAIR": "30"}, {}, _RELAXED_SYNC]
-FAIR_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 6, 8, 9, 10, 12, 16)]
-FAIR_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
-               ((8, 1152, 112, 112), 72, "bfloat16", 1),
-               ((16, 768, 96, 96), 48, "bfloat16", 1)]
-# (The first run of fair summed %globaltimer start times in doubles, which the epoch-based timer
-# overflows: its rows are void. fair2 is the same family on the mended code.)
-# The slabs of image i rotated by r i (v28: the traces found the two blocks of an SM slow where
-# their slabs lay 0 or 12 apart).
-ROTATE_SETTINGS = [{}, _CLUSTER_SYNC, _RELAXED_SYNC,
-                   {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}]
-ROTATE_SETTINGS += [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_ROTATE": r}
-                    for r in ("2", "4", "6", "8", "10")]
-ROTATE_SETTINGS += [{"CGSPN_CUDA_TMA_ROTATE": r} for r in ("4", "8")] + [{}, _RELAXED_SYNC]
-ROTATE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 9, 10)]
-ROTATE_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((8, 1152, 112, 112), 72, "bfloat16", 1)]
-# The sleep's length near 1 µs (pacealone's 1500 and 2000 ns rows were equal: rounded?).
+# (v28 also timed two knobs removed after it, in 0e3431f and b0ec51f: the sleep only in blocks
+# alone on their SM, or ahead of the running blocks' mean rate; the slabs rotated by image.)
+# The sleep's length near 1 µs (1500 and 2000 ns ran alike: rounded to powers of two?).
 PACE_FINE_SETTINGS = [{}, _RELAXED_SYNC] + \
     [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("700", "900", "1000", "1100", "1300")]
 PACE_FINE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8)]
@@ -290,9 +269,6 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
-            "fair": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
-            "fair2": (FAIR_SETTINGS, FAIR_CASES, ("fwd",)),
-            "rotate": (ROTATE_SETTINGS, ROTATE_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -303,7 +279,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
-         "CGSPN_CUDA_TMA_FAIR", "CGSPN_CUDA_TMA_ROTATE",
+         "CGSPN_CUDA_TMA_TRACE",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -437,7 +413,6 @@ def main():
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
                         "linesyncfill: the TMA forward's line barriers over the batch; "
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
-                        "fair: the sleep only in blocks ahead of the mean rate; "
                         "pacefine: its length near 1 µs")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)

@@ -431,23 +431,13 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "20"}),
     # What the relaxed lines add (an experiment's knob, v28): a fence in the producer before its
     # copies, one in every consumer before the line barrier, the producer asleep for 300 ns
-    # where the barrier turns relaxed partway; asleep only where its block runs ahead of the
-    # mean (CGSPN_CUDA_TMA_FAIR), relaxed throughout and partway.
+    # where the barrier turns relaxed partway.
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "1"}),
     ((2, 100, 128, 128), 8, ("bt", "rl"),
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"}),
     ((12, 72, 128, 1152), 72, ("tb",),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "287", "CGSPN_CUDA_TMA_PACE": "300"}),
-    ((12, 72, 128, 1152), 72, ("bt",),
-     {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_FAIR": "20"}),
-    ((2, 100, 128, 128), 8, ("lr", "tb"),
-     {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FAIR": "1"}),
-    # Slabs rotated by image and direction (an experiment's knob, v28): 1152 channels (24 slabs),
-    # and 256 (five slabs of 48 and one of 16) in every direction.
-    ((3, 72, 128, 1152), 72, ("tb", "lr"), {"CGSPN_CUDA_TMA_ROTATE": "6"}),
-    ((3, 40, 128, 256), 16, ("tb", "bt", "lr", "rl"),
-     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_ROTATE": "2"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -455,8 +445,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
         "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
-        "pace_sleep_partway", "fair_sleep", "fair_sleep_partway", "rotate_1152",
-        "rotate_partial_slab"])
+        "pace_sleep_partway"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -479,10 +468,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
-    pace = f" pace={knobs.get('CGSPN_CUDA_TMA_PACE', '0')} "
-    pace += f"fair={knobs.get('CGSPN_CUDA_TMA_FAIR', '0')} "
-    pace += f"rotate={knobs.get('CGSPN_CUDA_TMA_ROTATE', '0')} "
-    assert all(pace in ln for ln in plans), plans
+    pace = knobs.get("CGSPN_CUDA_TMA_PACE", "0")
+    assert all(f" pace={pace} " in ln for ln in plans), plans
 
 
 def _tma_relax_at(shape, directions, knobs):
@@ -567,6 +554,24 @@ def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):
     check(((3, 33, 40, 128), 8), ("lr",), "bfloat16")  # 9 blocks
     plans = _printed_plans(capfd)["forward"]
     assert len(plans) >= 4 and not any(" TMA " in ln for ln in plans), plans
+
+
+def test_tma_forward_trace(monkeypatch, capfd, tmp_path):
+    """The experiment knob CGSPN_CUDA_TMA_TRACE: results unchanged, and one trace per block of
+    the last call: its SM, start before end, and line clocks that never run backwards."""
+    path = tmp_path / "trace.bin"
+    _set_knobs(monkeypatch, {"CGSPN_CUDA_TMA_TRACE": str(path)})
+    check(((2, 100, 128, 128), 8), ("tb", "lr"), "bfloat16")  # 2 x 2 x 3 blocks
+    assert all(" TMA " in ln for ln in _printed_plans(capfd)["forward"])
+    raw = np.fromfile(path, dtype=np.int64)
+    blocks, words = int(raw[0]), int(raw[1])
+    assert (blocks, words) == (12, 4 + 128) and raw.size == 2 + blocks * words
+    trace = raw[2:].reshape(blocks, words)
+    assert np.all(trace[:, 0] >= 0) and np.all(trace[:, 0] < 1024)  # %smid
+    assert np.all(trace[:, 1] < trace[:, 2])  # %globaltimer at start and end
+    for row, lines in zip(trace, (100,) * 6 + (128,) * 6):  # tb blocks (H lines) first
+        clocks = row[3 : 4 + lines]
+        assert np.all(np.diff(clocks) >= 0) and np.all(row[4 + lines :] == 0)
 
 
 def test_tma_forward_column_stride(monkeypatch, capfd):

@@ -742,9 +742,6 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                    : TmaRelaxAt(blocks, Lmax);
   if (a.relax_at == 0) a.lockstep = kLineSyncLockstep;  // relaxed from the first line
   a.pace = std::max(0, EnvInt("CGSPN_CUDA_TMA_PACE"));
-  a.fair = std::max(0, EnvInt("CGSPN_CUDA_TMA_FAIR"));
-  a.rotate = EnvInt("CGSPN_CUDA_TMA_ROTATE");
-  if (split || nslab % 2 || a.rotate % 2 || a.rotate < 0) a.rotate = 0;  // clusters stay pairs
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not in calls of split lines whose column lines are odd (the whole call): the second half's
   // box would run past the image into the next image's (or direction's) first row, which is
@@ -778,11 +775,11 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d pace=%d "
-                 "fair=%d rotate=%d blocks/SM=%d\n",
+                 "blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
-                 tp.a.bulk_h, tp.a.pace, tp.a.fair, tp.a.rotate,
+                 tp.a.bulk_h, tp.a.pace,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
@@ -938,15 +935,13 @@ ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanSh
       // The count of finished blocks where the line barrier turns relaxed partway. It steers
       // only the speed: without scratch for it, the barrier keeps its first kind throughout.
       unsigned* done = nullptr;
-      if ((tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) || tp.a.fair) {
-        const size_t bytes = tp.a.fair ? sizeof(TmaFair) : sizeof(unsigned);
-        if (auto mem = scratch.Allocate(bytes, 16)) {
+      if (tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) {
+        if (auto mem = scratch.Allocate(sizeof(unsigned), 16)) {
           done = static_cast<unsigned*>(*mem);
-          if (cudaError_t e = cudaMemsetAsync(done, 0, bytes, st); e != cudaSuccess)
+          if (cudaError_t e = cudaMemsetAsync(done, 0, sizeof(unsigned), st); e != cudaSuccess)
             return CudaError(e, "forward (TMA): zeroing the block count");
         } else {
           tp.a.relax_at = INT32_MAX;
-          tp.a.fair = 0;
         }
       }
       if (const char* path = std::getenv("CGSPN_CUDA_TMA_TRACE"); path && *path)

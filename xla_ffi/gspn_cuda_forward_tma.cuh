@@ -73,21 +73,11 @@ struct TmaLaunch {
   // kPaceConsumerFence: one in every consumer before the line barrier; >= kPaceSleepMin: the
   // producer sleeps that many nanoseconds before it issues the next copies.
   int pace;
-  // With fair > 0 (CGSPN_CUDA_TMA_FAIR, per mille), the sleep (pace ns, else 1000) only on
-  // lines where the block's own rate (lines per ns since its start) exceeds the mean rate of
-  // the call's running blocks by more than fair / 1000 (TmaFair in scratch).
-  int fair;
   // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
   // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
   // longest scan: see GspnFwdTmaKernel).
   unsigned long long* trace;
   int trace_words;
-  // Experiments (CGSPN_CUDA_TMA_ROTATE=r, even; unsplit calls with an even slab count): image
-  // (or direction) i's blocks take its slabs rotated by r i, so that the blocks that come to
-  // share a multiprocessor (about one wave of blocks apart) cover other channel offsets. Its
-  // question (v28 traces, 8 x 1152 x 128 x 128): the two blocks on a multiprocessor ran 20%
-  // slower where their slabs lay 0 or 12 apart than where they lay 8 or 16 apart.
-  int rotate;
   int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
@@ -115,15 +105,7 @@ struct TmaLaunch {
 //    CCTL.IVALL, no memory barrier).
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
-enum TmaPace { kPaceNone = 0, kPaceProducerFence = 1, kPaceConsumerFence = 2, kPaceSleepMin = 16 };
-// The TMA forward's counts in scratch (zeroed before the launch): finished blocks (`done`,
-// the first word), then where
-// TmaLaunch::fair, started blocks and (as 64-bit words) the lines done by running blocks and the
-// sum of their start times (%globaltimer, ns).
-struct TmaFair {
-  unsigned finished, started;
-  unsigned long long lines, start_sum;
-};
+enum TmaPace { kPaceNone, kPaceProducerFence, kPaceConsumerFence, kPaceSleepMin = 16 };
 // A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
 // and at the end of each of its T lines' barriers.
 __host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
@@ -213,9 +195,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
 
   const int part = a.split ? blockIdx.x % 2 : 0;  // the cluster rank where split
   const int idx = a.split ? blockIdx.x / 2 : blockIdx.x;
+  const int slab = idx % a.nslab;
   const int rest = idx / a.nslab;
   const int b = rest % a.B, d = rest / a.B;
-  const int slab = (idx % a.nslab + a.rotate * rest) % a.nslab;  // TmaLaunch::rotate
   const int dir = (a.dir_bits >> (2 * d)) & 3;
   const bool rows = dir == kTopBottom || dir == kBottomTop;
   const LineGeometry geo = LineGeometry::Make(dir, a.H, a.W);
@@ -281,49 +263,21 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       trace[1] = GlobalTimer();
       trace[3] = clock64();
     }
-    // Where fair: this block's start enters the running blocks' sums.
-    TmaFair* fc = reinterpret_cast<TmaFair*>(done);
-    const unsigned long long born = a.fair > 0 ? GlobalTimer() : 0;
-    if (a.fair > 0 && lane == 0) {
-      atomicAdd(&fc->start_sum, born);
-      atomicAdd(&fc->started, 1u);
-    }
     // Where adaptive: the count of finished blocks, loaded a line before it is used (its
     // latency hidden) and after the line barrier (whose release would wait for it), gives the
     // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
     // which they read it; once relaxed, it stays so (the count only grows).
-    unsigned finished = 0, started = 0;
-    unsigned long long lines = 0, start_sum = 0, seen = 0;  // fair: loaded at `seen`
+    unsigned finished = 0;
     for (int t = 0; t < T_steps; ++t) {
       int next = kind;
       if (adaptive) {
         if (__shfl_sync(~0u, finished, 0) >= unsigned(a.relax_at)) next = kLineSyncLockstep;
         if (lane == 0) sync_kind[(t + 1) & 1] = next;
       }
-      // Fair: is this block ahead of the running blocks' mean rate, as loaded a line ago?
-      bool ahead = false;
-      if (a.fair > 0 && lane == 0 && t >= 8) {
-        // The running blocks' summed lifetimes, in wrapping 64-bit arithmetic: %globaltimer
-        // counts ns from an epoch, so the sums of start times wrap (the difference does not).
-        const int running = int(started - finished);
-        const double all_ns =
-            double(static_cast<long long>(unsigned(running) * seen - start_sum));
-        const double mine = double(t) / double(seen - born);
-        ahead = running > 0 && all_ns > 0 && all_ns < 1e15 &&
-                mine * all_ns * 1000.0 > double(lines) * (1000 + a.fair);
-      }
       LineSync(kind);
       if (trace && lane == 0) trace[4 + t] = clock64();
-      if ((adaptive || a.fair > 0) && lane == 0)
+      if (adaptive && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
-      if (a.fair > 0 && lane == 0) {
-        asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" ::"l"(&fc->lines) : "memory");
-        asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(started) : "l"(&fc->started));
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(lines) : "l"(&fc->lines));
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
-                     : "=l"(start_sum) : "l"(&fc->start_sum));
-        seen = GlobalTimer();
-      }
       const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
       if (lane == 0 && a.bulk_h) {
@@ -340,8 +294,6 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         MbarWait(&empty[t % K], (t / K) & 1);
         if (paced && a.pace == kPaceProducerFence) {
           asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        } else if (paced && a.fair > 0) {
-          if (ahead) __nanosleep(a.pace >= kPaceSleepMin ? unsigned(a.pace) : 1000u);
         } else if (paced && a.pace >= kPaceSleepMin) {
           __nanosleep(unsigned(a.pace));
         }
@@ -352,10 +304,6 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // Every store has read its stage (the wait per line); this waits for their writes too.
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     if (trace && lane == 0) trace[2] = GlobalTimer();
-    if (a.fair > 0 && lane == 0) {  // out of the running blocks' sums (thread 0 counts it done)
-      atomicAdd(&fc->lines, 0ull - unsigned(T_steps));
-      atomicAdd(&fc->start_sum, 0ull - born);
-    }
     return;
   }
 
@@ -454,7 +402,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       asm volatile("fence.acq_rel.gpu;" ::: "memory");
     LineSync(kind);
   }
-  if (threadIdx.x == 0 && (adaptive || a.fair > 0)) atomicAdd(done, 1u);
+  if (adaptive && threadIdx.x == 0) atomicAdd(done, 1u);
 }
 
 
