@@ -60,7 +60,8 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_RELAX_BELOW": "2"}),
          # Relaxed, with its experiment knob that puts the producer to sleep before its copies.
          ((2, 5, 100, 64), 8, ("bt", "rl"),
-          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "300"}),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "1",
+           "CGSPN_CUDA_TMA_PACE": "300"}),
          ((1, 5, 72, 64), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((8, 5, 9, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_BWD": "1"})]
