@@ -28,8 +28,11 @@ SETTINGS = {"default": {}, "release": {"CGSPN_CUDA_TMA_LOCKSTEP": "2"},
             "relaxed": {"CGSPN_CUDA_TMA_LOCKSTEP": "1"},
             "relaxed+fence": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"},
             "relaxed+sleep1000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "1000"},
-            "relaxed+sleep2000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2000"}}
-KNOBS = ("CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE", "CGSPN_CUDA_TMA_TRACE")
+            "relaxed+sleep2000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2000"},
+            "relaxed+spread": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "1"},
+            "relaxed+balance": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "2"}}
+KNOBS = ("CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE", "CGSPN_CUDA_CLUSTER_POLICY",
+         "CGSPN_CUDA_TMA_TRACE")
 
 
 def read_trace(path: Path):

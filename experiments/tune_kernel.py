@@ -244,6 +244,12 @@ PACE_FINE_SETTINGS = [{}, _RELAXED_SYNC] + \
     [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p} for p in ("700", "900", "1000", "1100", "1300")]
 PACE_FINE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8)]
 PACE_FINE_CASES += [((8, 1152, 112, 112), 72, "bfloat16", 1)]
+# Where the clusters' blocks go (v28: the relaxed forward's slow blocks sat on particular SMs).
+_POLICY = [{"CGSPN_CUDA_CLUSTER_POLICY": p} for p in ("1", "2")]
+POLICY_SETTINGS = [{}, _RELAXED_SYNC] + [{**_RELAXED_SYNC, **p} for p in _POLICY] + _POLICY + \
+    [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}, {}, _RELAXED_SYNC]
+POLICY_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 8, 10, 12)]
+POLICY_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -270,6 +276,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
+            "policy": (POLICY_SETTINGS, POLICY_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
                          [c for c in TMA_BWD_CASES if c[0][2] == 128 and c[3] == 1], ("bwd",))}
@@ -279,7 +286,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
-         "CGSPN_CUDA_TMA_TRACE",
+         "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -413,7 +420,8 @@ def main():
                         "release and acquire; fwdbulk: the TMA forward's h as bulk stores; "
                         "linesyncfill: the TMA forward's line barriers over the batch; "
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
-                        "pacefine: its length near 1 µs")
+                        "pacefine: its length near 1 µs; policy: the cluster scheduling "
+                        "policy")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -509,12 +509,19 @@ cudaLaunchConfig_t ClusterLaunch(int blocks, int cluster, int threads, size_t sm
   return cfg;
 }
 
-// One launch of `kernel` in clusters of `cluster` blocks.
+// One launch of `kernel` in clusters of `cluster` blocks. Experiments (v28):
+// CGSPN_CUDA_CLUSTER_POLICY=1|2 asks for the Spread or LoadBalancing cluster scheduling policy
+// (where a cluster's blocks go), 0 or unset the default.
 template <typename... Params, typename... Args>
 cudaError_t LaunchInClusters(cudaStream_t st, void (*kernel)(Params...), int blocks, int cluster,
                              int threads, size_t smem, Args&&... args) {
-  cudaLaunchAttribute attr;
-  const cudaLaunchConfig_t cfg = ClusterLaunch(blocks, cluster, threads, smem, st, &attr);
+  cudaLaunchAttribute attr[2];
+  cudaLaunchConfig_t cfg = ClusterLaunch(blocks, cluster, threads, smem, st, attr);
+  if (const int policy = EnvInt("CGSPN_CUDA_CLUSTER_POLICY"); policy == 1 || policy == 2) {
+    attr[1].id = cudaLaunchAttributeClusterSchedulingPolicyPreference;
+    attr[1].val.clusterSchedulingPolicyPreference = cudaClusterSchedulingPolicy(policy);
+    cfg.numAttrs = 2;
+  }
   if (cudaError_t e = cudaLaunchKernelEx(&cfg, kernel, std::forward<Args>(args)...)) return e;
   return cudaGetLastError();
 }
