@@ -9,6 +9,7 @@
 #   model    - experiments/sm_bandwidth.cu, the standalone model of what one SM can stream
 #   batches  - one case at several batch sizes: the cost of a partial last wave
 #   trace    - line timelines of the TMA forward's blocks (experiments/tma_trace.py; TRACE_ARGS)
+#   smmap    - which SMs share a GPC (experiments/sm_gpc_map.cu; SMMAP_ARGS: SM ids to mark)
 #   test     - the GPU tests (tests/test_cuda_kernel.py; PYTEST_K selects with -k, which also
 #              matches "pytestmark", the attribute of every decorated test: "tma" selects nearly
 #              all, "tma_forward" the TMA tests;
@@ -49,6 +50,10 @@ for step in "$@"; do
              && timeout 200 /tmp/smbw >"$OUT/sm_bandwidth.txt" 2>&1 || rc=1
            tail -30 "$OUT/sm_bandwidth.txt" ;;
     trace) timeout 300 python3 experiments/tma_trace.py --out "$OUT/trace" ${TRACE_ARGS:-} || rc=1 ;;
+    smmap) nvcc -O3 -std=c++17 -arch=sm_90 -o /tmp/smgpc experiments/sm_gpc_map.cu \
+             && timeout 120 /tmp/smgpc ${SMMAP_ARGS:-0 1 2 3 16 17 48 49 50 51 124 125 128 129 130 131} \
+             >"$OUT/sm_gpc_map.txt" 2>&1 || rc=1
+           cat "$OUT/sm_gpc_map.txt" ;;
     batches) timeout 200 python3 experiments/tune_kernel.py batches --out "$OUT/batches" || rc=1 ;;
     test) timeout 520 python3 -m pytest -q -x -p no:cacheprovider --durations=12 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;

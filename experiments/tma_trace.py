@@ -69,7 +69,12 @@ def summarise(smid, g0, g1, ends):
             last_end_us=float((g1[sel] - t0).max() / 1e3),
             line_ns_early=float(np.median(period[sel, : T // 4])),
             line_ns_late=float(np.median(period[sel, -T // 4:])))
-    return dict(span_us=float((g1.max() - t0) / 1e3), groups=rows), shared
+    # Stragglers (v28): SMs holding two blocks whose last block ends more than 6% after the
+    # median end of the blocks that share an SM.
+    two = shared == 2
+    late = 1.06 * np.median(g1[two] - t0) if two.any() else np.inf
+    slow = sorted({int(s) for s, e, k in zip(smid, g1 - t0, shared) if k == 2 and e > late})
+    return dict(span_us=float((g1.max() - t0) / 1e3), groups=rows, slow_sms=slow), shared
 
 
 def run(shape, G, dtype, out: Path, settings):
@@ -144,6 +149,8 @@ def main():
                 f"{v['last_end_us']:.1f} µs, {v['line_ns_early']:.0f}/{v['line_ns_late']:.0f} ns"
                 for g, v in r["groups"].items())
             print(f"{name:18s} {r['span_us']:7.1f} | {cells}")
+            if r["slow_sms"]:
+                print(f"{'':18s} slow SMs (two blocks, > 1.06 x the median end): {r['slow_sms']}")
     (out / "tma_trace.json").write_text(json.dumps(summary, indent=1))
 
 
