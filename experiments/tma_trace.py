@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,9 @@ import jax.numpy as jnp
 
 from cgspn_jax import gspn_scan
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tune_kernel import knobs  # noqa: E402  (sets a setting's knobs, clears the others)
+
 SETTINGS = {"default": {}, "release": {"CGSPN_CUDA_TMA_LOCKSTEP": "2"},
             "relaxed": {"CGSPN_CUDA_TMA_LOCKSTEP": "1"},
             "relaxed+fence": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"},
@@ -31,8 +34,6 @@ SETTINGS = {"default": {}, "release": {"CGSPN_CUDA_TMA_LOCKSTEP": "2"},
             "relaxed+sleep2000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2000"},
             "relaxed+spread": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "1"},
             "relaxed+balance": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "2"}}
-KNOBS = ("CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE", "CGSPN_CUDA_CLUSTER_POLICY",
-         "CGSPN_CUDA_TMA_TRACE")
 
 
 def read_trace(path: Path):
@@ -86,15 +87,12 @@ def run(shape, G, dtype, out: Path, settings):
     fwd = jax.jit(lambda x, lam, w: gspn_scan(x, lam, w, directions=("tb",), backend="ffi"))
     results, curves, raw = {}, {}, {}
     for name in settings:
-        for k in KNOBS:
-            os.environ.pop(k, None)
-        os.environ.update(SETTINGS[name])
-        for _ in range(3):  # warm-up, untraced
-            fwd(x, lam, w).block_until_ready()
+        with knobs(SETTINGS[name]):
+            for _ in range(3):  # warm-up, untraced
+                fwd(x, lam, w).block_until_ready()
         path = out / f"trace_B{B}_{name}.bin"
-        os.environ["CGSPN_CUDA_TMA_TRACE"] = str(path)
-        fwd(x, lam, w).block_until_ready()
-        os.environ.pop("CGSPN_CUDA_TMA_TRACE")
+        with knobs({**SETTINGS[name], "CGSPN_CUDA_TMA_TRACE": str(path)}):
+            fwd(x, lam, w).block_until_ready()
         smid, g0, g1, ends = read_trace(path)
         results[name], shared = summarise(smid, g0, g1, ends)
         curves[name] = (g0 - g0.min(), ends, shared)
@@ -102,8 +100,6 @@ def run(shape, G, dtype, out: Path, settings):
                     f"{name}/lines": ends.astype(np.float32)})
         path.unlink()
     np.savez_compressed(out / f"trace_B{B}.npz", **raw)
-    for k in KNOBS:
-        os.environ.pop(k, None)
     return results, curves
 
 

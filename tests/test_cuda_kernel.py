@@ -420,7 +420,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     # The line barrier turning relaxed partway (v27), once relax_at blocks have finished: the
     # plan's own at 288 blocks of lines of 128 (more than two per SM on an H100: later blocks
     # start after the count has grown), and at the first finished block there (the blocks
-    # still running switch mid-scan: added after v27's device runs, not yet run on a GPU);
+    # still running switch mid-scan);
     # forced at the first finished block on small calls (whose blocks may all finish before
     # they see it), with the per-thread h stores, and every direction.
     ((12, 72, 128, 1152), 72, ("tb",), {}),

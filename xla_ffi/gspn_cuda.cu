@@ -799,8 +799,8 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
 template <typename T>
 cudaError_t TracedTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done,
                              const ScanShape& s, ffi::Span<const int64_t> dirs, const char* path) {
-  int T_max = 0;
-  for (int64_t d : dirs) T_max = std::max<int>(T_max, d <= kBottomTop ? int(s.H) : int(s.W));
+  int T_max = 0;  // the longest scan of the call's directions
+  for (int64_t d : dirs) T_max = std::max(T_max, int(LineGeometry::Make(d, s.H, s.W).steps));
   const int64_t words = int64_t(tp.blocks) * TmaTraceWords(T_max);
   // Every block writes T_max words' room; a block of shorter lines leaves its tail zero.
   unsigned long long* trace = nullptr;
