@@ -249,6 +249,27 @@ _POLICY = [{"CGSPN_CUDA_CLUSTER_POLICY": p} for p in ("1", "2")]
 POLICY_SETTINGS = [{}, _RELAXED_SYNC] + [{**_RELAXED_SYNC, **p} for p in _POLICY] + _POLICY + \
     [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}, {}, _RELAXED_SYNC]
 POLICY_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 8, 10, 12)]
+# The sleep only on some SMs (v29): the SMs of the two 8-SM scheduling units that the cluster
+# scheduler fills with two blocks per SM (sm_gpc_map on the v28-v29 H100s; PACE_SMS overrides),
+# or only on all the others.
+_SMALL_UNITS = os.environ.get("PACE_SMS", "0,1,16,17,32,33,48,49," +
+                              ",".join(str(i) for i in range(124, 132)))
+_OTHERS = ",".join(str(i) for i in range(132) if str(i) not in _SMALL_UNITS.split(","))
+PACE_SMS_SETTINGS = [{}, _RELAXED_SYNC, {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}] + \
+    [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": p, "CGSPN_CUDA_TMA_PACE_SMS": _SMALL_UNITS}
+     for p in ("500", "1000", "2000")] + \
+    [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000", "CGSPN_CUDA_TMA_PACE_SMS": _OTHERS},
+     {}, _RELAXED_SYNC]
+PACE_SMS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 10)]
+PACE_SMS_CASES += [((8, 1152, 112, 112), 72, "bfloat16", 1)]
+# The grid's loose lockstep (v29): a block's copies of line u wait until every block has finished
+# line u - n (CGSPN_CUDA_TMA_LEAD=n; at most CGSPN_CUDA_TMA_LEAD_WAIT ns).
+_LEADS = [{"CGSPN_CUDA_TMA_LEAD": n} for n in ("3", "4", "6", "10")]
+LEAD_SETTINGS = [{}, _RELAXED_SYNC, {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "1000"}] + \
+    [{**_RELAXED_SYNC, **n} for n in _LEADS] + [_LEADS[1], {}, _RELAXED_SYNC] + \
+    [{**_RELAXED_SYNC, **_LEADS[1], "CGSPN_CUDA_TMA_LEAD_WAIT": "1024"}]
+LEAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 10, 6)]
+LEAD_CASES += [((8, 1152, 112, 112), 72, "bfloat16", 1), ((16, 768, 96, 96), 48, "bfloat16", 1)]
 POLICY_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
@@ -276,6 +297,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
+            "pacesms": (PACE_SMS_SETTINGS, PACE_SMS_CASES, ("fwd",)),
+            "lead": (LEAD_SETTINGS, LEAD_CASES, ("fwd",)),
             "policy": (POLICY_SETTINGS, POLICY_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -286,6 +309,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
+         "CGSPN_CUDA_TMA_PACE_SMS", "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_LEAD_WAIT",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
@@ -421,7 +445,8 @@ def main():
                         "linesyncfill: the TMA forward's line barriers over the batch; "
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
                         "pacefine: its length near 1 µs; policy: the cluster scheduling "
-                        "policy")
+                        "policy; pacesms: the sleep on some SMs only; lead: the grid's loose "
+                        "lockstep")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

@@ -749,12 +749,27 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                    : TmaRelaxAt(blocks, Lmax);
   if (a.relax_at == 0) a.lockstep = kLineSyncLockstep;  // relaxed from the first line
   a.pace = std::max(0, EnvInt("CGSPN_CUDA_TMA_PACE"));
+  if (const char* ids = std::getenv("CGSPN_CUDA_TMA_PACE_SMS"); ids && *ids) {
+    a.pace_masked = 1;  // an experiment: comma-separated %smid values (0-255)
+    for (const char* c = ids; *c;) {
+      char* end = nullptr;
+      const long id = std::strtol(c, &end, 10);
+      if (end == c) break;
+      if (id >= 0 && id < 256) a.pace_sms[id / 32] |= 1u << (id % 32);
+      c = *end == ',' ? end + 1 : end;
+    }
+  }
   // h as bulk tensor stores from the stage unless CGSPN_CUDA_TMA_FWD_BULK=0 (v26: 1.5-3% faster).
   // Not in calls of split lines whose column lines are odd (the whole call): the second half's
   // box would run past the image into the next image's (or direction's) first row, which is
   // inside the map. (A row line's runs past W, and the store drops what lies outside the
   // tensor.)
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
+  a.lead = split ? 0 : std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD"));
+  a.lead_polls = std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
+  a.lead_blocks = int(blocks);
+  for (int64_t d = 0; d < s.D; ++d)
+    a.lead_T = std::max(a.lead_T, int(LineGeometry::Make(dirs[d], s.H, s.W).steps));
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
@@ -764,6 +779,12 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
                  knob == 1 ? 1 : 2))
     return false;
+  // The loose lockstep only where every block is resident at once (one wave).
+  if (a.lead > 0 &&
+      blocks > int64_t(BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>),
+                                   kTmaThreads, tp->smem)) *
+                   DeviceAttr(cudaDevAttrMultiProcessorCount, 132))
+    a.lead = 0;
   // The maps (only those a direction of the call uses; the others stay zero, never read).
   tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
@@ -782,11 +803,11 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d pace=%d "
-                 "blocks/SM=%d\n",
+                 "lead=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
-                 tp.a.bulk_h, tp.a.pace,
+                 tp.a.bulk_h, tp.a.pace, tp.a.lead,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
@@ -945,13 +966,15 @@ ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanSh
       // The count of finished blocks where the line barrier turns relaxed partway. It steers
       // only the speed: without scratch for it, the barrier keeps its first kind throughout.
       unsigned* done = nullptr;
-      if (tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) {
-        if (auto mem = scratch.Allocate(sizeof(unsigned), 16)) {
+      if ((tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) || tp.a.lead > 0) {
+        const size_t bytes = (1 + (tp.a.lead > 0 ? tp.a.lead_T : 0)) * sizeof(unsigned);
+        if (auto mem = scratch.Allocate(bytes, 16)) {
           done = static_cast<unsigned*>(*mem);
-          if (cudaError_t e = cudaMemsetAsync(done, 0, sizeof(unsigned), st); e != cudaSuccess)
+          if (cudaError_t e = cudaMemsetAsync(done, 0, bytes, st); e != cudaSuccess)
             return CudaError(e, "forward (TMA): zeroing the block count");
         } else {
           tp.a.relax_at = INT32_MAX;
+          tp.a.lead = 0;
         }
       }
       if (const char* path = std::getenv("CGSPN_CUDA_TMA_TRACE"); path && *path)

@@ -73,6 +73,17 @@ struct TmaLaunch {
   // kPaceConsumerFence: one in every consumer before the line barrier; >= kPaceSleepMin: the
   // producer sleeps that many nanoseconds before it issues the next copies.
   int pace;
+  // With pace_masked (CGSPN_CUDA_TMA_PACE_SMS=id,id,...), the sleep only in blocks on the SMs
+  // whose bits (%smid) are set in `pace_sms`: which blocks' own sleep helps (v29).
+  int pace_masked;
+  unsigned pace_sms[8];
+  // A loose lockstep of the whole grid (v29; CGSPN_CUDA_TMA_LEAD=n, 0 by default): a block
+  // issues line u's copies only once all `lead_blocks` blocks of the call have finished line
+  // u - n, waiting at most `lead_polls` sleeps of kTmaLeadPollNs (so a block never waits for
+  // ever on one that is not resident: the host sets it only where the call is one wave).
+  // Arrivals are counted per line in the scratch words after `done` (lead_T of them, the
+  // longest scan); a block of shorter scans arrives at the rest when it ends.
+  int lead, lead_polls, lead_blocks, lead_T;
   // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
   // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
   // longest scan: see GspnFwdTmaKernel).
@@ -106,6 +117,7 @@ struct TmaLaunch {
 //  - kLineSyncBlock (experiments, CGSPN_CUDA_TMA_LOCKSTEP=0): the block barrier alone.
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
 enum TmaPace { kPaceNone, kPaceProducerFence, kPaceConsumerFence, kPaceSleepMin = 16 };
+constexpr unsigned kTmaLeadPollNs = 256;
 // A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
 // and at the end of each of its T lines' barriers.
 __host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
@@ -268,6 +280,12 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // kind of line t + 1's barrier, written for the consumers before line t's barrier, after
     // which they read it; once relaxed, it stays so (the count only grows).
     unsigned finished = 0;
+    bool sleeper = true;  // TmaLaunch::pace_masked: this block's SM is in the mask
+    if (a.pace_masked) {
+      unsigned id;
+      asm("mov.u32 %0, %%smid;" : "=r"(id));
+      sleeper = id < 256 && ((a.pace_sms[id / 32] >> (id % 32)) & 1u);
+    }
     for (int t = 0; t < T_steps; ++t) {
       int next = kind;
       if (adaptive) {
@@ -278,6 +296,8 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       if (trace && lane == 0) trace[4 + t] = clock64();
       if (adaptive && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
+      if (a.lead > 0 && lane == 0)
+        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(done + 1 + t) : "memory");
       const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
       if (lane == 0 && a.bulk_h) {
@@ -292,9 +312,18 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       }
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
+        if (a.lead > 0 && t + K - a.lead >= 0) {
+          const unsigned* arrived = done + 1 + (t + K - a.lead);
+          for (int i = 0; i <= a.lead_polls; ++i) {
+            unsigned n;
+            asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived));
+            if (n >= unsigned(a.lead_blocks) || i == a.lead_polls) break;
+            __nanosleep(kTmaLeadPollNs);
+          }
+        }
         if (paced && a.pace == kPaceProducerFence) {
           asm volatile("fence.acq_rel.gpu;" ::: "memory");
-        } else if (paced && a.pace >= kPaceSleepMin) {
+        } else if (paced && a.pace >= kPaceSleepMin && sleeper) {
           __nanosleep(unsigned(a.pace));
         }
         issue(t + K);
@@ -304,6 +333,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     // Every store has read its stage (the wait per line); this waits for their writes too.
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     if (trace && lane == 0) trace[2] = GlobalTimer();
+    if (a.lead > 0 && lane == 0)  // arrived at the lines of longer scans, for their waits
+      for (int t = T_steps; t < a.lead_T; ++t)
+        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(done + 1 + t) : "memory");
     return;
   }
 
