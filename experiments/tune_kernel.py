@@ -270,6 +270,14 @@ LEAD_SETTINGS = [{}, _RELAXED_SYNC, {**_RELAXED_SYNC, "CGSPN_CUDA_TMA_PACE": "10
     [{**_RELAXED_SYNC, **_LEADS[1], "CGSPN_CUDA_TMA_LEAD_WAIT": "1024"}]
 LEAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 10, 6)]
 LEAD_CASES += [((8, 1152, 112, 112), 72, "bfloat16", 1), ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# The plan's rule (relaxed with a lead of kTmaLeadLines where the barrier would start with
+# release, in one wave) against v27's adaptive barrier (LEAD=0) and other leads.
+_V27 = {"CGSPN_CUDA_TMA_LEAD": "0"}
+LEAD_RULE_SETTINGS = [{}, _V27] + [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_LEAD": n} for n in "46"] + \
+    [{}, _V27]
+LEAD_RULE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8, 9, 10, 12)]
+LEAD_RULE_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
+                    ((8, 1152, 112, 112), 72, "bfloat16", 1), ((2, 1152, 128, 128), 72, "bfloat16", 4)]
 POLICY_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
@@ -299,6 +307,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
             "pacesms": (PACE_SMS_SETTINGS, PACE_SMS_CASES, ("fwd",)),
             "lead": (LEAD_SETTINGS, LEAD_CASES, ("fwd",)),
+            "leadrule": (LEAD_RULE_SETTINGS, LEAD_RULE_CASES, ("fwd",)),
             "policy": (POLICY_SETTINGS, POLICY_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -446,7 +455,7 @@ def main():
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
                         "pacefine: its length near 1 µs; policy: the cluster scheduling "
                         "policy; pacesms: the sleep on some SMs only; lead: the grid's loose "
-                        "lockstep")
+                        "lockstep; leadrule: its plan rule")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

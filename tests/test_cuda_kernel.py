@@ -438,9 +438,11 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"}),
     ((12, 72, 128, 1152), 72, ("tb",),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "287", "CGSPN_CUDA_TMA_PACE": "300"}),
-    # The grid's loose lockstep (an experiment's knob, v29): with the barrier turning relaxed
-    # partway (240 blocks, one wave on an H100); scans of two lengths (96 and 128 lines), the
-    # shorter arriving at the longer's lines as they end; a wait for the whole grid each line.
+    # The grid's loose lockstep (v29): the plan's (192 blocks, one wave of more than 4/3 SMs'
+    # worth on an H100), and forced: with the barrier turning relaxed partway (240 blocks);
+    # scans of two lengths (96 and 128 lines), the shorter arriving at the longer's lines as
+    # they end; a wait for the whole grid each line.
+    ((8, 72, 128, 1152), 72, ("tb",), {}),
     ((10, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD": "4"}),
     ((2, 100, 96, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
@@ -452,8 +454,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "thread_h_all_dirs", "thread_h_C1152_G72_relaxed", "relax_partway_288_blocks",
         "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
-        "pace_sleep_partway", "lead_partway_240_blocks", "lead_two_scan_lengths",
-        "lead_whole_grid_all_dirs"])
+        "pace_sleep_partway", "lead_plan_192_blocks", "lead_partway_240_blocks",
+        "lead_two_scan_lengths", "lead_whole_grid_all_dirs"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)

@@ -765,7 +765,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // inside the map. (A row line's runs past W, and the store drops what lies outside the
   // tensor.)
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
-  a.lead = split ? 0 : std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD"));
+  const int lead_knob = EnvInt("CGSPN_CUDA_TMA_LEAD", -1);
+  a.lead = split ? 0 : std::max(0, lead_knob);
   a.lead_polls = std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
   a.lead_blocks = int(blocks);
   for (int64_t d = 0; d < s.D; ++d)
@@ -779,12 +780,25 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
                  knob == 1 ? 1 : 2))
     return false;
-  // The loose lockstep only where every block is resident at once (one wave).
-  if (a.lead > 0 &&
-      blocks > int64_t(BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>),
-                                   kTmaThreads, tp->smem)) *
-                   DeviceAttr(cudaDevAttrMultiProcessorCount, 132))
+  // The grid's loose lockstep needs every block resident at once (one wave); the plan takes it,
+  // with the relaxed line barrier throughout, where the barrier would otherwise start with
+  // release and acquire (more than 4/3 SMs' worth of blocks: TmaRelaxAt). Measured (H100,
+  // docs/kernel_notes.md, v29): the relaxed lockstep leaves the blocks of the cluster
+  // scheduler's 8-SM units (filled with two blocks per SM) 20% behind, which the release's
+  // fence hides at the price of every line; held within kTmaLeadLines lines of the slowest
+  // block, 8 and 10 images of 1152 x 128 x 128 bfloat16 G = 72 ran 8% and 7% faster than
+  // v27's adaptive barrier; with fewer blocks (6 images) the lead cost 11%.
+  const bool one_wave =
+      blocks <= int64_t(BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>),
+                                    kTmaThreads, tp->smem)) *
+                    DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+  if (!one_wave) {
     a.lead = 0;
+  } else if (lead_knob < 0 && a.relax_at > 0 && a.relax_at < INT32_MAX) {
+    a.lead = kTmaLeadLines;
+    a.relax_at = 0;
+    a.lockstep = kLineSyncLockstep;
+  }
   // The maps (only those a direction of the call uses; the others stay zero, never read).
   tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;

@@ -77,12 +77,14 @@ struct TmaLaunch {
   // whose bits (%smid) are set in `pace_sms`: which blocks' own sleep helps (v29).
   int pace_masked;
   unsigned pace_sms[8];
-  // A loose lockstep of the whole grid (v29; CGSPN_CUDA_TMA_LEAD=n, 0 by default): a block
-  // issues line u's copies only once all `lead_blocks` blocks of the call have finished line
-  // u - n, waiting at most `lead_polls` sleeps of kTmaLeadPollNs (so a block never waits for
-  // ever on one that is not resident: the host sets it only where the call is one wave).
-  // Arrivals are counted per line in the scratch words after `done` (lead_T of them, the
-  // longest scan); a block of shorter scans arrives at the rest when it ends.
+  // A loose lockstep of the whole grid (v29; the plan's rule in PlanTmaForward, or
+  // CGSPN_CUDA_TMA_LEAD=n, where 0 turns it off): a block issues line u's copies only once all
+  // `lead_blocks` blocks of the call have finished line u - n, waiting at most `lead_polls`
+  // sleeps of kTmaLeadPollNs (CGSPN_CUDA_TMA_LEAD_WAIT ns in all, 4096 by default), so that a
+  // block never waits for ever on one that is not resident (the host sets it only where the
+  // call is one wave, but other work may share the GPU). Arrivals are counted per line in the
+  // scratch words after `done` (lead_T of them, the longest scan); a block of shorter scans
+  // arrives at the rest when it ends.
   int lead, lead_polls, lead_blocks, lead_T;
   // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
   // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
@@ -118,6 +120,7 @@ struct TmaLaunch {
 enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster = 2 };
 enum TmaPace { kPaceNone, kPaceProducerFence, kPaceConsumerFence, kPaceSleepMin = 16 };
 constexpr unsigned kTmaLeadPollNs = 256;
+constexpr int kTmaLeadLines = 5;  // the plan's TmaLaunch::lead (v29: 4 and 6 measured alike)
 // A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
 // and at the end of each of its T lines' barriers.
 __host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
