@@ -468,12 +468,16 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "2")
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     relax_at = -1  # never
+    lead = 0 if split else int(knobs.get("CGSPN_CUDA_TMA_LEAD", "0"))
     if split or "CGSPN_CUDA_TMA_LOCKSTEP" in knobs:
         sync = "cluster" if split else _LINE_SYNC[knobs["CGSPN_CUDA_TMA_LOCKSTEP"]]
     else:
         relax_at = _tma_relax_at(shape, directions, knobs)
+        if relax_at > 0 and _tma_plan_leads(shape, directions, knobs):
+            relax_at, lead = 0, 5
         sync = "lockstep" if relax_at == 0 else "cluster"
     assert all(f" linesync={sync} relax_at={relax_at} " in ln for ln in plans), plans
+    assert all(f" lead={lead} " in ln for ln in plans), plans
     # h goes out as bulk tensor stores unless the knob says no or a split column line is odd.
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
@@ -492,6 +496,17 @@ def _tma_relax_at(shape, directions, knobs):
     blocks = len(directions) * B * -(-C // 48)
     below = int(knobs.get("CGSPN_CUDA_TMA_RELAX_BELOW", _gpu().core_count * 4 // 3))
     return max(blocks - below, 0)
+
+
+def _tma_plan_leads(shape, directions, knobs):
+    """Whether the plan puts a TMA forward whose barrier would start with release and acquire
+    into the grid's loose lockstep of kTmaLeadLines = 5 lines instead, relaxed throughout
+    (v29): where its blocks, two per multiprocessor, are one wave, and no knob names the
+    barrier's switch or the lead."""
+    B, H, W, C = shape
+    blocks = len(directions) * B * -(-C // 48)
+    return (blocks <= 2 * _gpu().core_count and "CGSPN_CUDA_TMA_RELAX_BELOW" not in knobs
+            and "CGSPN_CUDA_TMA_LEAD" not in knobs)
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,

@@ -794,7 +794,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                     DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   if (!one_wave) {
     a.lead = 0;
-  } else if (lead_knob < 0 && a.relax_at > 0 && a.relax_at < INT32_MAX) {
+  } else if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
+             a.relax_at < INT32_MAX) {
     a.lead = kTmaLeadLines;
     a.relax_at = 0;
     a.lockstep = kLineSyncLockstep;
