@@ -27,7 +27,8 @@ from cgspn_jax import gspn_scan
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from tune_kernel import knobs  # noqa: E402  (sets a setting's knobs, clears the others)
 
-SETTINGS = {"default": {}, "release": {"CGSPN_CUDA_TMA_LOCKSTEP": "2"},
+SETTINGS = {"default": {}, "v27": {"CGSPN_CUDA_TMA_LEAD": "0"},
+            "release": {"CGSPN_CUDA_TMA_LOCKSTEP": "2"},
             "relaxed": {"CGSPN_CUDA_TMA_LOCKSTEP": "1"},
             "relaxed+fence": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"},
             "relaxed+sleep1000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "1000"},
