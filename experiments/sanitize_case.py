@@ -68,11 +68,14 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_LEAD": "4"}),
          ((1, 5, 72, 64), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
-         ((8, 5, 9, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_BWD": "1"})]
+         ((8, 5, 9, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_BWD": "1"}),
+         # The TMA backward in the grid's loose lockstep (experiment knob), with the dx sum.
+         ((2, 7, 9, 128), 8, ("tb", "rl"),
+          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE",
-         "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_TRACE")
+         "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_TRACE")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

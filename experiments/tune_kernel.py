@@ -278,6 +278,14 @@ LEAD_RULE_SETTINGS = [{}, _V27] + [{**_RELAXED_SYNC, "CGSPN_CUDA_TMA_LEAD": n} f
 LEAD_RULE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8, 9, 10, 12)]
 LEAD_RULE_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
                     ((8, 1152, 112, 112), 72, "bfloat16", 1), ((2, 1152, 128, 128), 72, "bfloat16", 4)]
+# The TMA backward's loose lockstep: the plan's (5 lines where one wave holds more than 4/3 SMs'
+# worth of blocks) against none and other leads.
+_BWD_NO_LEAD = {"CGSPN_CUDA_TMA_BWD_LEAD": "0"}
+BWD_LEAD_SETTINGS = [{}, _BWD_NO_LEAD] + [{"CGSPN_CUDA_TMA_BWD_LEAD": n} for n in ("3", "8")] + \
+    [{}, _BWD_NO_LEAD]
+BWD_LEAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8, 10)]
+BWD_LEAD_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
+                   ((8, 1152, 112, 112), 72, "bfloat16", 1)]
 POLICY_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
@@ -308,6 +316,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "pacesms": (PACE_SMS_SETTINGS, PACE_SMS_CASES, ("fwd",)),
             "lead": (LEAD_SETTINGS, LEAD_CASES, ("fwd",)),
             "leadrule": (LEAD_RULE_SETTINGS, LEAD_RULE_CASES, ("fwd",)),
+            "bwdlead": (BWD_LEAD_SETTINGS, BWD_LEAD_CASES, ("bwd",)),
             "policy": (POLICY_SETTINGS, POLICY_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -319,6 +328,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_PACE_SMS", "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_LEAD_WAIT",
+         "CGSPN_CUDA_TMA_BWD_LEAD",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
@@ -455,7 +465,7 @@ def main():
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
                         "pacefine: its length near 1 µs; policy: the cluster scheduling "
                         "policy; pacesms: the sleep on some SMs only; lead: the grid's loose "
-                        "lockstep; leadrule: its plan rule")
+                        "lockstep; leadrule: its plan rule; bwdlead: the backward's")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

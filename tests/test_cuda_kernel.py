@@ -533,8 +533,16 @@ def _tma_plan_leads(shape, directions, knobs):
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "2"}),
     # Lockstep groups of four slabs (an experiment's knob): 12 blocks.
     ((4, 72, 72, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_CLUSTER": "4"}),
+    # The grid's loose lockstep (v29): the plan's (192 blocks, one wave of more than 4/3 SMs'
+    # worth on an H100), and forced with the dx sum, 3 lines apart and the whole grid per line.
+    ((8, 72, 128, 1152), 72, ("tb",), {}),
+    ((2, 40, 72, 128), 16, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3"}),
+    ((2, 40, 72, 128), 16, ("bt", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "2"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
-        "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4"])
+        "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
+        "lead_3_dx_sum", "lead_whole_grid_dx_sum"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -548,6 +556,10 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "1")]
     assert all(f" linesync={sync} " in ln for ln in plans), plans
+    sms = _gpu().core_count
+    lead = 5 if sms * 4 // 3 < blocks <= 2 * sms else 0  # the plan's rule (kTmaLeadLines)
+    lead = int(knobs.get("CGSPN_CUDA_TMA_BWD_LEAD", lead))
+    assert all(f" lead={lead} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

@@ -934,6 +934,16 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // each, interleaved): bfloat16 0.980-0.986 ms in pairs, 0.926-0.930 in groups of 8; float16
   // 0.981-1.040 against 0.921-0.940 (groups of 4 between). The forward measured no better in
   // groups of 4 or 8, and 10% slower at D = 4.
+  // The grid's loose lockstep (v29), as the forward's: by the plan where the call is one wave
+  // of more than 4/3 SMs' worth of blocks; CGSPN_CUDA_TMA_BWD_LEAD=n sets it (0: none).
+  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+  const bool one_wave =
+      blocks <= int64_t(BlocksPerSm(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)),
+                                    kTmaBwdThreads, tp->smem)) * sms;
+  const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
+  a.lead = !one_wave ? 0 : lead_knob >= 0 ? lead_knob : blocks > sms * 4 / 3 ? kTmaLeadLines : 0;
+  a.lead_polls = std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
+  a.lead_blocks = int(blocks);
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
   if (tp->cluster != kTmaCluster &&
       !ClustersFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), tp->cluster,
@@ -954,15 +964,15 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
 
 template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
-                              float* acc) {
+                              float* acc, unsigned* arrived) {
   const auto kernel = TmaBwdKernelFor<T>(tp.a.D);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s gbox=%d nsub=%d blocks/SM=%d\n", kTmaSlab, kTmaBwdThreads,
-                 tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub,
-                 BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
+                 "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d blocks/SM=%d\n", kTmaSlab,
+                 kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep),
+                 tp.a.gbox, tp.a.nsub, tp.a.lead, BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
-                          dlam, dw, acc, tp.a);
+                          dlam, dw, acc, arrived, tp.a);
 }
 
 template <typename T>
@@ -1032,8 +1042,25 @@ ffi::Error Backward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanS
   if constexpr (sizeof(T) == 2) {
     TmaBwdPlan tp;
     if (PlanTmaBackward<T>(s, dirs.begin(), aligned, chunk, normalize, xp, lp, wp, hp, dhp, dxp,
-                           dlp, &tp))
-      return CudaError(LaunchTmaBackward<T>(st, tp, dxp, dlp, dwp, acc), "backward launch (TMA)");
+                           dlp, &tp)) {
+      // The loose lockstep's arrivals, one word per line; without scratch, no lead (it steers
+      // only the speed).
+      unsigned* arrived = nullptr;
+      if (tp.a.lead > 0) {
+        int lines = 0;
+        for (int64_t d : dirs) lines += int(LineGeometry::Make(d, s.H, s.W).steps);
+        const size_t bytes = size_t(lines) * sizeof(unsigned);
+        if (auto mem = scratch.Allocate(bytes, 16)) {
+          arrived = static_cast<unsigned*>(*mem);
+          if (cudaError_t e = cudaMemsetAsync(arrived, 0, bytes, st); e != cudaSuccess)
+            return CudaError(e, "backward (TMA): zeroing the line arrivals");
+        } else {
+          tp.a.lead = 0;
+        }
+      }
+      return CudaError(LaunchTmaBackward<T>(st, tp, dxp, dlp, dwp, acc, arrived),
+                       "backward launch (TMA)");
+    }
   }
   Plan pl;
   if (ffi::Error e = MakePlan<T>(s, dirs, chunk, normalize, aligned, 1, &pl); e.failure()) return e;

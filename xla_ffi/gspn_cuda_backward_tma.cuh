@@ -74,6 +74,10 @@ struct TmaBwdLaunch {
   int mode;      // experiments (CGSPN_CUDA_TMA_BWD_MODE): 1 copies only, 2 copies and stores,
                  // 3 no stores, 4 no dw stores, 5 dx and dlam from the registers
   int lockstep;  // the line barrier: a LineSyncKind (kLineSyncLockstep by default)
+  // The grid's loose lockstep, as the forward's (TmaLaunch::lead; v29): line q's copies wait
+  // until all `lead_blocks` blocks have finished line q - lead (arrivals counted per line in
+  // GspnBwdTmaKernel's `arrived`), at most `lead_polls` sleeps. 0: none.
+  int lead, lead_polls, lead_blocks;
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
@@ -108,7 +112,7 @@ template <typename T, bool kAcc>
 __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
-                     const TmaBwdLaunch a) {
+                     unsigned* arrived, const TmaBwdLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
   constexpr int S = kTmaSlab, K = kTmaStages, KI = kTmaBwdItems;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -179,8 +183,11 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       for (int q = 0; q < K && q < lines; ++q) issue(q);
     for (int q = 0; q < lines; ++q) {
       LineSync(a.lockstep);
+      if (a.lead > 0 && lane == 0) LeadArrive(arrived + q);
       if (lane == 0 && q + K < lines) {
         MbarWait(&empty[q % K], (q / K) & 1);
+        if (a.lead > 0 && q + K - a.lead >= 0)
+          LeadWait(arrived + (q + K - a.lead), a.lead_blocks, a.lead_polls);
         issue(q + K);
       }
       __syncwarp();

@@ -121,6 +121,21 @@ enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster 
 enum TmaPace { kPaceNone, kPaceProducerFence, kPaceConsumerFence, kPaceSleepMin = 16 };
 constexpr unsigned kTmaLeadPollNs = 256;
 constexpr int kTmaLeadLines = 5;  // the plan's TmaLaunch::lead (v29: 4 and 6 measured alike)
+
+// The grid's loose lockstep (TmaLaunch::lead, TmaBwdLaunch::lead): a block's arrival at the end
+// of a line, counted in `*arrived`, and the wait before a line's copies until `blocks` blocks
+// have arrived at an earlier one, at most `polls` sleeps (one thread each).
+__device__ __forceinline__ void LeadArrive(unsigned* arrived) {
+  asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
+}
+__device__ __forceinline__ void LeadWait(const unsigned* arrived, int blocks, int polls) {
+  for (int i = 0; i <= polls; ++i) {
+    unsigned n;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived));
+    if (n >= unsigned(blocks) || i == polls) break;
+    __nanosleep(kTmaLeadPollNs);
+  }
+}
 // A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
 // and at the end of each of its T lines' barriers.
 __host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
@@ -299,8 +314,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       if (trace && lane == 0) trace[4 + t] = clock64();
       if (adaptive && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
-      if (a.lead > 0 && lane == 0)
-        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(done + 1 + t) : "memory");
+      if (a.lead > 0 && lane == 0) LeadArrive(done + 1 + t);
       const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
       if (lane == 0 && a.bulk_h) {
@@ -315,15 +329,8 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       }
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
-        if (a.lead > 0 && t + K - a.lead >= 0) {
-          const unsigned* arrived = done + 1 + (t + K - a.lead);
-          for (int i = 0; i <= a.lead_polls; ++i) {
-            unsigned n;
-            asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived));
-            if (n >= unsigned(a.lead_blocks) || i == a.lead_polls) break;
-            __nanosleep(kTmaLeadPollNs);
-          }
-        }
+        if (a.lead > 0 && t + K - a.lead >= 0)
+          LeadWait(done + 1 + (t + K - a.lead), a.lead_blocks, a.lead_polls);
         if (paced && a.pace == kPaceProducerFence) {
           asm volatile("fence.acq_rel.gpu;" ::: "memory");
         } else if (paced && a.pace >= kPaceSleepMin && sleeper) {
@@ -337,8 +344,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     if (trace && lane == 0) trace[2] = GlobalTimer();
     if (a.lead > 0 && lane == 0)  // arrived at the lines of longer scans, for their waits
-      for (int t = T_steps; t < a.lead_T; ++t)
-        asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(done + 1 + t) : "memory");
+      for (int t = T_steps; t < a.lead_T; ++t) LeadArrive(done + 1 + t);
     return;
   }
 
