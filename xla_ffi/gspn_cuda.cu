@@ -970,7 +970,8 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d blocks/SM=%d\n", kTmaSlab,
                  kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep),
-                 tp.a.gbox, tp.a.nsub, tp.a.lead, BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
+                 tp.a.gbox, tp.a.nsub, tp.a.lead,
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);
 }
