@@ -647,12 +647,15 @@ struct LineBoxes {
 struct LineSpan {
   bool any_rows = false, any_cols = false;
   int64_t Lmin = kCudaMaxLineLength, Lmax = 0;
+  int64_t steps_max = 0, steps_total = 0;  // lines of the longest scan, of all scans together
   LineSpan(const ScanShape& s, const int64_t* dirs) {
     for (int64_t d = 0; d < s.D; ++d) {
       const LineGeometry geo = LineGeometry::Make(dirs[d], s.H, s.W);
       (dirs[d] == kTopBottom || dirs[d] == kBottomTop ? any_rows : any_cols) = true;
       Lmax = std::max(Lmax, geo.length);
       Lmin = std::min(Lmin, geo.length);
+      steps_max = std::max(steps_max, geo.steps);
+      steps_total += geo.steps;
     }
   }
 };
@@ -669,6 +672,29 @@ int BlocksPerSm(const void* kernel, int threads, size_t smem) {
 
 bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
   return BlocksPerSm(kernel, threads, smem) >= need;
+}
+
+// Whether all `blocks` blocks of `kernel` are resident at once on an idle GPU (one wave): where
+// the TMA kernels' loose lockstep (TmaLaunch::lead) may wait for every block.
+bool OneWave(const void* kernel, int threads, size_t smem, int64_t blocks) {
+  return blocks <= int64_t(BlocksPerSm(kernel, threads, smem)) *
+                       DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+}
+
+// The loose lockstep's most sleeps per line (CGSPN_CUDA_TMA_LEAD_WAIT ns in all, 4096 by default).
+int LeadPolls() {
+  return std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
+}
+
+// `words` zeroed words of scratch, on the stream; *out stays null where scratch cannot be had
+// (the counts it holds steer only the speed: the callers then do without them).
+cudaError_t ZeroedScratch(ffi::ScratchAllocator& scratch, size_t words, cudaStream_t st,
+                          unsigned** out) {
+  *out = nullptr;
+  auto mem = scratch.Allocate(words * sizeof(unsigned), 16);
+  if (!mem) return cudaSuccess;
+  *out = static_cast<unsigned*>(*mem);
+  return cudaMemsetAsync(*out, 0, words * sizeof(unsigned), st);
 }
 
 struct TmaPlan {
@@ -767,10 +793,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_LEAD", -1);
   a.lead = split ? 0 : std::max(0, lead_knob);
-  a.lead_polls = std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
+  a.lead_polls = LeadPolls();
   a.lead_blocks = int(blocks);
-  for (int64_t d = 0; d < s.D; ++d)
-    a.lead_T = std::max(a.lead_T, int(LineGeometry::Make(dirs[d], s.H, s.W).steps));
+  a.steps_max = int(span.steps_max);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
@@ -788,11 +813,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // fence hides at the price of every line; held within kTmaLeadLines lines of the slowest
   // block, 8 and 10 images of 1152 x 128 x 128 bfloat16 G = 72 ran 8% and 7% faster than
   // v27's adaptive barrier; with fewer blocks (6 images) the lead cost 11%.
-  const bool one_wave =
-      blocks <= int64_t(BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>),
-                                    kTmaThreads, tp->smem)) *
-                    DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
-  if (!one_wave) {
+  if (!OneWave(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
+               blocks)) {
     a.lead = 0;
   } else if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
              a.relax_at < INT32_MAX) {
@@ -834,9 +856,8 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
 // words per block, then the blocks' traces. It synchronises the stream: never in real use.
 template <typename T>
 cudaError_t TracedTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done,
-                             const ScanShape& s, ffi::Span<const int64_t> dirs, const char* path) {
-  int T_max = 0;  // the longest scan of the call's directions
-  for (int64_t d : dirs) T_max = std::max(T_max, int(LineGeometry::Make(d, s.H, s.W).steps));
+                             const char* path) {
+  const int T_max = tp.a.steps_max;
   const int64_t words = int64_t(tp.blocks) * TmaTraceWords(T_max);
   // Every block writes T_max words' room; a block of shorter lines leaves its tail zero.
   unsigned long long* trace = nullptr;
@@ -877,6 +898,7 @@ struct TmaBwdPlan {
   TmaBwdMaps maps;
   TmaBwdLaunch a;
   int blocks, cluster;
+  int lines;  // that each block scans, all directions: the loose lockstep's arrival words
   size_t smem;
 };
 
@@ -937,13 +959,13 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // The grid's loose lockstep (v29), as the forward's: by the plan where the call is one wave
   // of more than 4/3 SMs' worth of blocks; CGSPN_CUDA_TMA_BWD_LEAD=n sets it (0: none).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
-  const bool one_wave =
-      blocks <= int64_t(BlocksPerSm(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)),
-                                    kTmaBwdThreads, tp->smem)) * sms;
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
-  a.lead = !one_wave ? 0 : lead_knob >= 0 ? lead_knob : blocks > sms * 4 / 3 ? kTmaLeadLines : 0;
-  a.lead_polls = std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
+  if (OneWave(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), kTmaBwdThreads, tp->smem,
+              blocks))
+    a.lead = lead_knob >= 0 ? lead_knob : blocks > sms * 4 / 3 ? kTmaLeadLines : 0;
+  a.lead_polls = LeadPolls();
   a.lead_blocks = int(blocks);
+  tp->lines = int(span.steps_total);
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
   if (tp->cluster != kTmaCluster &&
       !ClustersFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), tp->cluster,
@@ -993,18 +1015,16 @@ ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanSh
       // only the speed: without scratch for it, the barrier keeps its first kind throughout.
       unsigned* done = nullptr;
       if ((tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) || tp.a.lead > 0) {
-        const size_t bytes = (1 + (tp.a.lead > 0 ? tp.a.lead_T : 0)) * sizeof(unsigned);
-        if (auto mem = scratch.Allocate(bytes, 16)) {
-          done = static_cast<unsigned*>(*mem);
-          if (cudaError_t e = cudaMemsetAsync(done, 0, bytes, st); e != cudaSuccess)
-            return CudaError(e, "forward (TMA): zeroing the block count");
-        } else {
+        const size_t words = 1 + (tp.a.lead > 0 ? tp.a.steps_max : 0);
+        if (cudaError_t e = ZeroedScratch(scratch, words, st, &done); e != cudaSuccess)
+          return CudaError(e, "forward (TMA): zeroing the block count");
+        if (!done) {
           tp.a.relax_at = INT32_MAX;
           tp.a.lead = 0;
         }
       }
       if (const char* path = std::getenv("CGSPN_CUDA_TMA_TRACE"); path && *path)
-        return CudaError(TracedTmaForward<T>(st, tp, hp, done, s, dirs, path),
+        return CudaError(TracedTmaForward<T>(st, tp, hp, done, path),
                          "forward launch (TMA, traced)");
       return CudaError(LaunchTmaForward<T>(st, tp, hp, done), "forward launch (TMA)");
     }
@@ -1048,16 +1068,10 @@ ffi::Error Backward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanS
       // only the speed).
       unsigned* arrived = nullptr;
       if (tp.a.lead > 0) {
-        int lines = 0;
-        for (int64_t d : dirs) lines += int(LineGeometry::Make(d, s.H, s.W).steps);
-        const size_t bytes = size_t(lines) * sizeof(unsigned);
-        if (auto mem = scratch.Allocate(bytes, 16)) {
-          arrived = static_cast<unsigned*>(*mem);
-          if (cudaError_t e = cudaMemsetAsync(arrived, 0, bytes, st); e != cudaSuccess)
-            return CudaError(e, "backward (TMA): zeroing the line arrivals");
-        } else {
-          tp.a.lead = 0;
-        }
+        if (cudaError_t e = ZeroedScratch(scratch, size_t(tp.lines), st, &arrived);
+            e != cudaSuccess)
+          return CudaError(e, "backward (TMA): zeroing the line arrivals");
+        if (!arrived) tp.a.lead = 0;
       }
       return CudaError(LaunchTmaBackward<T>(st, tp, dxp, dlp, dwp, acc, arrived),
                        "backward launch (TMA)");

@@ -83,9 +83,10 @@ struct TmaLaunch {
   // sleeps of kTmaLeadPollNs (CGSPN_CUDA_TMA_LEAD_WAIT ns in all, 4096 by default), so that a
   // block never waits for ever on one that is not resident (the host sets it only where the
   // call is one wave, but other work may share the GPU). Arrivals are counted per line in the
-  // scratch words after `done` (lead_T of them, the longest scan); a block of shorter scans
-  // arrives at the rest when it ends.
-  int lead, lead_polls, lead_blocks, lead_T;
+  // scratch words after `done` (steps_max of them); a block of shorter scans arrives at the
+  // rest when it ends.
+  int lead, lead_polls, lead_blocks;
+  int steps_max;  // lines of the call's longest scan (the lead's arrival words, the trace's)
   // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
   // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
   // longest scan: see GspnFwdTmaKernel).
@@ -344,7 +345,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     if (trace && lane == 0) trace[2] = GlobalTimer();
     if (a.lead > 0 && lane == 0)  // arrived at the lines of longer scans, for their waits
-      for (int t = T_steps; t < a.lead_T; ++t) LeadArrive(done + 1 + t);
+      for (int t = T_steps; t < a.steps_max; ++t) LeadArrive(done + 1 + t);
     return;
   }
 
