@@ -287,6 +287,15 @@ BWD_LEAD_SETTINGS = [{}, _BWD_NO_LEAD] + [{"CGSPN_CUDA_TMA_BWD_LEAD": n} for n i
 BWD_LEAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8, 10)]
 BWD_LEAD_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
                    ((8, 1152, 112, 112), 72, "bfloat16", 1)]
+# The loose lockstep wave by wave (v30, CGSPN_CUDA_TMA_LEAD_WAVES=1: the plans' rule in calls
+# of several waves too) against the default (v27's adaptive barrier in the forward, no lead in
+# the backward) and, in the forward, the relaxed lockstep throughout.
+_WAVES = {"CGSPN_CUDA_TMA_LEAD_WAVES": "1"}
+LEAD_WAVES_SETTINGS = [{}, _WAVES, _RELAXED_SYNC, {}, _WAVES]
+LEAD_WAVES_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 12, 16)]
+LEAD_WAVES_CASES += [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (4, 8)]
+BWD_LEAD_WAVES_SETTINGS = [{}, _WAVES, {}, _WAVES]
+BWD_LEAD_WAVES_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (10, 11, 12, 16)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -317,6 +326,8 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "lead": (LEAD_SETTINGS, LEAD_CASES, ("fwd",)),
             "leadrule": (LEAD_RULE_SETTINGS, LEAD_RULE_CASES, ("fwd",)),
             "bwdlead": (BWD_LEAD_SETTINGS, BWD_LEAD_CASES, ("bwd",)),
+            "leadwaves": (LEAD_WAVES_SETTINGS, LEAD_WAVES_CASES, ("fwd",)),
+            "bwdleadwaves": (BWD_LEAD_WAVES_SETTINGS, BWD_LEAD_WAVES_CASES, ("bwd",)),
             "policy": (POLICY_SETTINGS, POLICY_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
@@ -328,7 +339,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_L2", "CGSPN_CUDA_TMA_LOCKSTEP",
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_PACE_SMS", "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_LEAD_WAIT",
-         "CGSPN_CUDA_TMA_BWD_LEAD",
+         "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVES", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")

@@ -447,6 +447,13 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((2, 100, 96, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_LEAD": "2"}),
+    # The lead wave by wave (v30): the plan's with CGSPN_CUDA_TMA_LEAD_WAVES=1 at 288 blocks (a
+    # full wave in the lead, the 24 blocks after it not waiting), and forced waves of 4 blocks
+    # on a call of 12, whose later waves start before the earlier ones end (their waits time
+    # out; a block stops waiting after kTmaLeadMisses of them).
+    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD_WAVES": "1"}),
+    ((2, 100, 128, 128), 8, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -455,7 +462,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "relax_after_first_288_blocks", "relax_after_first", "relax_after_first_thread_h",
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
         "pace_sleep_partway", "lead_plan_192_blocks", "lead_partway_240_blocks",
-        "lead_two_scan_lengths", "lead_whole_grid_all_dirs"])
+        "lead_two_scan_lengths", "lead_whole_grid_all_dirs", "lead_waves_288_blocks",
+        "lead_waves_of_4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -478,6 +486,7 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
         sync = "lockstep" if relax_at == 0 else "cluster"
     assert all(f" linesync={sync} relax_at={relax_at} " in ln for ln in plans), plans
     assert all(f" lead={lead} " in ln for ln in plans), plans
+    _check_lead_wave(plans, lead, len(directions) * shape[0] * -(-shape[3] // 48), knobs)
     # h goes out as bulk tensor stores unless the knob says no or a split column line is odd.
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
@@ -505,8 +514,23 @@ def _tma_plan_leads(shape, directions, knobs):
     barrier's switch or the lead."""
     B, H, W, C = shape
     blocks = len(directions) * B * -(-C // 48)
-    return (blocks <= 2 * _gpu().core_count and "CGSPN_CUDA_TMA_RELAX_BELOW" not in knobs
+    waves = blocks <= 2 * _gpu().core_count or knobs.get("CGSPN_CUDA_TMA_LEAD_WAVES") == "1"
+    return (waves and "CGSPN_CUDA_TMA_RELAX_BELOW" not in knobs
             and "CGSPN_CUDA_TMA_LEAD" not in knobs)
+
+
+def _check_lead_wave(plans, lead, blocks, knobs):
+    """The printed wave of the loose lockstep: CGSPN_CUDA_TMA_LEAD_WAVE's, else the blocks
+    resident at once (two per multiprocessor, in clusters) or the call's, if fewer; 0 with no
+    lead."""
+    wave = 0
+    if lead:
+        wave = min(int(knobs.get("CGSPN_CUDA_TMA_LEAD_WAVE", 2 * _gpu().core_count)), blocks)
+    if "CGSPN_CUDA_TMA_LEAD_WAVE" in knobs or not lead or blocks <= 2 * _gpu().core_count:
+        assert all(f" wave={wave} " in ln for ln in plans), plans
+    else:  # a full wave of clusters: what cudaOccupancyMaxActiveClusters says fits
+        waves = [int(ln.split(" wave=")[1].split()[0]) for ln in plans]
+        assert all(0 < w <= wave for w in waves), plans
 
 
 # The TMA backward (xla_ffi/gspn_cuda_backward_tma.cuh): 16-bit types, C and 3 G multiples of 8,
@@ -540,9 +564,15 @@ def _tma_plan_leads(shape, directions, knobs):
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3"}),
     ((2, 40, 72, 128), 16, ("bt", "rl"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "2"}),
+    # The lead wave by wave (v30), as the forward's: the plan's with CGSPN_CUDA_TMA_LEAD_WAVES=1
+    # at 288 blocks, and forced waves of 4 blocks (of 6) with the dx sum.
+    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD_WAVES": "1"}),
+    ((2, 40, 72, 128), 16, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3",
+      "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
-        "lead_3_dx_sum", "lead_whole_grid_dx_sum"])
+        "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -557,9 +587,11 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     sync = _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "1")]
     assert all(f" linesync={sync} " in ln for ln in plans), plans
     sms = _gpu().core_count
-    lead = 5 if sms * 4 // 3 < blocks <= 2 * sms else 0  # the plan's rule (kTmaLeadLines)
+    waves = blocks <= 2 * sms or knobs.get("CGSPN_CUDA_TMA_LEAD_WAVES") == "1"
+    lead = 5 if waves and sms * 4 // 3 < blocks else 0  # the plan's rule (kTmaLeadLines)
     lead = int(knobs.get("CGSPN_CUDA_TMA_BWD_LEAD", lead))
     assert all(f" lead={lead} " in ln for ln in plans), plans
+    _check_lead_wave(plans, lead, blocks, knobs)
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

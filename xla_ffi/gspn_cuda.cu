@@ -565,21 +565,26 @@ inline int TmaClusterSize(int64_t blocks, int64_t run, int preferred) {
   return blocks % c == 0 && run % c == 0 ? c : kTmaCluster;
 }
 
-// Whether clusters of `cluster` blocks of `kernel` (threads, smem bytes) can be resident at all.
-// The plan asks at every call of the handler, so the answer is kept per device and query.
-bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
+// How many clusters of `cluster` blocks of `kernel` (threads, smem bytes) can be resident at
+// once on the idle GPU; 0 where none or the query fails. The plans ask at every call of the
+// handler, so the answer is kept per device and query.
+int ActiveClusters(const void* kernel, int cluster, int threads, size_t smem) {
   int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess) return false;
+  if (cudaGetDevice(&device) != cudaSuccess) return 0;
   static std::mutex mu;
-  static std::map<std::tuple<int, const void*, int, int, size_t>, bool> known;
+  static std::map<std::tuple<int, const void*, int, int, size_t>, int> known;
   const auto key = std::make_tuple(device, kernel, cluster, threads, smem);
   std::lock_guard<std::mutex> lock(mu);
   if (auto it = known.find(key); it != known.end()) return it->second;
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = ClusterLaunch(cluster, cluster, threads, smem, nullptr, &attr);
   int n = 0;
-  const bool fit = cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) == cudaSuccess && n > 0;
-  return known[key] = fit;
+  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) n = 0;
+  return known[key] = std::max(n, 0);
+}
+
+bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
+  return ActiveClusters(kernel, cluster, threads, smem) > 0;
 }
 
 // The TMA kernels' line barrier (LineSyncKind) where a block reads nothing of its peers':
@@ -674,17 +679,25 @@ bool BlocksFit(const void* kernel, int threads, size_t smem, int need) {
   return BlocksPerSm(kernel, threads, smem) >= need;
 }
 
-// Whether all `blocks` blocks of `kernel` are resident at once on an idle GPU (one wave): where
-// the TMA kernels' loose lockstep (TmaLaunch::lead) may wait for every block.
-bool OneWave(const void* kernel, int threads, size_t smem, int64_t blocks) {
-  return blocks <= int64_t(BlocksPerSm(kernel, threads, smem)) *
-                       DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+// How many blocks of `kernel`, launched in clusters of `cluster`, are resident at once on the
+// idle GPU (a wave): the TMA kernels' loose lockstep (TmaLaunch::lead) waits only for the
+// blocks of a block's own wave. At least one cluster.
+int WaveBlocks(const void* kernel, int threads, size_t smem, int cluster) {
+  const int clusters = ActiveClusters(kernel, cluster, threads, smem);
+  const int64_t blocks = clusters > 0 ? int64_t(clusters) * cluster
+                                      : int64_t(BlocksPerSm(kernel, threads, smem)) *
+                                            DeviceAttr(cudaDevAttrMultiProcessorCount, 132) /
+                                            cluster * cluster;
+  return int(std::clamp<int64_t>(blocks, cluster, INT32_MAX));
 }
 
 // The loose lockstep's most sleeps per line (CGSPN_CUDA_TMA_LEAD_WAIT ns in all, 4096 by default).
 int LeadPolls() {
   return std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
 }
+
+// The waves of the loose lockstep's arrival words (TmaLaunch::lead_wave).
+int64_t LeadWaves(int blocks, int wave) { return (int64_t(blocks) + wave - 1) / wave; }
 
 // `words` zeroed words of scratch, on the stream; *out stays null where scratch cannot be had
 // (the counts it holds steer only the speed: the callers then do without them).
@@ -805,20 +818,25 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
                  knob == 1 ? 1 : 2))
     return false;
-  // The grid's loose lockstep needs every block resident at once (one wave); the plan takes it,
-  // with the relaxed line barrier throughout, where the barrier would otherwise start with
-  // release and acquire (more than 4/3 SMs' worth of blocks: TmaRelaxAt). Measured (H100,
-  // docs/kernel_notes.md, v29): the relaxed lockstep leaves the blocks of the cluster
-  // scheduler's 8-SM units (filled with two blocks per SM) 20% behind, which the release's
-  // fence hides at the price of every line; held within kTmaLeadLines lines of the slowest
-  // block, 8 and 10 images of 1152 x 128 x 128 bfloat16 G = 72 ran 8% and 7% faster than
-  // v27's adaptive barrier; with fewer blocks (6 images) the lead cost 11%.
-  if (!OneWave(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
-               blocks)) {
-    a.lead = 0;
-  } else if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
-             a.relax_at < INT32_MAX) {
+  // The grid's loose lockstep holds the blocks of each wave together (TmaLaunch::lead_wave).
+  // The plan takes it, with the relaxed line barrier throughout, where the barrier would
+  // otherwise start with release and acquire (more than 4/3 SMs' worth of blocks: TmaRelaxAt)
+  // and the call is one wave (or CGSPN_CUDA_TMA_LEAD_WAVES=1: any call, waves of at most 4/3
+  // SMs' worth of blocks not waiting). Measured (H100, docs/kernel_notes.md, v29): the relaxed
+  // lockstep leaves the blocks of the cluster scheduler's 8-SM units (filled with two blocks per
+  // SM) 20% behind, which the release's fence hides at the price of every line; held within
+  // kTmaLeadLines lines of the slowest block, 8 and 10 images of 1152 x 128 x 128 bfloat16
+  // G = 72 ran 8% and 7% faster than v27's adaptive barrier; with fewer blocks (6 images) the
+  // lead cost 11%. CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
+  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+  const int wave = WaveBlocks(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
+                              tp->smem, tp->cluster);
+  a.lead_wave = int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave), blocks));
+  a.lead_wave = std::max(a.lead_wave, 1);
+  if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
+      a.relax_at < INT32_MAX && (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES") == 1)) {
     a.lead = kTmaLeadLines;
+    a.lead_min = sms * 4 / 3;
     a.relax_at = 0;
     a.lockstep = kLineSyncLockstep;
   }
@@ -840,11 +858,11 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d pace=%d "
-                 "lead=%d blocks/SM=%d\n",
+                 "lead=%d wave=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
-                 tp.a.bulk_h, tp.a.pace, tp.a.lead,
+                 tp.a.bulk_h, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
@@ -956,21 +974,30 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // each, interleaved): bfloat16 0.980-0.986 ms in pairs, 0.926-0.930 in groups of 8; float16
   // 0.981-1.040 against 0.921-0.940 (groups of 4 between). The forward measured no better in
   // groups of 4 or 8, and 10% slower at D = 4.
-  // The grid's loose lockstep (v29), as the forward's: by the plan where the call is one wave
-  // of more than 4/3 SMs' worth of blocks; CGSPN_CUDA_TMA_BWD_LEAD=n sets it (0: none).
-  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
-  const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
-  if (OneWave(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), kTmaBwdThreads, tp->smem,
-              blocks))
-    a.lead = lead_knob >= 0 ? lead_knob : blocks > sms * 4 / 3 ? kTmaLeadLines : 0;
-  a.lead_polls = LeadPolls();
-  a.lead_blocks = int(blocks);
-  tp->lines = int(span.steps_total);
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
   if (tp->cluster != kTmaCluster &&
       !ClustersFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), tp->cluster,
                    kTmaBwdThreads, tp->smem))
     tp->cluster = kTmaCluster;
+  // The grid's loose lockstep (v29), as the forward's: by the plan where the call is one wave
+  // (or CGSPN_CUDA_TMA_LEAD_WAVES=1: any call) and the wave holds more than 4/3 SMs' worth of
+  // blocks; CGSPN_CUDA_TMA_BWD_LEAD=n sets it (0: none) in every wave.
+  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+  const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
+  const int wave = WaveBlocks(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)),
+                              kTmaBwdThreads, tp->smem, tp->cluster);
+  a.lead_wave = std::max(1, int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave),
+                                                  blocks)));
+  if (lead_knob >= 0) {
+    a.lead = lead_knob;
+  } else if (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES") == 1) {
+    a.lead = kTmaLeadLines;
+    a.lead_min = sms * 4 / 3;
+    if (std::min<int64_t>(blocks, a.lead_wave) <= a.lead_min) a.lead = 0;  // no wave waits
+  }
+  a.lead_polls = LeadPolls();
+  a.lead_blocks = int(blocks);
+  tp->lines = int(span.steps_total);
   tp->maps = {};
   const int64_t xrows = s.B * s.H, drows = s.D * s.B * s.H;
   TmaBwdMaps& m = tp->maps;
@@ -990,9 +1017,10 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   const auto kernel = TmaBwdKernelFor<T>(tp.a.D);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d blocks/SM=%d\n", kTmaSlab,
-                 kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster, LineSyncName(tp.a.lockstep),
-                 tp.a.gbox, tp.a.nsub, tp.a.lead,
+                 "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d blocks/SM=%d\n",
+                 kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
+                 LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
+                 tp.a.lead > 0 ? tp.a.lead_wave : 0,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);
@@ -1015,7 +1043,10 @@ ffi::Error Forward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanSh
       // only the speed: without scratch for it, the barrier keeps its first kind throughout.
       unsigned* done = nullptr;
       if ((tp.a.relax_at > 0 && tp.a.relax_at < INT32_MAX) || tp.a.lead > 0) {
-        const size_t words = 1 + (tp.a.lead > 0 ? tp.a.steps_max : 0);
+        const size_t words = 1 + (tp.a.lead > 0 ? size_t(LeadWaves(tp.a.lead_blocks,
+                                                                     tp.a.lead_wave)) *
+                                                         tp.a.steps_max
+                                                   : 0);
         if (cudaError_t e = ZeroedScratch(scratch, words, st, &done); e != cudaSuccess)
           return CudaError(e, "forward (TMA): zeroing the block count");
         if (!done) {
@@ -1068,7 +1099,8 @@ ffi::Error Backward(cudaStream_t st, ffi::ScratchAllocator& scratch, const ScanS
       // only the speed).
       unsigned* arrived = nullptr;
       if (tp.a.lead > 0) {
-        if (cudaError_t e = ZeroedScratch(scratch, size_t(tp.lines), st, &arrived);
+        const size_t words = size_t(LeadWaves(tp.a.lead_blocks, tp.a.lead_wave)) * tp.lines;
+        if (cudaError_t e = ZeroedScratch(scratch, words, st, &arrived);
             e != cudaSuccess)
           return CudaError(e, "backward (TMA): zeroing the line arrivals");
         if (!arrived) tp.a.lead = 0;

@@ -75,9 +75,10 @@ struct TmaBwdLaunch {
                  // 3 no stores, 4 no dw stores, 5 dx and dlam from the registers
   int lockstep;  // the line barrier: a LineSyncKind (kLineSyncLockstep by default)
   // The grid's loose lockstep, as the forward's (TmaLaunch::lead; v29): line q's copies wait
-  // until all `lead_blocks` blocks have finished line q - lead (arrivals counted per line in
-  // GspnBwdTmaKernel's `arrived`), at most `lead_polls` sleeps. 0: none.
-  int lead, lead_polls, lead_blocks;
+  // until all blocks of the block's wave have finished line q - lead (arrivals counted per wave
+  // and line in GspnBwdTmaKernel's `arrived`: as many words per wave as a block scans lines),
+  // waves and waits as there. 0: none.
+  int lead, lead_polls, lead_blocks, lead_wave, lead_min;
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
@@ -181,13 +182,13 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
   if (warp == kTmaBwdWarps) {
     if (lane == 0)
       for (int q = 0; q < K && q < lines; ++q) issue(q);
+    LeadState lead(arrived, lines, a.lead, a.lead_wave, a.lead_blocks, a.lead_min);
     for (int q = 0; q < lines; ++q) {
       LineSync(a.lockstep);
-      if (a.lead > 0 && lane == 0) LeadArrive(arrived + q);
+      if (a.lead > 0 && lane == 0) lead.Arrive(q);
       if (lane == 0 && q + K < lines) {
         MbarWait(&empty[q % K], (q / K) & 1);
-        if (a.lead > 0 && q + K - a.lead >= 0)
-          LeadWait(arrived + (q + K - a.lead), a.lead_blocks, a.lead_polls);
+        if (a.lead > 0 && q + K - a.lead >= 0) lead.Wait(q + K - a.lead, a.lead_polls);
         issue(q + K);
       }
       __syncwarp();

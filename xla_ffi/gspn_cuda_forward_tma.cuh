@@ -77,15 +77,17 @@ struct TmaLaunch {
   // whose bits (%smid) are set in `pace_sms`: which blocks' own sleep helps (v29).
   int pace_masked;
   unsigned pace_sms[8];
-  // A loose lockstep of the whole grid (v29; the plan's rule in PlanTmaForward, or
+  // A loose lockstep of the grid (v29; the plan's rule in PlanTmaForward, or
   // CGSPN_CUDA_TMA_LEAD=n, where 0 turns it off): a block issues line u's copies only once all
-  // `lead_blocks` blocks of the call have finished line u - n, waiting at most `lead_polls`
-  // sleeps of kTmaLeadPollNs (CGSPN_CUDA_TMA_LEAD_WAIT ns in all, 4096 by default), so that a
-  // block never waits for ever on one that is not resident (the host sets it only where the
-  // call is one wave, but other work may share the GPU). Arrivals are counted per line in the
-  // scratch words after `done` (steps_max of them); a block of shorter scans arrives at the
-  // rest when it ends.
-  int lead, lead_polls, lead_blocks;
+  // blocks of its wave have finished line u - n. Waves are runs of `lead_wave` blocks in
+  // blockIdx order (the order the GPU starts them in; lead_wave is what fits the GPU at once),
+  // `lead_blocks` blocks in all; a wave of at most `lead_min` blocks does not wait. A wait lasts
+  // at most `lead_polls` sleeps of kTmaLeadPollNs (CGSPN_CUDA_TMA_LEAD_WAIT ns in all, 4096 by
+  // default), and a block that timed out kTmaLeadMisses times stops waiting: a block never
+  // waits for ever on one that is not resident (other work may share the GPU). Arrivals are
+  // counted per wave and line in the scratch words after `done` (steps_max per wave); a block
+  // of shorter scans arrives at the rest when it ends.
+  int lead, lead_polls, lead_blocks, lead_wave, lead_min;
   int steps_max;  // lines of the call's longest scan (the lead's arrival words, the trace's)
   // Experiments (CGSPN_CUDA_TMA_TRACE=file): where not null, each block's producer records
   // its line times in `trace`, `trace_words` words per block (TmaTraceWords of the call's
@@ -122,21 +124,42 @@ enum LineSyncKind { kLineSyncBlock = 0, kLineSyncLockstep = 1, kLineSyncCluster 
 enum TmaPace { kPaceNone, kPaceProducerFence, kPaceConsumerFence, kPaceSleepMin = 16 };
 constexpr unsigned kTmaLeadPollNs = 256;
 constexpr int kTmaLeadLines = 5;  // the plan's TmaLaunch::lead (v29: 4 and 6 measured alike)
+constexpr int kTmaLeadMisses = 16;  // timed-out waits after which a block stops waiting
 
 // The grid's loose lockstep (TmaLaunch::lead, TmaBwdLaunch::lead): a block's arrival at the end
 // of a line, counted in `*arrived`, and the wait before a line's copies until `blocks` blocks
-// have arrived at an earlier one, at most `polls` sleeps (one thread each).
+// have arrived at an earlier one, at most `polls` sleeps (one thread each); false if it timed
+// out.
 __device__ __forceinline__ void LeadArrive(unsigned* arrived) {
   asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
 }
-__device__ __forceinline__ void LeadWait(const unsigned* arrived, int blocks, int polls) {
-  for (int i = 0; i <= polls; ++i) {
+__device__ __forceinline__ bool LeadWait(const unsigned* arrived, int blocks, int polls) {
+  for (int i = 0;; ++i) {
     unsigned n;
     asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(n) : "l"(arrived));
-    if (n >= unsigned(blocks) || i == polls) break;
+    if (n >= unsigned(blocks)) return true;
+    if (i == polls) return false;
     __nanosleep(kTmaLeadPollNs);
   }
 }
+// A block's part in the loose lockstep: the arrival words of its wave (`lines` per wave after
+// `words`), the blocks of that wave, and how many of its waits may still time out (0: it does
+// not wait). `wave`, `total` and `min_blocks` are the launch's lead_wave, lead_blocks, lead_min.
+struct LeadState {
+  unsigned* arrived;
+  int blocks, misses;
+  __device__ LeadState(unsigned* words, int lines, int lead, int wave, int total,
+                       int min_blocks) {
+    const int w = lead > 0 ? int(blockIdx.x) / wave : 0;
+    arrived = words + int64_t(w) * lines;
+    blocks = lead > 0 ? min(wave, total - w * wave) : 0;
+    misses = lead > 0 && blocks > min_blocks ? kTmaLeadMisses : 0;
+  }
+  __device__ void Arrive(int line) { LeadArrive(arrived + line); }
+  __device__ void Wait(int line, int polls) {
+    if (misses > 0 && !LeadWait(arrived + line, blocks, polls)) --misses;
+  }
+};
 // A block's trace: %smid, %globaltimer at its start and at its end (ns), clock64 at its start
 // and at the end of each of its T lines' barriers.
 __host__ __device__ constexpr int TmaTraceWords(int T) { return 4 + T; }
@@ -305,6 +328,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       asm("mov.u32 %0, %%smid;" : "=r"(id));
       sleeper = id < 256 && ((a.pace_sms[id / 32] >> (id % 32)) & 1u);
     }
+    LeadState lead(done + 1, a.steps_max, a.lead, a.lead_wave, a.lead_blocks, a.lead_min);
     for (int t = 0; t < T_steps; ++t) {
       int next = kind;
       if (adaptive) {
@@ -315,7 +339,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       if (trace && lane == 0) trace[4 + t] = clock64();
       if (adaptive && lane == 0)
         asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(finished) : "l"(done));
-      if (a.lead > 0 && lane == 0) LeadArrive(done + 1 + t);
+      if (a.lead > 0 && lane == 0) lead.Arrive(t);
       const bool paced = kind == kLineSyncLockstep;  // TmaLaunch::pace applies to the line
       kind = next;
       if (lane == 0 && a.bulk_h) {
@@ -330,8 +354,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       }
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
-        if (a.lead > 0 && t + K - a.lead >= 0)
-          LeadWait(done + 1 + (t + K - a.lead), a.lead_blocks, a.lead_polls);
+        if (a.lead > 0 && t + K - a.lead >= 0) lead.Wait(t + K - a.lead, a.lead_polls);
         if (paced && a.pace == kPaceProducerFence) {
           asm volatile("fence.acq_rel.gpu;" ::: "memory");
         } else if (paced && a.pace >= kPaceSleepMin && sleeper) {
@@ -345,7 +368,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     if (lane == 0 && a.bulk_h) asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
     if (trace && lane == 0) trace[2] = GlobalTimer();
     if (a.lead > 0 && lane == 0)  // arrived at the lines of longer scans, for their waits
-      for (int t = T_steps; t < a.steps_max; ++t) LeadArrive(done + 1 + t);
+      for (int t = T_steps; t < a.steps_max; ++t) lead.Arrive(t);
     return;
   }
 
