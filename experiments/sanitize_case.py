@@ -20,7 +20,8 @@ and columns of 6: the rows' second-half boxes run past W), else from every threa
 5); and without the unsplit kernel's bulk stores (CGSPN_CUDA_TMA_FWD_BULK=0); and with its line
 barrier turning relaxed partway (CGSPN_CUDA_TMA_RELAX_BELOW), or relaxed with the blocks on each
 producer asleep before its copies (CGSPN_CUDA_TMA_PACE, an experiment's knob), or relaxed in the
-grid's loose lockstep (CGSPN_CUDA_TMA_LEAD). The TMA backward
+grid's loose lockstep (CGSPN_CUDA_TMA_LEAD), also in waves of 2 blocks
+(CGSPN_CUDA_TMA_LEAD_WAVE). The TMA backward
 forced (CGSPN_CUDA_TMA_BWD=1): C = 64 with G = 8 (a partial slab, three directions with the
 running dx sum) and C = 128 with G = 8 (groups of 16 channels, three slabs, so that a cluster's
 two blocks belong to different images; and with B = 8, clusters of eight).
@@ -66,16 +67,22 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          # The grid's loose lockstep (experiment knob), its blocks 2 lines apart at most.
          ((2, 5, 100, 64), 8, ("tb", "rl"),
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_LEAD": "4"}),
+         ((2, 5, 100, 64), 8, ("bt", "lr"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LEAD_WAVE": "2"}),
          ((1, 5, 72, 64), 8, ("tb", "lr", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((2, 7, 9, 128), 8, ("bt", "rl"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          ((8, 5, 9, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_BWD": "1"}),
          # The TMA backward in the grid's loose lockstep (experiment knob), with the dx sum.
          ((2, 7, 9, 128), 8, ("tb", "rl"),
-          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3"})]
+          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3"}),
+         ((2, 7, 9, 128), 8, ("lr", "bt"),
+          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "2",
+           "CGSPN_CUDA_TMA_LEAD_WAVE": "2"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE",
-         "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_TRACE")
+         "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVE",
+         "CGSPN_CUDA_TMA_TRACE")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

@@ -287,14 +287,16 @@ BWD_LEAD_SETTINGS = [{}, _BWD_NO_LEAD] + [{"CGSPN_CUDA_TMA_BWD_LEAD": n} for n i
 BWD_LEAD_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (7, 8, 10)]
 BWD_LEAD_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
                    ((8, 1152, 112, 112), 72, "bfloat16", 1)]
-# The loose lockstep wave by wave (v30, CGSPN_CUDA_TMA_LEAD_WAVES=1: the plans' rule in calls
-# of several waves too) against the default (v27's adaptive barrier in the forward, no lead in
-# the backward) and, in the forward, the relaxed lockstep throughout.
-_WAVES = {"CGSPN_CUDA_TMA_LEAD_WAVES": "1"}
-LEAD_WAVES_SETTINGS = [{}, _WAVES, _RELAXED_SYNC, {}, _WAVES]
+# The loose lockstep wave by wave (v30: the forward's default; CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps
+# it to calls of one wave, v29, where v27's adaptive barrier runs the rest) and the relaxed
+# lockstep throughout. The backward's (CGSPN_CUDA_TMA_BWD_LEAD_WAVES=1; off by default) against
+# none, and its groups of 8 where they take more waves than pairs (CGSPN_CUDA_TMA_CLUSTER=8).
+_ONE_WAVE = {"CGSPN_CUDA_TMA_LEAD_WAVES": "0"}
+LEAD_WAVES_SETTINGS = [{}, _ONE_WAVE, _RELAXED_SYNC, {}, _ONE_WAVE]
 LEAD_WAVES_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 12, 16)]
 LEAD_WAVES_CASES += [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (4, 8)]
-BWD_LEAD_WAVES_SETTINGS = [{}, _WAVES, {}, _WAVES]
+_BWD_WAVES = {"CGSPN_CUDA_TMA_BWD_LEAD_WAVES": "1"}
+BWD_LEAD_WAVES_SETTINGS = [{}, _BWD_WAVES, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {}, _BWD_WAVES]
 BWD_LEAD_WAVES_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (10, 11, 12, 16)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
@@ -340,6 +342,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_FWD_BULK", "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_PACE_SMS", "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_LEAD_WAIT",
          "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVES", "CGSPN_CUDA_TMA_LEAD_WAVE",
+         "CGSPN_CUDA_TMA_BWD_LEAD_WAVES",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")

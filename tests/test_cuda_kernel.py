@@ -423,7 +423,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     # still running switch mid-scan);
     # forced at the first finished block on small calls (whose blocks may all finish before
     # they see it), with the per-thread h stores, and every direction.
-    ((12, 72, 128, 1152), 72, ("tb",), {}),
+    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD_WAVES": "0"}),
     ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_RELAX_BELOW": "287"}),
     ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "11"}),
     ((2, 100, 128, 128), 8, ("bt", "rl"),
@@ -447,11 +447,11 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((2, 100, 96, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_LEAD": "2"}),
-    # The lead wave by wave (v30): the plan's with CGSPN_CUDA_TMA_LEAD_WAVES=1 at 288 blocks (a
-    # full wave in the lead, the 24 blocks after it not waiting), and forced waves of 4 blocks
-    # on a call of 12, whose later waves start before the earlier ones end (their waits time
-    # out; a block stops waiting after kTmaLeadMisses of them).
-    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD_WAVES": "1"}),
+    # The lead wave by wave (v30): the plan's at 288 blocks (a full wave in the lead, the 24
+    # blocks after it not waiting), and forced waves of 4 blocks on a call of 12, whose later
+    # waves start before the earlier ones end (their waits time out; a block stops waiting
+    # after kTmaLeadMisses of them).
+    ((12, 72, 128, 1152), 72, ("tb",), {}),
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
@@ -510,11 +510,12 @@ def _tma_relax_at(shape, directions, knobs):
 def _tma_plan_leads(shape, directions, knobs):
     """Whether the plan puts a TMA forward whose barrier would start with release and acquire
     into the grid's loose lockstep of kTmaLeadLines = 5 lines instead, relaxed throughout
-    (v29): where its blocks, two per multiprocessor, are one wave, and no knob names the
-    barrier's switch or the lead."""
+    (v29): where no knob names the barrier's switch or the lead, and (v30) wave by wave unless
+    CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (two blocks per
+    multiprocessor)."""
     B, H, W, C = shape
     blocks = len(directions) * B * -(-C // 48)
-    waves = blocks <= 2 * _gpu().core_count or knobs.get("CGSPN_CUDA_TMA_LEAD_WAVES") == "1"
+    waves = blocks <= 2 * _gpu().core_count or knobs.get("CGSPN_CUDA_TMA_LEAD_WAVES") != "0"
     return (waves and "CGSPN_CUDA_TMA_RELAX_BELOW" not in knobs
             and "CGSPN_CUDA_TMA_LEAD" not in knobs)
 
@@ -564,15 +565,18 @@ def _check_lead_wave(plans, lead, blocks, knobs):
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3"}),
     ((2, 40, 72, 128), 16, ("bt", "rl"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "2"}),
-    # The lead wave by wave (v30), as the forward's: the plan's with CGSPN_CUDA_TMA_LEAD_WAVES=1
-    # at 288 blocks, and forced waves of 4 blocks (of 6) with the dx sum.
-    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD_WAVES": "1"}),
+    # The lead wave by wave (v30), as the forward's: the plan's with
+    # CGSPN_CUDA_TMA_BWD_LEAD_WAVES=1 at 288 blocks, and forced waves of 4 blocks (of 6) with
+    # the dx sum; pairs, not groups of 8, where only they hold the call in one wave (264 blocks).
+    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_BWD_LEAD_WAVES": "1"}),
     ((2, 40, 72, 128), 16, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3",
       "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
+    ((11, 72, 128, 1152), 72, ("tb",), {}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
-        "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4"])
+        "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
+        "pairs_one_wave_264_blocks"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -581,13 +585,17 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     plans = _printed_plans(capfd)["backward"]
     assert len(plans) >= 2 and all(" TMA " in ln for ln in plans), plans
     # Lockstep groups of 8 slabs where they divide the (image, slab) blocks, else pairs.
+    # (v30) Pairs where only they hold the call in one wave: of 8, 240 fit an H100 at once
+    # (30 clusters of 8; a GPC holds whole clusters), of 2, 264.
+    sms = _gpu().core_count
     blocks = shape[0] * -(-shape[3] // 48)
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "8" if blocks % 8 == 0 else "2")
+    if "CGSPN_CUDA_TMA_CLUSTER" not in knobs and 240 < blocks <= 2 * sms:
+        cluster = "2"
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "1")]
     assert all(f" linesync={sync} " in ln for ln in plans), plans
-    sms = _gpu().core_count
-    waves = blocks <= 2 * sms or knobs.get("CGSPN_CUDA_TMA_LEAD_WAVES") == "1"
+    waves = blocks <= 2 * sms or knobs.get("CGSPN_CUDA_TMA_BWD_LEAD_WAVES") == "1"
     lead = 5 if waves and sms * 4 // 3 < blocks else 0  # the plan's rule (kTmaLeadLines)
     lead = int(knobs.get("CGSPN_CUDA_TMA_BWD_LEAD", lead))
     assert all(f" lead={lead} " in ln for ln in plans), plans

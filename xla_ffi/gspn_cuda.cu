@@ -820,21 +820,22 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     return false;
   // The grid's loose lockstep holds the blocks of each wave together (TmaLaunch::lead_wave).
   // The plan takes it, with the relaxed line barrier throughout, where the barrier would
-  // otherwise start with release and acquire (more than 4/3 SMs' worth of blocks: TmaRelaxAt)
-  // and the call is one wave (or CGSPN_CUDA_TMA_LEAD_WAVES=1: any call, waves of at most 4/3
-  // SMs' worth of blocks not waiting). Measured (H100, docs/kernel_notes.md, v29): the relaxed
-  // lockstep leaves the blocks of the cluster scheduler's 8-SM units (filled with two blocks per
-  // SM) 20% behind, which the release's fence hides at the price of every line; held within
-  // kTmaLeadLines lines of the slowest block, 8 and 10 images of 1152 x 128 x 128 bfloat16
-  // G = 72 ran 8% and 7% faster than v27's adaptive barrier; with fewer blocks (6 images) the
-  // lead cost 11%. CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
+  // otherwise start with release and acquire (more than 4/3 SMs' worth of blocks: TmaRelaxAt);
+  // a wave of at most 4/3 SMs' worth does not wait. Measured (H100, docs/kernel_notes.md, v29):
+  // the relaxed lockstep leaves the blocks of the cluster scheduler's 8-SM units (filled with
+  // two blocks per SM) 20% behind, which the release's fence hides at the price of every line;
+  // held within kTmaLeadLines lines of the slowest block, 8 and 10 images of 1152 x 128 x 128
+  // bfloat16 G = 72 ran 8% and 7% faster than v27's adaptive barrier (with fewer blocks, 6
+  // images, the lead cost 11%); wave by wave (v30), 12 and 16 images 5% and 2% faster, D = 4 at
+  // 4 and 8 images 2% and 3%. CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (v29);
+  // CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int wave = WaveBlocks(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                               tp->smem, tp->cluster);
   a.lead_wave = int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave), blocks));
   a.lead_wave = std::max(a.lead_wave, 1);
   if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
-      a.relax_at < INT32_MAX && (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES") == 1)) {
+      a.relax_at < INT32_MAX && (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES", 1) == 1)) {
     a.lead = kTmaLeadLines;
     a.lead_min = sms * 4 / 3;
     a.relax_at = 0;
@@ -974,23 +975,33 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // each, interleaved): bfloat16 0.980-0.986 ms in pairs, 0.926-0.930 in groups of 8; float16
   // 0.981-1.040 against 0.921-0.940 (groups of 4 between). The forward measured no better in
   // groups of 4 or 8, and 10% slower at D = 4.
+  // Groups of 8 also only where the call takes no more waves in them than in pairs: a GPC
+  // holds whole clusters, so fewer blocks fit at once in groups of 8 (240 on an H100, against
+  // 264 in pairs). Measured (v30): 11 images of 1152 x 128 x 128 (264 blocks) ran 1.54 ms in
+  // groups of 8, two waves, against 0.97 for 10 images in one. CGSPN_CUDA_TMA_CLUSTER=8
+  // keeps groups of 8 wherever they fit.
+  const void* kernel = reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D));
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
-  if (tp->cluster != kTmaCluster &&
-      !ClustersFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)), tp->cluster,
-                   kTmaBwdThreads, tp->smem))
-    tp->cluster = kTmaCluster;
+  if (tp->cluster != kTmaCluster) {
+    const int64_t wide = int64_t(ActiveClusters(kernel, tp->cluster, kTmaBwdThreads, tp->smem)) *
+                         tp->cluster;
+    const int64_t pairs = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, kTmaCluster);
+    if (wide == 0 || (EnvInt("CGSPN_CUDA_TMA_CLUSTER") == 0 &&
+                      (blocks + wide - 1) / wide > (blocks + pairs - 1) / pairs))
+      tp->cluster = kTmaCluster;
+  }
   // The grid's loose lockstep (v29), as the forward's: by the plan where the call is one wave
-  // (or CGSPN_CUDA_TMA_LEAD_WAVES=1: any call) and the wave holds more than 4/3 SMs' worth of
-  // blocks; CGSPN_CUDA_TMA_BWD_LEAD=n sets it (0: none) in every wave.
+  // (or CGSPN_CUDA_TMA_BWD_LEAD_WAVES=1: any call) and the wave holds more than 4/3 SMs' worth
+  // of blocks; CGSPN_CUDA_TMA_BWD_LEAD=n sets it (0: none) in every wave. Wave by wave it
+  // measured mixed (v30: 16 images of 1152 x 128 x 128 2% faster, 12 images alike).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
-  const int wave = WaveBlocks(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(s.D)),
-                              kTmaBwdThreads, tp->smem, tp->cluster);
+  const int wave = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, tp->cluster);
   a.lead_wave = std::max(1, int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave),
                                                   blocks)));
   if (lead_knob >= 0) {
     a.lead = lead_knob;
-  } else if (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES") == 1) {
+  } else if (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_BWD_LEAD_WAVES") == 1) {
     a.lead = kTmaLeadLines;
     a.lead_min = sms * 4 / 3;
     if (std::min<int64_t>(blocks, a.lead_wave) <= a.lead_min) a.lead = 0;  // no wave waits
