@@ -298,6 +298,13 @@ LEAD_WAVES_CASES += [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (4, 8)]
 _BWD_WAVES = {"CGSPN_CUDA_TMA_BWD_LEAD_WAVES": "1"}
 BWD_LEAD_WAVES_SETTINGS = [{}, _BWD_WAVES, {"CGSPN_CUDA_TMA_CLUSTER": "8"}, {}, _BWD_WAVES]
 BWD_LEAD_WAVES_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (10, 11, 12, 16)]
+# The partial last wave (v30's next lead): 11 images fill one wave of the TMA kernels, 12 add
+# 24 blocks (48 for the backward's groups of 8) that take about as long as a full wave. The
+# forward with lines split between a cluster's two blocks, relaxed throughout; the backward in
+# pairs (264 + 24 blocks).
+WAVE_TAIL_SETTINGS = [{}, {"CGSPN_CUDA_TMA_SPLIT": "1"}, _RELAXED_SYNC,
+                      {"CGSPN_CUDA_TMA_CLUSTER": "2"}]
+WAVE_TAIL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (11, 12)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -330,6 +337,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdlead": (BWD_LEAD_SETTINGS, BWD_LEAD_CASES, ("bwd",)),
             "leadwaves": (LEAD_WAVES_SETTINGS, LEAD_WAVES_CASES, ("fwd",)),
             "bwdleadwaves": (BWD_LEAD_WAVES_SETTINGS, BWD_LEAD_WAVES_CASES, ("bwd",)),
+            "wavetail": (WAVE_TAIL_SETTINGS, WAVE_TAIL_CASES),
             "policy": (POLICY_SETTINGS, POLICY_CASES),
             # The A/B alone where the TMA backward is the default (a short check after a change).
             "tmabwdab": (TMA_BWD_SETTINGS[:4],
