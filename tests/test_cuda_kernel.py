@@ -448,12 +448,15 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_LEAD": "2"}),
     # The lead wave by wave (v30): the plan's at 288 blocks (a full wave in the lead, the 24
-    # blocks after it not waiting), and forced waves of 4 blocks on a call of 12, whose later
-    # waves start before the earlier ones end (their waits time out; a block stops waiting
-    # after kTmaLeadMisses of them).
+    # blocks after it not waiting), and forced waves of 4 blocks on a call of 12 (each wave's
+    # blocks wait on their own counts). A lead of 1 line, whose every wait is for a line the
+    # block itself has not finished: each times out (after one 256 ns sleep), and the block
+    # stops waiting after kTmaLeadMisses of them.
     ((12, 72, 128, 1152), 72, ("tb",), {}),
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
+    ((2, 100, 128, 128), 8, ("bt", "rl"),
+     {"CGSPN_CUDA_TMA_LEAD": "1", "CGSPN_CUDA_TMA_LEAD_WAIT": "256"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -463,7 +466,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
         "pace_sleep_partway", "lead_plan_192_blocks", "lead_partway_240_blocks",
         "lead_two_scan_lengths", "lead_whole_grid_all_dirs", "lead_waves_288_blocks",
-        "lead_waves_of_4"])
+        "lead_waves_of_4", "lead_gives_up"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -567,16 +570,20 @@ def _check_lead_wave(plans, lead, blocks, knobs):
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "2"}),
     # The lead wave by wave (v30), as the forward's: the plan's with
     # CGSPN_CUDA_TMA_BWD_LEAD_WAVES=1 at 288 blocks, and forced waves of 4 blocks (of 6) with
-    # the dx sum; pairs, not groups of 8, where only they hold the call in one wave (264 blocks).
+    # the dx sum; pairs, not groups of 8, where only they hold the call in one wave (264 blocks);
+    # a lead of 1 line, every wait timing out until the blocks stop waiting.
     ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_BWD_LEAD_WAVES": "1"}),
     ((2, 40, 72, 128), 16, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "3",
       "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
     ((11, 72, 128, 1152), 72, ("tb",), {}),
+    ((2, 40, 72, 128), 16, ("bt", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "1",
+      "CGSPN_CUDA_TMA_LEAD_WAIT": "256"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
-        "pairs_one_wave_264_blocks"])
+        "pairs_one_wave_264_blocks", "lead_gives_up"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -590,7 +597,7 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     sms = _gpu().core_count
     blocks = shape[0] * -(-shape[3] // 48)
     cluster = knobs.get("CGSPN_CUDA_TMA_CLUSTER", "8" if blocks % 8 == 0 else "2")
-    if "CGSPN_CUDA_TMA_CLUSTER" not in knobs and 240 < blocks <= 2 * sms:
+    if "CGSPN_CUDA_TMA_CLUSTER" not in knobs and -(-blocks // 240) > -(-blocks // (2 * sms)):
         cluster = "2"
     assert all(f" cluster={cluster} " in ln for ln in plans), plans
     sync = _LINE_SYNC[knobs.get("CGSPN_CUDA_TMA_LOCKSTEP", "1")]

@@ -834,8 +834,10 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                               tp->smem, tp->cluster);
   a.lead_wave = int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave), blocks));
   a.lead_wave = std::max(a.lead_wave, 1);
+  // (Not where no wave would wait: a wave of at most lead_min blocks, on a GPU that holds few.)
   if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
-      a.relax_at < INT32_MAX && (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES", 1) == 1)) {
+      a.relax_at < INT32_MAX && std::min<int64_t>(blocks, a.lead_wave) > sms * 4 / 3 &&
+      (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_LEAD_WAVES", 1) != 0)) {
     a.lead = kTmaLeadLines;
     a.lead_min = sms * 4 / 3;
     a.relax_at = 0;

@@ -128,8 +128,8 @@ constexpr int kTmaLeadMisses = 16;  // timed-out waits after which a block stops
 
 // The grid's loose lockstep (TmaLaunch::lead, TmaBwdLaunch::lead): a block's arrival at the end
 // of a line, counted in `*arrived`, and the wait before a line's copies until `blocks` blocks
-// have arrived at an earlier one, at most `polls` sleeps (one thread each); false if it timed
-// out.
+// have arrived at an earlier one, at most `polls` sleeps (one thread each; polls >= 0, as
+// LeadPolls gives it); false if it timed out.
 __device__ __forceinline__ void LeadArrive(unsigned* arrived) {
   asm volatile("red.relaxed.gpu.global.add.u32 [%0], 1;" ::"l"(arrived) : "memory");
 }
