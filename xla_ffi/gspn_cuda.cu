@@ -696,7 +696,14 @@ int LeadPolls() {
   return std::max(0, EnvInt("CGSPN_CUDA_TMA_LEAD_WAIT", 4096)) / int(kTmaLeadPollNs);
 }
 
-// The waves of the loose lockstep's arrival words (TmaLaunch::lead_wave).
+// The blocks of a wave of the loose lockstep (TmaLaunch::lead_wave): `wave`, what fits the GPU
+// at once, or CGSPN_CUDA_TMA_LEAD_WAVE=n (tests); at most the call's `blocks`, at least 1.
+int LeadWave(int wave, int64_t blocks) {
+  return int(std::clamp<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave), 1,
+                                 std::max<int64_t>(blocks, 1)));
+}
+
+// The waves of the loose lockstep's arrival words.
 int64_t LeadWaves(int blocks, int wave) { return (int64_t(blocks) + wave - 1) / wave; }
 
 // `words` zeroed words of scratch, on the stream; *out stays null where scratch cannot be had
@@ -832,8 +839,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int wave = WaveBlocks(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                               tp->smem, tp->cluster);
-  a.lead_wave = int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave), blocks));
-  a.lead_wave = std::max(a.lead_wave, 1);
+  a.lead_wave = LeadWave(wave, blocks);
   // (Not where no wave would wait: a wave of at most lead_min blocks, on a GPU that holds few.)
   if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
       a.relax_at < INT32_MAX && std::min<int64_t>(blocks, a.lead_wave) > sms * 4 / 3 &&
@@ -999,8 +1005,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
   const int wave = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, tp->cluster);
-  a.lead_wave = std::max(1, int(std::min<int64_t>(EnvInt("CGSPN_CUDA_TMA_LEAD_WAVE", wave),
-                                                  blocks)));
+  a.lead_wave = LeadWave(wave, blocks);
   if (lead_knob >= 0) {
     a.lead = lead_knob;
   } else if (blocks <= wave || EnvInt("CGSPN_CUDA_TMA_BWD_LEAD_WAVES") == 1) {
