@@ -305,6 +305,14 @@ BWD_LEAD_WAVES_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (10, 1
 WAVE_TAIL_SETTINGS = [{}, {"CGSPN_CUDA_TMA_SPLIT": "1"}, _RELAXED_SYNC,
                       {"CGSPN_CUDA_TMA_CLUSTER": "2"}]
 WAVE_TAIL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (11, 12)]
+# The TMA backward at D = 4 (forced: the plan keeps the register backward there, v22 measured
+# the TMA form 1.4-1.6x slower) with its running dx sum prefetched into L2 2 lines ahead (v31,
+# the default where D > 1), 4 lines ahead, and not at all (CGSPN_CUDA_TMA_BWD_ACC_L2=n), against
+# the register backward (the plan's), each twice.
+_ACC_L2 = [{**_TMA_BWD, "CGSPN_CUDA_TMA_BWD_ACC_L2": n} for n in ("0", "2", "4")]
+ACC_L2_SETTINGS = [{}] + _ACC_L2 + [{}] + _ACC_L2
+ACC_L2_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (8, 4, 11)]
+ACC_L2_CASES += [((8, 1152, 128, 128), 72, "float16", 4), ((32, 1152, 64, 64), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -328,6 +336,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
+            "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),

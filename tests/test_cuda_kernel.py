@@ -580,10 +580,17 @@ def _check_lead_wave(plans, lead, blocks, knobs):
     ((2, 40, 72, 128), 16, ("bt", "rl"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_LEAD": "1",
       "CGSPN_CUDA_TMA_LEAD_WAIT": "256"}),
+    # The running dx sum's L2 prefetch (v31: 2 lines ahead wherever D > 1, every case above):
+    # none, and 7 lines ahead (more than a 5-line direction has: ahead into the next one).
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_L2": "0"}),
+    ((2, 5, 72, 128), 16, ("lr", "tb", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_L2": "7"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
-        "pairs_one_wave_264_blocks", "lead_gives_up"])
+        "pairs_one_wave_264_blocks", "lead_gives_up", "dx_sum_no_l2_prefetch",
+        "dx_sum_l2_prefetch_7"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -607,6 +614,8 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     lead = int(knobs.get("CGSPN_CUDA_TMA_BWD_LEAD", lead))
     assert all(f" lead={lead} " in ln for ln in plans), plans
     _check_lead_wave(plans, lead, blocks, knobs)
+    acc_l2 = int(knobs.get("CGSPN_CUDA_TMA_BWD_ACC_L2", "2")) if len(directions) > 1 else 0
+    assert all(f" acc_l2={acc_l2} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

@@ -583,10 +583,6 @@ int ActiveClusters(const void* kernel, int cluster, int threads, size_t smem) {
   return known[key] = std::max(n, 0);
 }
 
-bool ClustersFit(const void* kernel, int cluster, int threads, size_t smem) {
-  return ActiveClusters(kernel, cluster, threads, smem) > 0;
-}
-
 // The TMA kernels' line barrier (LineSyncKind) where a block reads nothing of its peers':
 // `preferred`, unless CGSPN_CUDA_TMA_LOCKSTEP says 0 (a block barrier alone; also what an empty
 // value reads as), 1 (the lockstep with a relaxed arrive; before v25, 1 meant release and
@@ -968,6 +964,9 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8);
   a.chunk = chunk, a.normalize = normalize;
   a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
+  // D > 1: the running dx sum prefetched into L2 kTmaStages lines ahead, as far as the stage
+  // copies (v31; not yet measured). CGSPN_CUDA_TMA_BWD_ACC_L2=n: n lines ahead, 0 none (A/B).
+  a.acc_l2 = s.D > 1 ? std::clamp(EnvInt("CGSPN_CUDA_TMA_BWD_ACC_L2", kTmaStages), 0, 64) : 0;
   a.lockstep = TmaLineSync(kLineSyncLockstep);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
@@ -1035,10 +1034,11 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   const auto kernel = TmaBwdKernelFor<T>(tp.a.D);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d blocks/SM=%d\n",
+                 "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "
+                 "blocks/SM=%d\n",
                  kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
-                 tp.a.lead > 0 ? tp.a.lead_wave : 0,
+                 tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);

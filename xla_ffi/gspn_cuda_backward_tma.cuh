@@ -28,7 +28,8 @@
 // 16 channels and lines of 97-128 positions. Where the time goes at 128 x 128 D = 1
 // (TmaBwdLaunch::mode): copies alone 0.53 ms, copies and arithmetic 0.60-0.66, the rest stores.
 // Next: the dx sum through the stage, the gate gradients as whole stores, full warps at 64
-// positions.
+// positions. v31 prefetches the dx sum into L2 ahead of the consumers' loads (not yet measured:
+// `TUNE_FAMILY=accl2`).
 #pragma once
 
 #include "gspn_cuda_forward_tma.cuh"
@@ -82,6 +83,9 @@ struct TmaBwdLaunch {
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
+  // D > 1: the producer warp prefetches into L2 the running dx sum of the line acc_l2 lines
+  // after the one the consumers just finished (0: none; CGSPN_CUDA_TMA_BWD_ACC_L2).
+  int acc_l2;
 };
 
 // Which direction and line the q-th line a block scans is: directions in order, each from its
@@ -103,6 +107,27 @@ struct BwdLineOf {
     }
   }
 };
+
+// The running dx sum of block (image b, channels from c0)'s q-th line into L2, by the 32 lanes
+// of a warp (a direction after the first only). The consumers load it with ordinary loads as
+// they start the line, so its latency is exposed on every line, and most of it comes from DRAM:
+// a line's sum was written during the direction before, mostly long before (the whole grid's
+// sums are far larger than L2). A prefetch is only a hint to L2, the point of coherence, so it
+// cannot return stale data, however early it runs. (A function, not a lambda of the kernel:
+// the lambda, though never called there, changed the code of the D = 1 instance.)
+__device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const float* acc, int b,
+                                                int c0, int q, int lane) {
+  const BwdLineOf ln(a, q);
+  if (ln.d == 0) return;
+  const int dir = (a.dir_bits >> (2 * ln.d)) & 3;
+  const LineGeometry geo = LineGeometry::Make(dir, a.H, a.W);
+  const int64_t line = int64_t(b) * geo.image + geo.base + int64_t(ln.t) * geo.step_stride;
+  const unsigned bytes = unsigned(min(kTmaSlab, a.C - c0) * sizeof(float));  // 32-byte multiple
+  for (int p = lane; p < int(geo.length); p += 32) {
+    const float* at = acc + (line + p * geo.pos_stride) * a.C + c0;
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(at), "r"(bytes) : "memory");
+  }
+}
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
 // then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
@@ -182,6 +207,8 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
   if (warp == kTmaBwdWarps) {
     if (lane == 0)
       for (int q = 0; q < K && q < lines; ++q) issue(q);
+    if constexpr (kAcc)
+      for (int q = 0; q < a.acc_l2 && q < lines; ++q) PrefetchAccLine(a, acc, b, c0, q, lane);
     LeadState lead(arrived, lines, a.lead, a.lead_wave, a.lead_blocks, a.lead_min);
     for (int q = 0; q < lines; ++q) {
       LineSync(a.lockstep);
@@ -192,6 +219,9 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         issue(q + K);
       }
       __syncwarp();
+      if constexpr (kAcc)
+        if (a.acc_l2 > 0 && q + a.acc_l2 < lines)
+          PrefetchAccLine(a, acc, b, c0, q + a.acc_l2, lane);
     }
     return;
   }
