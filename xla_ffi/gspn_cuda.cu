@@ -965,7 +965,8 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.chunk = chunk, a.normalize = normalize;
   a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
   // D > 1: the running dx sum prefetched into L2 kTmaStages lines ahead, as far as the stage
-  // copies (v31; not yet measured). CGSPN_CUDA_TMA_BWD_ACC_L2=n: n lines ahead, 0 none (A/B).
+  // copies (TmaBwdLaunch::acc_l2; v31, not yet measured). CGSPN_CUDA_TMA_BWD_ACC_L2=n: n lines
+  // ahead (at most 64), 0 none (A/B).
   a.acc_l2 = s.D > 1 ? std::clamp(EnvInt("CGSPN_CUDA_TMA_BWD_ACC_L2", kTmaStages), 0, 64) : 0;
   a.lockstep = TmaLineSync(kLineSyncLockstep);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
