@@ -307,9 +307,11 @@ WAVE_TAIL_SETTINGS = [{}, {"CGSPN_CUDA_TMA_SPLIT": "1"}, _RELAXED_SYNC,
 WAVE_TAIL_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (11, 12)]
 # The TMA backward at D = 4 (forced: the plan keeps the register backward there, v22 measured
 # the TMA form 1.4-1.6x slower) with its running dx sum prefetched into L2 2 lines ahead (v31,
-# the default where D > 1), 4 lines ahead, and not at all (CGSPN_CUDA_TMA_BWD_ACC_L2=n), against
-# the register backward (the plan's), each twice.
+# the default where D > 1), 4 lines ahead, and not at all (CGSPN_CUDA_TMA_BWD_ACC_L2=n), and
+# loaded item by item (CGSPN_CUDA_TMA_BWD_ACC_ITEM=1), against the register backward (the
+# plan's), each twice.
 _ACC_L2 = [{**_TMA_BWD, "CGSPN_CUDA_TMA_BWD_ACC_L2": n} for n in ("0", "2", "4")]
+_ACC_L2 += [{**_TMA_BWD, "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}]
 ACC_L2_SETTINGS = [{}] + _ACC_L2 + [{}] + _ACC_L2
 ACC_L2_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (8, 4, 11)]
 ACC_L2_CASES += [((8, 1152, 128, 128), 72, "float16", 4), ((32, 1152, 64, 64), 72, "bfloat16", 4)]
@@ -360,7 +362,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_PACE_SMS", "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_LEAD_WAIT",
          "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVES", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_BWD_LEAD_WAVES", "CGSPN_CUDA_TMA_BWD_ACC_L2",
-         "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
+         "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 

@@ -586,11 +586,17 @@ def _check_lead_wave(plans, lead, blocks, knobs):
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_L2": "0"}),
     ((2, 5, 72, 128), 16, ("lr", "tb", "rl"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_L2": "7"}),
+    # The sum loaded item by item, one item ahead (v31's CGSPN_CUDA_TMA_BWD_ACC_ITEM): lines of
+    # 72 and 40 positions (items past a line's end), chunked; 128 positions with a partial slab.
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}),
+    ((1, 128, 128, 64), 8, ("rl", "bt"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
         "pairs_one_wave_264_blocks", "lead_gives_up", "dx_sum_no_l2_prefetch",
-        "dx_sum_l2_prefetch_7"])
+        "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -616,6 +622,8 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _check_lead_wave(plans, lead, blocks, knobs)
     acc_l2 = int(knobs.get("CGSPN_CUDA_TMA_BWD_ACC_L2", "2")) if len(directions) > 1 else 0
     assert all(f" acc_l2={acc_l2} " in ln for ln in plans), plans
+    acc_item = int(len(directions) > 1 and knobs.get("CGSPN_CUDA_TMA_BWD_ACC_ITEM") == "1")
+    assert all(f" acc_item={acc_item} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

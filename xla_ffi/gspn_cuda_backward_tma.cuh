@@ -84,6 +84,7 @@ struct TmaBwdLaunch {
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
+  int acc_item;  // D > 1: the running dx sum loaded item by item (GspnBwdTmaKernel's kAcc 2)
   // D > 1: as the consumers finish a line, the producer warp prefetches into L2 the running dx
   // sum of the line acc_l2 lines after it, acc_l2 - 1 lines before they start that line (the
   // stage copies run K lines after it); 0: none (CGSPN_CUDA_TMA_BWD_ACC_L2).
@@ -142,10 +143,12 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
 // then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
-// kAcc: D > 1 (the running dx sum). Two blocks per multiprocessor: registers are allocated for
-// 8 warps per block (warps in fours), so at most 128 per thread (with 144, measured on the H100,
-// one block fitted: the plan then declines it).
-template <typename T, bool kAcc>
+// kAcc: the running dx sum of D > 1, 0 where D = 1; 1: each thread loads its sums of the whole
+// line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32: the
+// D > 1 instance spills; v31, not yet measured). Two blocks per multiprocessor: registers are
+// allocated for 8 warps per block (warps in fours), so at most 128 per thread (with 144,
+// measured on the H100, one block fitted: the plan then declines it).
+template <typename T, int kAcc>
 __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
@@ -269,12 +272,13 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     const bool restart = LineGeometry::Restarts(t, a.chunk);
     const int64_t line = int64_t(b) * geo.image + geo.base + int64_t(t) * geo.step_stride;
 
-    // The running dx sum of the earlier directions at this line: its loads go out before the
-    // wait for the stage.
-    float accv[kAcc ? KI : 1][8];
+    // The running dx sum of the earlier directions at this line: the loads of the whole line's
+    // (kAcc 1), or of its first item's (2; item k + 1's go out as item k starts), go out before
+    // the wait for the stage.
+    float accv[kAcc == 1 ? KI : 2][8];
     if (kAcc && !first_dir) {
 #pragma unroll
-      for (int k = 0; k < KI; ++k) {
+      for (int k = 0; k < (kAcc == 1 ? KI : 1); ++k) {
         const int p = pfirst + 16 * k;
         if (lane_ok && p < L) LoadF<8>(acc + (line + p * geo.pos_stride) * a.C + c, accv[k]);
       }
@@ -326,6 +330,9 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     for (int k = 0; k < KI; ++k) {
       const int p = pfirst + 16 * k;
       const bool active = lane_ok && p < L;
+      if constexpr (kAcc == 2)
+        if (!first_dir && k + 1 < KI && lane_ok && p + 16 < L)
+          LoadF<8>(acc + (line + (p + 16) * geo.pos_stride) * a.C + c, accv[(k + 1) & 1]);
       float da[3] = {0.f, 0.f, 0.f}, wa[3] = {0.f, 0.f, 0.f}, wc[3] = {0.f, 0.f, 0.f};
       float z[8];
 #pragma unroll
@@ -381,7 +388,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         if constexpr (kAcc)
           if (!first_dir)
 #pragma unroll
-            for (int i = 0; i < 8; ++i) out[i] += accv[k][i];
+            for (int i = 0; i < 8; ++i) out[i] += accv[kAcc == 1 ? k : k & 1][i];
         if (!store_out)
           ;
         else if (dx_out && bulk)
