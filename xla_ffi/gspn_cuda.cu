@@ -911,20 +911,24 @@ cudaError_t TracedTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done,
 
 // ------------------------------------------------------------------ the TMA backward
 
-// The TMA backward's instance for a call of D directions (with the running dx sum or without).
-template <typename T>
-auto TmaBwdKernelFor(const TmaBwdLaunch& a) {
-  return a.D == 1 ? GspnBwdTmaKernel<T, 0>
-                  : a.acc_item ? GspnBwdTmaKernel<T, 2> : GspnBwdTmaKernel<T, 1>;
-}
-
 struct TmaBwdPlan {
   TmaBwdMaps maps;
   TmaBwdLaunch a;
   int blocks, cluster;
   int lines;  // that each block scans, all directions: the loose lockstep's arrival words
   size_t smem;
+  // D > 1: the running dx sum loaded item by item (GspnBwdTmaKernel's kAcc 2). A choice of
+  // instance, so the plan's and not the kernel's launch struct.
+  bool acc_item = false;
 };
+
+// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's loads by
+// line or by item.
+template <typename T>
+auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
+  return tp.a.D == 1 ? GspnBwdTmaKernel<T, 0>
+                     : tp.acc_item ? GspnBwdTmaKernel<T, 2> : GspnBwdTmaKernel<T, 1>;
+}
 
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
 // (16-bit, aligned, C and 3 G multiples of 8) and: gate groups of 8 or 16 channels (the gate
@@ -971,7 +975,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.acc_l2 = s.D > 1 ? std::clamp(EnvInt("CGSPN_CUDA_TMA_BWD_ACC_L2", kTmaStages), 0, 64) : 0;
   // D > 1: the sum loaded item by item, one item ahead, where CGSPN_CUDA_TMA_BWD_ACC_ITEM=1
   // (fewer registers; v31, not yet measured).
-  a.acc_item = s.D > 1 && EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") == 1;
+  tp->acc_item = s.D > 1 && EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") == 1;
   a.lockstep = TmaLineSync(kLineSyncLockstep);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
@@ -979,7 +983,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
              2 * kTmaStages * 8;
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(a)), kTmaBwdThreads,
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
                  tp->smem, knob == 1 ? 1 : 2))
     return false;
   // Lockstep groups of kTmaBwdCluster neighbouring slabs where they divide the blocks and fit
@@ -992,7 +996,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // 264 in pairs). Measured (v30): 11 images of 1152 x 128 x 128 (264 blocks) ran 1.54 ms in
   // groups of 8, two waves, against 0.97 for 10 images in one. CGSPN_CUDA_TMA_CLUSTER=8
   // keeps groups of 8 wherever they fit.
-  const void* kernel = reinterpret_cast<const void*>(TmaBwdKernelFor<T>(a));
+  const void* kernel = reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp));
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
   if (tp->cluster != kTmaCluster) {
     const int64_t wide = int64_t(ActiveClusters(kernel, tp->cluster, kTmaBwdThreads, tp->smem)) *
@@ -1036,14 +1040,14 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
 template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
                               float* acc, unsigned* arrived) {
-  const auto kernel = TmaBwdKernelFor<T>(tp.a);
+  const auto kernel = TmaBwdKernelFor<T>(tp);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "
                  "acc_item=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
-                 tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2, tp.a.acc_item,
+                 tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2, int(tp.acc_item),
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);

@@ -84,7 +84,6 @@ struct TmaBwdLaunch {
   int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
-  int acc_item;  // D > 1: the running dx sum loaded item by item (GspnBwdTmaKernel's kAcc 2)
   // D > 1: as the consumers finish a line, the producer warp prefetches into L2 the running dx
   // sum of the line acc_l2 lines after it, acc_l2 - 1 lines before they start that line (the
   // stage copies run K lines after it); 0: none (CGSPN_CUDA_TMA_BWD_ACC_L2).
@@ -144,10 +143,10 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
 // then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
 // kAcc: the running dx sum of D > 1, 0 where D = 1; 1: each thread loads its sums of the whole
-// line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32: the
-// D > 1 instance spills; v31, not yet measured). Two blocks per multiprocessor: registers are
-// allocated for 8 warps per block (warps in fours), so at most 128 per thread (with 144,
-// measured on the H100, one block fitted: the plan then declines it).
+// line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32; 1's
+// instance spills a 176-byte stack, 2's 80; v31, not yet measured). Two blocks per
+// multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
+// per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
 template <typename T, int kAcc>
 __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
