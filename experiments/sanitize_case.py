@@ -27,7 +27,8 @@ running dx sum) and C = 128 with G = 8 (groups of 16 channels, three slabs, so t
 two blocks belong to different images; and with B = 8, clusters of eight); its running dx
 sum prefetched into L2 by the producer (the default since v31), that prefetch's ranges read
 instead (CGSPN_CUDA_TMA_BWD_MODE=6: memcheck need not check a prefetch) and no prefetch
-(CGSPN_CUDA_TMA_BWD_ACC_L2=0); and the sum loaded item by item (CGSPN_CUDA_TMA_BWD_ACC_ITEM=1).
+(CGSPN_CUDA_TMA_BWD_ACC_L2=0); the sum loaded item by item (CGSPN_CUDA_TMA_BWD_ACC_ITEM=1), and
+so with the last item's carry in shared memory (v32).
 """
 import os
 
@@ -87,13 +88,16 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
           {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_MODE": "6",
            "CGSPN_CUDA_TMA_BWD_ACC_L2": "5"}),
          ((1, 5, 72, 64), 8, ("bt", "lr"),
-          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"})]
+          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}),
+         ((2, 7, 9, 128), 8, ("lr", "tb", "rl"),
+          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
+           "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_TMA_BWD_ACC_L2", "CGSPN_CUDA_TMA_BWD_MODE",
-         "CGSPN_CUDA_TMA_BWD_ACC_ITEM")
+         "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

@@ -315,6 +315,17 @@ _ACC_L2 += [{**_TMA_BWD, "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}]
 ACC_L2_SETTINGS = [{}] + _ACC_L2 + [{}] + _ACC_L2
 ACC_L2_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (8, 4, 11)]
 ACC_L2_CASES += [((8, 1152, 128, 128), 72, "float16", 4), ((32, 1152, 64, 64), 72, "bfloat16", 4)]
+# The item-by-item form (v31's faster one) over the batch, against the register backward: as
+# v31 left it, and with the last item's carry in shared memory (v32,
+# CGSPN_CUDA_TMA_BWD_CARRY_SMEM); each twice. (v32 also measured the sum's loads around L1,
+# ld.global.cg: slower, 0.95-1.5x; removed.)
+_BY_ITEM = {**_TMA_BWD, "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}
+_CARRY = {**_BY_ITEM, "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}
+ACC_ITEM_SETTINGS = [{}, _BY_ITEM, _CARRY] * 2
+ACC_ITEM_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (4, 6, 8, 11)]
+ACC_ITEM_CASES += [((8, 1152, 128, 128), 72, "float16", 4),
+                   ((32, 1152, 64, 64), 72, "bfloat16", 4),
+                   ((8, 1152, 96, 96), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -339,6 +350,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
+            "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
             "pace": (PACE_SETTINGS, PACE_CASES, ("fwd",)),
             "pacefine": (PACE_FINE_SETTINGS, PACE_FINE_CASES, ("fwd",)),
@@ -362,7 +374,8 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_PACE_SMS", "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_LEAD_WAIT",
          "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVES", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_BWD_LEAD_WAVES", "CGSPN_CUDA_TMA_BWD_ACC_L2",
-         "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
+         "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
+         "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")
 
@@ -498,7 +511,8 @@ def main():
                         "pace: what the relaxed lines of the TMA forward add (fences, sleeps); "
                         "pacefine: its length near 1 µs; policy: the cluster scheduling "
                         "policy; pacesms: the sleep on some SMs only; lead: the grid's loose "
-                        "lockstep; leadrule: its plan rule; bwdlead: the backward's")
+                        "lockstep; leadrule: its plan rule; bwdlead: the backward's; accl2, "
+                        "accitem: the TMA backward's running dx sum at D = 4")
     b = sub.add_parser("batches")
     b.add_argument("--out", default=None)
     o = sub.add_parser("one")

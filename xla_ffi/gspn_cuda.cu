@@ -917,17 +917,18 @@ struct TmaBwdPlan {
   int blocks, cluster;
   int lines;  // that each block scans, all directions: the loose lockstep's arrival words
   size_t smem;
-  // D > 1: the running dx sum loaded item by item (GspnBwdTmaKernel's kAcc 2). A choice of
-  // instance, so the plan's and not the kernel's launch struct.
-  bool acc_item = false;
+  // D > 1: how the running dx sum is loaded, GspnBwdTmaKernel's kAcc: 1 by line, 2 item by
+  // item, 3 item by item with the last item's carry in shared memory. A choice of instance, so
+  // the plan's and not the kernel's launch struct.
+  int acc_form = 1;
 };
 
-// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's loads by
-// line or by item.
+// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form.
 template <typename T>
 auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
-  return tp.a.D == 1 ? GspnBwdTmaKernel<T, 0>
-                     : tp.acc_item ? GspnBwdTmaKernel<T, 2> : GspnBwdTmaKernel<T, 1>;
+  if (tp.a.D == 1) return GspnBwdTmaKernel<T, 0>;
+  return tp.acc_form == 3 ? GspnBwdTmaKernel<T, 3>
+         : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2> : GspnBwdTmaKernel<T, 1>;
 }
 
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
@@ -974,15 +975,18 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // ahead (at most 64), 0 none (A/B).
   a.acc_l2 = s.D > 1 ? std::clamp(EnvInt("CGSPN_CUDA_TMA_BWD_ACC_L2", kTmaStages), 0, 64) : 0;
   // D > 1: the sum loaded item by item, one item ahead, where CGSPN_CUDA_TMA_BWD_ACC_ITEM=1
-  // (fewer registers; v31, not yet measured).
-  tp->acc_item = s.D > 1 && EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") == 1;
+  // (fewer registers; v31: 20% faster than by line), and with the last item's carry in shared
+  // memory where CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1 too (v32).
+  tp->acc_form = EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1    ? 1
+                 : EnvInt("CGSPN_CUDA_TMA_BWD_CARRY_SMEM") == 1 ? 3
+                                                                : 2;
   a.lockstep = TmaLineSync(kLineSyncLockstep);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
-             2 * kTmaStages * 8;
+             2 * kTmaStages * 8 + (s.D > 1 && tp->acc_form == 3 ? kTmaBwdCarryBytes : 0);
   if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
                  tp->smem, knob == 1 ? 1 : 2))
     return false;
@@ -1044,10 +1048,11 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "
-                 "acc_item=%d blocks/SM=%d\n",
+                 "acc_item=%d carry_smem=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
-                 tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2, int(tp.acc_item),
+                 tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
+                 int(tp.a.D > 1 && tp.acc_form >= 2), int(tp.a.D > 1 && tp.acc_form == 3),
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);

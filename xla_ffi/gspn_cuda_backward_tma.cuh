@@ -58,6 +58,8 @@ static_assert(kTmaSlab % 16 == 0 && kTmaBwdWarps % kTmaBwdPairs == 0 && kTmaBwdS
               "whole vector pairs and spans of 16-position items");
 // Shared floats of the span-edge exchange: [2 line parities][2 kinds][spans][kTmaSlab].
 constexpr int kTmaBwdEdgeFloats = 2 * 2 * kTmaBwdSpans * kTmaSlab;
+// Shared bytes of the consumers' last-item carries (GspnBwdTmaKernel's kAcc 3): 8 floats each.
+constexpr int kTmaBwdCarryBytes = kTmaBwdWarps * 32 * 8 * 4;
 
 // The maps of one backward call: x, lam, dh, h (saved forward output) and the gates, as in the
 // forward ([rows][W][inner], row and column boxes).
@@ -141,10 +143,14 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 }
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
-// then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers.
+// then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers, then (kAcc 3)
+// the consumers' carries of their last item (TmaBwdCarryBytes).
 // kAcc: the running dx sum of D > 1, 0 where D = 1; 1: each thread loads its sums of the whole
 // line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32; 1's
-// instance spills a 176-byte stack, 2's 80; v31, not yet measured). Two blocks per
+// instance spills a 176-byte stack, 2's 80; v31: 2 is 20% faster); 3: as 2, and each thread's
+// carry of its last item kept in shared memory between lines rather than in registers (v32:
+// the registers 2 spills are mostly carries, reloaded from L2 with their latency exposed;
+// 6 KB a block fits beside the stages at two blocks a multiprocessor). Two blocks per
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
 template <typename T, int kAcc>
@@ -163,6 +169,10 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
   };
   uint64_t* full = reinterpret_cast<uint64_t*>(edges + kTmaBwdEdgeFloats);
   uint64_t* empty = full + K;
+  // kAcc 3: thread i's carry of its last item, floats 0-3 at [i], 4-7 at [kTmaBwdWarps * 32 + i]
+  // (16-byte accesses without bank conflicts). Read only where written the line before.
+  constexpr bool kCarrySmem = kAcc == 3, kByItem = kAcc >= 2;
+  float4* carry_last = reinterpret_cast<float4*>(empty + K);
 
   const int slab = blockIdx.x % a.nslab, b = blockIdx.x / a.nslab;
   const int c0 = slab * S;
@@ -329,9 +339,11 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     for (int k = 0; k < KI; ++k) {
       const int p = pfirst + 16 * k;
       const bool active = lane_ok && p < L;
-      if constexpr (kAcc == 2)
+      if constexpr (kByItem)
         if (!first_dir && k + 1 < KI && lane_ok && p + 16 < L)
           LoadF<8>(acc + (line + (p + 16) * geo.pos_stride) * a.C + c, accv[(k + 1) & 1]);
+      // This item's carry lives in shared memory between lines (kAcc 3, the last item).
+      const bool carry_in_smem = kCarrySmem && k == KI - 1;
       float da[3] = {0.f, 0.f, 0.f}, wa[3] = {0.f, 0.f, 0.f}, wc[3] = {0.f, 0.f, 0.f};
       float z[8];
 #pragma unroll
@@ -352,8 +364,15 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
 #pragma unroll
             for (int i = 0; i < 8; ++i) z[i] += e[i];
           }
+          if (carry_in_smem) {
+            const float4 lo = carry_last[threadIdx.x];
+            const float4 hi = carry_last[kTmaBwdWarps * 32 + threadIdx.x];
+            z[0] += lo.x, z[1] += lo.y, z[2] += lo.z, z[3] += lo.w;
+            z[4] += hi.x, z[5] += hi.y, z[6] += hi.z, z[7] += hi.w;
+          } else {
 #pragma unroll
-          for (int i = 0; i < 8; ++i) z[i] += carry[k][i];
+            for (int i = 0; i < 8; ++i) z[i] += carry[k][i];
+          }
         }
         float xv[8], lv[8], out[8];
         load(xs, p, xv);
@@ -387,7 +406,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         if constexpr (kAcc)
           if (!first_dir)
 #pragma unroll
-            for (int i = 0; i < 8; ++i) out[i] += accv[kAcc == 1 ? k : k & 1][i];
+            for (int i = 0; i < 8; ++i) out[i] += accv[kByItem ? k & 1 : k][i];
         if (!store_out)
           ;
         else if (dx_out && bulk)
@@ -402,7 +421,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       // added to this carry when that item is formed) and a_2 z from p - 1 (lane - 2; at the
       // first lanes, the previous item's last: pend). Each span's first a_0 z and last a_2 z go
       // to shared memory for the neighbouring spans' warps.
-      float u0[8], u2[8];
+      float u0[8], u2[8], own_last[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
         u0[i] = wa[0] * z[i];
@@ -415,7 +434,15 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         if (q16 > 0) own += from_left;
         else if (k > 0) own += pend[i];
         pend[i] = from_left;
-        carry[k][i] = own;
+        if (carry_in_smem)
+          own_last[i] = own;
+        else
+          carry[k][i] = own;
+      }
+      if (carry_in_smem) {
+        carry_last[threadIdx.x] = make_float4(own_last[0], own_last[1], own_last[2], own_last[3]);
+        carry_last[kTmaBwdWarps * 32 + threadIdx.x] =
+            make_float4(own_last[4], own_last[5], own_last[6], own_last[7]);
       }
       if (k == 0 && q16 == 0) StoreF<8>(edge(q & 1, 0, span) + v * 8, u0);
       if (k == KI - 1 && q16 == 15) StoreF<8>(edge(q & 1, 1, span) + v * 8, u2);
