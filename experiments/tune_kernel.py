@@ -316,12 +316,12 @@ ACC_L2_SETTINGS = [{}] + _ACC_L2 + [{}] + _ACC_L2
 ACC_L2_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (8, 4, 11)]
 ACC_L2_CASES += [((8, 1152, 128, 128), 72, "float16", 4), ((32, 1152, 64, 64), 72, "bfloat16", 4)]
 # The item-by-item form (v31's faster one) over the batch, against the register backward: as
-# v31 left it, with the last item's carry in shared memory (v32,
-# CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1), and so with no item's sum loaded ahead (=2); each twice.
-# (v32 also measured the sum's loads around L1, ld.global.cg: slower, 0.95-1.5x; removed.)
+# v31 left it, and with the last item's carry in shared memory (v32,
+# CGSPN_CUDA_TMA_BWD_CARRY_SMEM); each twice. (v32 also measured the sum's loads around L1,
+# ld.global.cg: slower, 0.95-1.5x; removed.)
 _BY_ITEM = {**_TMA_BWD, "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}
 _CARRY = {**_BY_ITEM, "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}
-ACC_ITEM_SETTINGS = [{}, _BY_ITEM, _CARRY, {**_CARRY, "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "2"}] * 2
+ACC_ITEM_SETTINGS = [{}, _BY_ITEM, _CARRY] * 2
 ACC_ITEM_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (4, 6, 8, 11)]
 ACC_ITEM_CASES += [((8, 1152, 128, 128), 72, "float16", 4),
                    ((32, 1152, 64, 64), 72, "bfloat16", 4),

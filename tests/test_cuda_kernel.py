@@ -592,8 +592,8 @@ def _check_lead_wave(plans, lead, blocks, knobs):
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}),
     ((1, 128, 128, 64), 8, ("rl", "bt"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1"}),
-    # v32: the last item's carry in shared memory (CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1; =2: no
-    # item's sum loaded ahead), and the knob without the item-by-item loads (no effect).
+    # v32: the last item's carry in shared memory (CGSPN_CUDA_TMA_BWD_CARRY_SMEM), and the
+    # knob without the item-by-item loads (no effect).
     ((2, 40, 72, 128), 16, ("bt", "tb", "rl", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
@@ -602,16 +602,12 @@ def _check_lead_wave(plans, lead, blocks, knobs):
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
     ((2, 40, 72, 128), 16, ("rl", "tb"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
-    ((2, 40, 72, 128), 16, ("tb", "lr", "bt", "rl"),
-     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
-      "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "2"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
         "pairs_one_wave_264_blocks", "lead_gives_up", "dx_sum_no_l2_prefetch",
         "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128",
-        "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_knob_by_line",
-        "dx_sum_carry_smem_none_ahead"])
+        "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_knob_by_line"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -639,8 +635,7 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" acc_l2={acc_l2} " in ln for ln in plans), plans
     acc_item = int(len(directions) > 1 and knobs.get("CGSPN_CUDA_TMA_BWD_ACC_ITEM") == "1")
     assert all(f" acc_item={acc_item} " in ln for ln in plans), plans
-    carry = knobs.get("CGSPN_CUDA_TMA_BWD_CARRY_SMEM", "0")
-    carry = int(carry) if acc_item and carry in ("1", "2") else 0
+    carry = int(acc_item and knobs.get("CGSPN_CUDA_TMA_BWD_CARRY_SMEM") == "1")
     assert all(f" carry_smem={carry} " in ln for ln in plans), plans
 
 

@@ -918,8 +918,8 @@ struct TmaBwdPlan {
   int lines;  // that each block scans, all directions: the loose lockstep's arrival words
   size_t smem;
   // D > 1: how the running dx sum is loaded, GspnBwdTmaKernel's kAcc: 1 by line, 2 item by
-  // item, 3 item by item with the last item's carry in shared memory, 4 as 3 with no item's
-  // sum loaded ahead. A choice of instance, so the plan's and not the kernel's launch struct.
+  // item, 3 item by item with the last item's carry in shared memory. A choice of instance, so
+  // the plan's and not the kernel's launch struct.
   int acc_form = 1;
 };
 
@@ -927,8 +927,7 @@ struct TmaBwdPlan {
 template <typename T>
 auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
   if (tp.a.D == 1) return GspnBwdTmaKernel<T, 0>;
-  return tp.acc_form == 4   ? GspnBwdTmaKernel<T, 4>
-         : tp.acc_form == 3 ? GspnBwdTmaKernel<T, 3>
+  return tp.acc_form == 3 ? GspnBwdTmaKernel<T, 3>
          : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2> : GspnBwdTmaKernel<T, 1>;
 }
 
@@ -977,19 +976,17 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.acc_l2 = s.D > 1 ? std::clamp(EnvInt("CGSPN_CUDA_TMA_BWD_ACC_L2", kTmaStages), 0, 64) : 0;
   // D > 1: the sum loaded item by item, one item ahead, where CGSPN_CUDA_TMA_BWD_ACC_ITEM=1
   // (fewer registers; v31: 20% faster than by line), and with the last item's carry in shared
-  // memory where CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1 too, and with no item's sum loaded ahead
-  // where it is 2 (v32).
-  const int carry_smem = EnvInt("CGSPN_CUDA_TMA_BWD_CARRY_SMEM");
-  tp->acc_form = EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1 ? 1
-                 : carry_smem == 1 || carry_smem == 2     ? 2 + carry_smem
-                                                          : 2;
+  // memory where CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1 too (v32).
+  tp->acc_form = EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1    ? 1
+                 : EnvInt("CGSPN_CUDA_TMA_BWD_CARRY_SMEM") == 1 ? 3
+                                                                : 2;
   a.lockstep = TmaLineSync(kLineSyncLockstep);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
-             2 * kTmaStages * 8 + (s.D > 1 && tp->acc_form >= 3 ? kTmaBwdCarryBytes : 0);
+             2 * kTmaStages * 8 + (s.D > 1 && tp->acc_form == 3 ? kTmaBwdCarryBytes : 0);
   if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
                  tp->smem, knob == 1 ? 1 : 2))
     return false;
@@ -1055,8 +1052,7 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
                  kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
                  tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
-                 int(tp.a.D > 1 && tp.acc_form >= 2),
-                 tp.a.D > 1 ? std::max(tp.acc_form - 2, 0) : 0,
+                 int(tp.a.D > 1 && tp.acc_form >= 2), int(tp.a.D > 1 && tp.acc_form == 3),
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);

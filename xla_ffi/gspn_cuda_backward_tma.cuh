@@ -150,8 +150,7 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // instance spills a 176-byte stack, 2's 80; v31: 2 is 20% faster); 3: as 2, and each thread's
 // carry of its last item kept in shared memory between lines rather than in registers (v32:
 // the registers 2 spills are mostly carries, reloaded from L2 with their latency exposed;
-// 6 KB a block fits beside the stages at two blocks a multiprocessor; stack 64 bytes); 4: as 3,
-// but each item's sum loaded as the item starts, none ahead (stack 8 bytes; v32). Two blocks per
+// 6 KB a block fits beside the stages at two blocks a multiprocessor). Two blocks per
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
 template <typename T, int kAcc>
@@ -172,7 +171,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
   uint64_t* empty = full + K;
   // kAcc 3: thread i's carry of its last item, floats 0-3 at [i], 4-7 at [kTmaBwdWarps * 32 + i]
   // (16-byte accesses without bank conflicts). Read only where written the line before.
-  constexpr bool kCarrySmem = kAcc >= 3, kByItem = kAcc >= 2, kAhead = kAcc <= 3;
+  constexpr bool kCarrySmem = kAcc == 3, kByItem = kAcc >= 2;
   float4* carry_last = reinterpret_cast<float4*>(empty + K);
 
   const int slab = blockIdx.x % a.nslab, b = blockIdx.x / a.nslab;
@@ -288,7 +287,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     float accv[kAcc == 1 ? KI : 2][8];
     if (kAcc && !first_dir) {
 #pragma unroll
-      for (int k = 0; k < (kAcc == 1 ? KI : kAhead ? 1 : 0); ++k) {
+      for (int k = 0; k < (kAcc == 1 ? KI : 1); ++k) {
         const int p = pfirst + 16 * k;
         if (lane_ok && p < L) LoadF<8>(acc + (line + p * geo.pos_stride) * a.C + c, accv[k]);
       }
@@ -340,10 +339,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     for (int k = 0; k < KI; ++k) {
       const int p = pfirst + 16 * k;
       const bool active = lane_ok && p < L;
-      if constexpr (kByItem && !kAhead)
-        if (!first_dir && lane_ok && p < L)
-          LoadF<8>(acc + (line + p * geo.pos_stride) * a.C + c, accv[k & 1]);
-      if constexpr (kByItem && kAhead)
+      if constexpr (kByItem)
         if (!first_dir && k + 1 < KI && lane_ok && p + 16 < L)
           LoadF<8>(acc + (line + (p + 16) * geo.pos_stride) * a.C + c, accv[(k + 1) & 1]);
       // This item's carry lives in shared memory between lines (kAcc 3, the last item).
