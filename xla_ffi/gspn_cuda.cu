@@ -940,7 +940,9 @@ auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
 // docs/kernel_notes.md): one direction, gate groups of 16 channels, lines of 97-128 positions
 // (8 x 1152 x 128 x 128 bfloat16 G = 72 1.03-1.06 ms against 1.07-1.09; float16 1.00-1.03
 // against 1.02-1.03). It was slower on 64-position lines (1.01 against 0.84 ms, with half its
-// warps idle) and 1.4-1.6x slower at D = 4 (the running dx sum through registers).
+// warps idle) and 1.4-1.6x slower at D = 4 (the running dx sum through registers). At D > 1 its
+// item-by-item form (v31-v32) ties the register backward at 8 x 1152 x 128 x 128 and wins at
+// 4-5 images, but loses 4-17% where a wave holds 144 or more blocks: not taken there either.
 // CGSPN_CUDA_TMA_BWD=0 never takes it, =1 wherever it can (tests, A/B);
 // CGSPN_CUDA_TMA_BWD_MODE times parts of it (see TmaBwdLaunch::mode; results are then wrong).
 template <typename T>
