@@ -597,6 +597,9 @@ def _check_lead_wave(plans, lead, blocks, knobs):
     ((2, 40, 72, 128), 16, ("bt", "tb", "rl", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
+    ((1, 128, 128, 128), 8, ("lr", "tb", "bt"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
+      "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
     ((1, 128, 128, 64), 8, ("lr", "tb", "bt"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
@@ -607,7 +610,8 @@ def _check_lead_wave(plans, lead, blocks, knobs):
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
         "pairs_one_wave_264_blocks", "lead_gives_up", "dx_sum_no_l2_prefetch",
         "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128",
-        "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_knob_by_line"])
+        "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_smem_declined_S8_128",
+        "dx_sum_carry_knob_by_line"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -636,6 +640,11 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     acc_item = int(len(directions) > 1 and knobs.get("CGSPN_CUDA_TMA_BWD_ACC_ITEM") == "1")
     assert all(f" acc_item={acc_item} " in ln for ln in plans), plans
     carry = int(acc_item and knobs.get("CGSPN_CUDA_TMA_BWD_CARRY_SMEM") == "1")
+    # The carries' 6 KB leave two blocks a multiprocessor but for gate groups of 8 channels
+    # (wider gate boxes) at lines of 125-128 positions: 118 KB a block, against the 228 KB of an
+    # H100 or H200 multiprocessor. There the plan takes the item-by-item form alone.
+    if shape[3] // G == 8 and max(shape[1], shape[2]) >= 125:
+        carry = 0
     assert all(f" carry_smem={carry} " in ln for ln in plans), plans
 
 

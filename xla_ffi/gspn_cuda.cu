@@ -917,18 +917,19 @@ struct TmaBwdPlan {
   int blocks, cluster;
   int lines;  // that each block scans, all directions: the loose lockstep's arrival words
   size_t smem;
-  // D > 1: how the running dx sum is loaded, GspnBwdTmaKernel's kAcc: 1 by line, 2 item by
-  // item, 3 item by item with the last item's carry in shared memory. A choice of instance, so
-  // the plan's and not the kernel's launch struct.
-  int acc_form = 1;
+  // How the running dx sum is loaded, GspnBwdTmaKernel's kAcc: 0 none (D = 1), 1 by line, 2
+  // item by item, 3 item by item with the last item's carry in shared memory. A choice of
+  // instance, so the plan's and not the kernel's launch struct.
+  int acc_form = 0;
 };
 
 // The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form.
 template <typename T>
 auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
-  if (tp.a.D == 1) return GspnBwdTmaKernel<T, 0>;
-  return tp.acc_form == 3 ? GspnBwdTmaKernel<T, 3>
-         : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2> : GspnBwdTmaKernel<T, 1>;
+  return tp.acc_form == 3   ? GspnBwdTmaKernel<T, 3>
+         : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2>
+         : tp.acc_form == 1 ? GspnBwdTmaKernel<T, 1>
+                            : GspnBwdTmaKernel<T, 0>;
 }
 
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
@@ -973,13 +974,16 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.chunk = chunk, a.normalize = normalize;
   a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
   // D > 1: the running dx sum prefetched into L2 kTmaStages lines ahead, as far as the stage
-  // copies (TmaBwdLaunch::acc_l2; v31, not yet measured). CGSPN_CUDA_TMA_BWD_ACC_L2=n: n lines
-  // ahead (at most 64), 0 none (A/B).
+  // copies (TmaBwdLaunch::acc_l2; v31, H100: 1% faster at 8 x 1152 x 128 x 128, 15% at 4
+  // images). CGSPN_CUDA_TMA_BWD_ACC_L2=n: n lines ahead (at most 64), 0 none (A/B).
   a.acc_l2 = s.D > 1 ? std::clamp(EnvInt("CGSPN_CUDA_TMA_BWD_ACC_L2", kTmaStages), 0, 64) : 0;
   // D > 1: the sum loaded item by item, one item ahead, where CGSPN_CUDA_TMA_BWD_ACC_ITEM=1
   // (fewer registers; v31: 20% faster than by line), and with the last item's carry in shared
   // memory where CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1 too (v32).
-  tp->acc_form = EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1    ? 1
+  // Form 3 only where its carries leave two blocks a multiprocessor (gate groups of 8 channels
+  // have wider gate boxes: 118 KB a block at lines of 128).
+  tp->acc_form = s.D == 1                                             ? 0
+                 : EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1    ? 1
                  : EnvInt("CGSPN_CUDA_TMA_BWD_CARRY_SMEM") == 1 ? 3
                                                                 : 2;
   a.lockstep = TmaLineSync(kLineSyncLockstep);
@@ -988,7 +992,14 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
-             2 * kTmaStages * 8 + (s.D > 1 && tp->acc_form == 3 ? kTmaBwdCarryBytes : 0);
+             2 * kTmaStages * 8;
+  if (tp->acc_form == 3) {
+    if (BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
+                  tp->smem + kTmaBwdCarryBytes, 2))
+      tp->smem += kTmaBwdCarryBytes;
+    else
+      tp->acc_form = 2;
+  }
   if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
                  tp->smem, knob == 1 ? 1 : 2))
     return false;
@@ -1054,7 +1065,7 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
                  kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
                  tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
-                 int(tp.a.D > 1 && tp.acc_form >= 2), int(tp.a.D > 1 && tp.acc_form == 3),
+                 int(tp.acc_form >= 2), int(tp.acc_form == 3),
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);

@@ -28,8 +28,8 @@
 // 16 channels and lines of 97-128 positions. Where the time goes at 128 x 128 D = 1
 // (TmaBwdLaunch::mode): copies alone 0.53 ms, copies and arithmetic 0.60-0.66, the rest stores.
 // Next: the dx sum through the stage, the gate gradients as whole stores, full warps at 64
-// positions. v31 prefetches the dx sum into L2 ahead of the consumers' loads (not yet measured:
-// `TUNE_FAMILY=accl2`).
+// positions. v31's prefetch of the dx sum into L2 ahead of the consumers' loads measured 1% at
+// 8 images and 15% at 4 (H100, `TUNE_FAMILY=accl2`; notes, section "v31").
 #pragma once
 
 #include "gspn_cuda_forward_tma.cuh"
@@ -60,6 +60,10 @@ static_assert(kTmaSlab % 16 == 0 && kTmaBwdWarps % kTmaBwdPairs == 0 && kTmaBwdS
 constexpr int kTmaBwdEdgeFloats = 2 * 2 * kTmaBwdSpans * kTmaSlab;
 // Shared bytes of the consumers' last-item carries (GspnBwdTmaKernel's kAcc 3): 8 floats each.
 constexpr int kTmaBwdCarryBytes = kTmaBwdWarps * 32 * 8 * 4;
+// They follow the stages (128-byte multiples), the edges and the 2 kTmaStages mbarriers: their
+// float4 accesses need that to be a 16-byte multiple.
+static_assert((kTmaBwdEdgeFloats * 4 + 2 * kTmaStages * 8) % 16 == 0,
+              "16-byte aligned last-item carries");
 
 // The maps of one backward call: x, lam, dh, h (saved forward output) and the gates, as in the
 // forward ([rows][W][inner], row and column boxes).
@@ -144,13 +148,14 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
 // then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers, then (kAcc 3)
-// the consumers' carries of their last item (TmaBwdCarryBytes).
+// the consumers' carries of their last item (kTmaBwdCarryBytes).
 // kAcc: the running dx sum of D > 1, 0 where D = 1; 1: each thread loads its sums of the whole
 // line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32; 1's
 // instance spills a 176-byte stack, 2's 80; v31: 2 is 20% faster); 3: as 2, and each thread's
 // carry of its last item kept in shared memory between lines rather than in registers (v32:
 // the registers 2 spills are mostly carries, reloaded from L2 with their latency exposed;
-// 6 KB a block fits beside the stages at two blocks a multiprocessor). Two blocks per
+// with gate groups of 16 channels its 6 KB fit beside the stages at two blocks a
+// multiprocessor; where they do not, the plan takes 2). Two blocks per
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
 template <typename T, int kAcc>
@@ -263,7 +268,8 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
   const int pfirst = span * kTmaBwdSpan + q16;   // item k's position: pfirst + 16 k
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
   // What line t + 1 (scanned just before) adds to z_t at this thread's positions, but for the
-  // span edges: a_1 z at p, a_0 z at p + 1, a_2 z at p - 1 of line t + 1.
+  // span edges: a_1 z at p, a_0 z at p + 1, a_2 z at p - 1 of line t + 1. kAcc 3 keeps item
+  // KI - 1's in carry_last (shared memory) instead, so carry[KI - 1] is unused there.
   float carry[KI][8];
 #pragma unroll
   for (int k = 0; k < KI; ++k)
@@ -282,7 +288,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     const int64_t line = int64_t(b) * geo.image + geo.base + int64_t(t) * geo.step_stride;
 
     // The running dx sum of the earlier directions at this line: the loads of the whole line's
-    // (kAcc 1), or of its first item's (2; item k + 1's go out as item k starts), go out before
+    // (kAcc 1), or of its first item's (2 and 3; item k + 1's go out as item k starts), go out before
     // the wait for the stage.
     float accv[kAcc == 1 ? KI : 2][8];
     if (kAcc && !first_dir) {
