@@ -597,7 +597,7 @@ def _check_lead_wave(plans, lead, blocks, knobs):
     ((2, 40, 72, 128), 16, ("bt", "tb", "rl", "lr"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
-    ((1, 128, 128, 128), 8, ("lr", "tb", "bt"),
+    ((2, 128, 128, 128), 8, ("lr", "tb", "bt"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
     ((1, 128, 128, 64), 8, ("lr", "tb", "bt"),
