@@ -28,7 +28,10 @@ two blocks belong to different images; and with B = 8, clusters of eight); its r
 sum prefetched into L2 by the producer (the default since v31), that prefetch's ranges read
 instead (CGSPN_CUDA_TMA_BWD_MODE=6: memcheck need not check a prefetch) and no prefetch
 (CGSPN_CUDA_TMA_BWD_ACC_L2=0); the sum loaded item by item (CGSPN_CUDA_TMA_BWD_ACC_ITEM=1), and
-so with the last item's carry in shared memory (v32).
+so with the last item's carry in shared memory (v32). The TMA kernels' next copies issued
+early (v34): the forward's lam and gates before its bulk store has read the x box (the
+default; and without, CGSPN_CUDA_TMA_FWD_EARLY=0), the backward's dh and h before the stage
+is handed back (CGSPN_CUDA_TMA_BWD_EARLY=1).
 """
 import os
 
@@ -93,13 +96,22 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
          # KI - 1 (from position 48 on), where that carry is read.
          ((1, 53, 72, 128), 8, ("lr", "tb", "rl"),
           {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
-           "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"})]
+           "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
+         # v34: the forward's lam and gates copied only with x, after the bulk store has read
+         # the x box (the form before v34's default); the backward's dh and h copied before
+         # the stage is handed back: row and column lines, the dx sum, chunks (lines that copy
+         # no h).
+         ((1, 5, 72, 64), 8, ("bt", "lr"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
+         ((1, 53, 72, 128), 8, ("bt", "lr", "tb"),
+          {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_EARLY": "1"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_TMA_BWD_ACC_L2", "CGSPN_CUDA_TMA_BWD_MODE",
-         "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM")
+         "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
+         "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

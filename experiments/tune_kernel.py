@@ -326,6 +326,16 @@ ACC_ITEM_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 4) for B in (4, 6, 8, 11
 ACC_ITEM_CASES += [((8, 1152, 128, 128), 72, "float16", 4),
                    ((32, 1152, 64, 64), 72, "bfloat16", 4),
                    ((8, 1152, 96, 96), 72, "bfloat16", 4)]
+# v34: the TMA kernels' next copies issued earlier: the forward's lam and gates before the wait
+# for the bulk store's read of the x box (the default since v34; CGSPN_CUDA_TMA_FWD_EARLY=0:
+# with x, after that wait), the backward's dh and h as soon as the line barrier has passed
+# (CGSPN_CUDA_TMA_BWD_EARLY=1), interleaved, three times. (v34 also measured the forward's lam
+# and gates before the line barrier: 3-8% slower, removed.) Cases where the plans take the TMA
+# kernels: 128 x 128 16-bit G = C / 16 over the batch, 96 x 96 (forward only).
+EARLY_SETTINGS = [{"CGSPN_CUDA_TMA_FWD_EARLY": "0"}, {"CGSPN_CUDA_TMA_BWD_EARLY": "1"}] * 3
+EARLY_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 8, 11, 12)]
+EARLY_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((8, 1152, 128, 128), 72, "bfloat16", 4),
+                ((16, 768, 96, 96), 48, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -349,6 +359,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "bwdcluster": (BWD_CLUSTER_SETTINGS, BWD_CLUSTER_CASES, ("bwd",)),
             "linesync": (LINE_SYNC_SETTINGS, LOCKSTEP_CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
+            "early": (EARLY_SETTINGS, EARLY_CASES),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
@@ -375,6 +386,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVES", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_BWD_LEAD_WAVES", "CGSPN_CUDA_TMA_BWD_ACC_L2",
          "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
+         "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")

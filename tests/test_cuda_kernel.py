@@ -457,6 +457,14 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LEAD_WAVE": "4"}),
     ((2, 100, 128, 128), 8, ("bt", "rl"),
      {"CGSPN_CUDA_TMA_LEAD": "1", "CGSPN_CUDA_TMA_LEAD_WAIT": "256"}),
+    # lam and the gates copied before the wait for the bulk store's read of the x box (v34's
+    # default, which every case above takes where h goes out in bulk) turned off
+    # (CGSPN_CUDA_TMA_FWD_EARLY=0): every direction; 1152 channels in the plan's loose lockstep;
+    # and the knob on with per-thread h stores, where it does nothing.
+    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
+    ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
+    ((2, 100, 128, 128), 8, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_FWD_EARLY": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -466,7 +474,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "relax_after_first_all_dirs", "pace_producer_fence", "pace_consumer_fence",
         "pace_sleep_partway", "lead_plan_192_blocks", "lead_partway_240_blocks",
         "lead_two_scan_lengths", "lead_whole_grid_all_dirs", "lead_waves_288_blocks",
-        "lead_waves_of_4", "lead_gives_up"])
+        "lead_waves_of_4", "lead_gives_up", "late_all_dirs", "late_C1152_G72",
+        "early_knob_thread_h"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -494,6 +503,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
+    early = int(bulk and knobs.get("CGSPN_CUDA_TMA_FWD_EARLY", "1") == "1")
+    assert all(f" early={early} " in ln for ln in plans), plans
     pace = knobs.get("CGSPN_CUDA_TMA_PACE", "0")
     assert all(f" pace={pace} " in ln for ln in plans), plans
 
@@ -605,13 +616,23 @@ def _check_lead_wave(plans, lead, blocks, knobs):
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
     ((2, 40, 72, 128), 16, ("rl", "tb"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1"}),
+    # dh and h_{t-1} copied as soon as the line barrier has passed (v34's
+    # CGSPN_CUDA_TMA_BWD_EARLY): the plan's 1152 channels; every direction with the dx sum
+    # (chunked too: restarting lines copy no h); with the carry in shared memory.
+    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_BWD_EARLY": "1"}),
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_EARLY": "1"}),
+    ((2, 40, 72, 128), 16, ("bt", "rl", "tb"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
+      "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1", "CGSPN_CUDA_TMA_BWD_EARLY": "1"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
         "pairs_one_wave_264_blocks", "lead_gives_up", "dx_sum_no_l2_prefetch",
         "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128",
         "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_smem_declined_S8_128",
-        "dx_sum_carry_knob_by_line"])
+        "dx_sum_carry_knob_by_line", "early_C1152_G72", "early_dx_sum",
+        "early_dx_sum_carry_smem"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -646,6 +667,8 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     if shape[3] // G == 8 and max(shape[1], shape[2]) >= 125:
         carry = 0
     assert all(f" carry_smem={carry} " in ln for ln in plans), plans
+    early = knobs.get("CGSPN_CUDA_TMA_BWD_EARLY", "0")
+    assert all(f" early={early} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

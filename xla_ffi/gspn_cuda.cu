@@ -807,6 +807,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // inside the map. (A row line's runs past W, and the store drops what lies outside the
   // tensor.)
   a.bulk_h = (!split || !any_cols || s.H % 2 == 0) && EnvInt("CGSPN_CUDA_TMA_FWD_BULK", 1) == 1;
+  // lam and the gates copied before the wait for the bulk store's read unless
+  // CGSPN_CUDA_TMA_FWD_EARLY=0 (v34: 1-3% faster).
+  a.early = a.bulk_h && EnvInt("CGSPN_CUDA_TMA_FWD_EARLY", 1) == 1;
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_LEAD", -1);
   a.lead = split ? 0 : std::max(0, lead_knob);
   a.lead_polls = LeadPolls();
@@ -862,12 +865,12 @@ template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
-                 "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d pace=%d "
+                 "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d early=%d pace=%d "
                  "lead=%d wave=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
-                 tp.a.bulk_h, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
+                 tp.a.bulk_h, tp.a.early, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
                  BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
                              tp.smem));
   return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
@@ -982,6 +985,8 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // memory where CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1 too (v32).
   // Form 3 only where its carries leave two blocks a multiprocessor (gate groups of 8 channels
   // have wider gate boxes: 118 KB a block at lines of 128).
+  // dh and h_{t-1} copied as soon as the line barrier has passed (v34's experiment).
+  a.early = EnvInt("CGSPN_CUDA_TMA_BWD_EARLY", 0) == 1;
   tp->acc_form = s.D == 1                                             ? 0
                  : EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1    ? 1
                  : EnvInt("CGSPN_CUDA_TMA_BWD_CARRY_SMEM") == 1 ? 3
@@ -1061,11 +1066,11 @@ cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "
-                 "acc_item=%d carry_smem=%d blocks/SM=%d\n",
+                 "acc_item=%d carry_smem=%d early=%d blocks/SM=%d\n",
                  kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
                  tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
-                 int(tp.acc_form >= 2), int(tp.acc_form == 3),
+                 int(tp.acc_form >= 2), int(tp.acc_form == 3), tp.a.early,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
                           dlam, dw, acc, arrived, tp.a);

@@ -94,7 +94,15 @@ struct TmaBwdLaunch {
   // sum of the line acc_l2 lines after it, acc_l2 - 1 lines before they start that line (the
   // stage copies run K lines after it); 0: none (CGSPN_CUDA_TMA_BWD_ACC_L2).
   int acc_l2;
+  // 1 (CGSPN_CUDA_TMA_BWD_EARLY=1; v34's experiment): the producer copies line q + K's dh and
+  // h_{t-1} into their boxes as soon as the line barrier of line q has passed (the consumers
+  // read those boxes only before it), and x, lam and the gates, whose boxes carry line q's
+  // outputs until the bulk and dw stores have read them, once the stage is handed back.
+  int early;
 };
+
+// The parts of a line's stage copies (TmaBwdLaunch::early).
+enum TmaBwdCopy { kCopyAll, kCopyEarly, kCopyLate };
 
 // Which direction and line the q-th line a block scans is: directions in order, each from its
 // last line to its first.
@@ -199,8 +207,10 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
   __syncthreads();
 
   // The q-th line's copies into stage q % K (one thread): x, lam, dh and the gates of line t,
-  // h of line t - 1 unless line t restarts (it is not read then).
-  auto issue = [&](int q) {
+  // h of line t - 1 unless line t restarts (it is not read then). `part`: kCopyAll, or dh and h
+  // (kCopyEarly: their bytes expected without an arrival) and then the rest (kCopyLate: the
+  // one arrival, with the rest's bytes), as TmaBwdLaunch::early splits them.
+  auto issue = [&](int q, int part) {
     const BwdLineOf ln(a, q);
     const int dir = (a.dir_bits >> (2 * ln.d)) & 3;
     const bool rows = dir == kTopBottom || dir == kBottomTop;
@@ -209,7 +219,13 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     const int s = q % K;
     unsigned char* st = smem + s * stage_bytes;
     const unsigned box = unsigned(L * S * sizeof(T));
-    MbarExpectTx(&full[s], (need_h ? 4 : 3) * box + unsigned(L * a.gbox * sizeof(T)));
+    const unsigned early_bytes = (need_h ? 2 : 1) * box;
+    const unsigned late_bytes = 2 * box + unsigned(L * a.gbox * sizeof(T));
+    if (part == kCopyEarly)
+      MbarExpectTxOnly(&full[s], early_bytes);
+    else
+      MbarExpectTx(&full[s], part == kCopyLate ? late_bytes : early_bytes + late_bytes);
+    const bool ex = part != kCopyLate, lt = part != kCopyEarly;  // which boxes now
     // The image row (rows) or column (columns) of line t, and of line t - 1.
     const bool forward = dir == kTopBottom || dir == kLeftRight;
     const int n = rows ? a.H : a.W;
@@ -217,24 +233,24 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     const int xrow = b * a.H, drow = (ln.d * a.B + b) * a.H;
     const TmaBwdMaps& m = maps;
     if (rows) {
-      TmaLoad(st, &m.x_row, c0, 0, xrow + at, &full[s]);
-      TmaLoad(st + a.xbytes, &m.lam_row, c0, 0, drow + at, &full[s]);
-      TmaLoad(st + 2 * a.xbytes, &m.dh_row, c0, 0, drow + at, &full[s]);
-      if (need_h) TmaLoad(st + 3 * a.xbytes, &m.h_row, c0, 0, drow + before, &full[s]);
-      TmaLoad(st + 4 * a.xbytes, &m.w_row, gfirst, 0, drow + at, &full[s]);
+      if (ex) TmaLoad(st + 2 * a.xbytes, &m.dh_row, c0, 0, drow + at, &full[s]);
+      if (ex && need_h) TmaLoad(st + 3 * a.xbytes, &m.h_row, c0, 0, drow + before, &full[s]);
+      if (lt) TmaLoad(st, &m.x_row, c0, 0, xrow + at, &full[s]);
+      if (lt) TmaLoad(st + a.xbytes, &m.lam_row, c0, 0, drow + at, &full[s]);
+      if (lt) TmaLoad(st + 4 * a.xbytes, &m.w_row, gfirst, 0, drow + at, &full[s]);
     } else {
-      TmaLoad(st, &m.x_col, c0, at, xrow, &full[s]);
-      TmaLoad(st + a.xbytes, &m.lam_col, c0, at, drow, &full[s]);
-      TmaLoad(st + 2 * a.xbytes, &m.dh_col, c0, at, drow, &full[s]);
-      if (need_h) TmaLoad(st + 3 * a.xbytes, &m.h_col, c0, before, drow, &full[s]);
-      TmaLoad(st + 4 * a.xbytes, &m.w_col, gfirst, at, drow, &full[s]);
+      if (ex) TmaLoad(st + 2 * a.xbytes, &m.dh_col, c0, at, drow, &full[s]);
+      if (ex && need_h) TmaLoad(st + 3 * a.xbytes, &m.h_col, c0, before, drow, &full[s]);
+      if (lt) TmaLoad(st, &m.x_col, c0, at, xrow, &full[s]);
+      if (lt) TmaLoad(st + a.xbytes, &m.lam_col, c0, at, drow, &full[s]);
+      if (lt) TmaLoad(st + 4 * a.xbytes, &m.w_col, gfirst, at, drow, &full[s]);
     }
   };
 
   // The producer: lines 0 .. K-1, then q + K once the cluster is past q.
   if (warp == kTmaBwdWarps) {
     if (lane == 0)
-      for (int q = 0; q < K && q < lines; ++q) issue(q);
+      for (int q = 0; q < K && q < lines; ++q) issue(q, kCopyAll);
     if constexpr (kAcc) {
       for (int q = 0; q < a.acc_l2 && q < lines; ++q) PrefetchAccLine(a, acc, b, c0, q, lane);
       __syncwarp();  // the line barrier's cluster arrive is .aligned: the whole warp at once
@@ -249,9 +265,16 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         if (a.acc_l2 > 0 && q + a.acc_l2 < lines)
           PrefetchAccLine(a, acc, b, c0, q + a.acc_l2, lane);
       if (lane == 0 && q + K < lines) {
-        MbarWait(&empty[q % K], (q / K) & 1);
-        if (a.lead > 0 && q + K - a.lead >= 0) lead.Wait(q + K - a.lead, a.lead_polls);
-        issue(q + K);
+        if (a.early) {
+          if (a.lead > 0 && q + K - a.lead >= 0) lead.Wait(q + K - a.lead, a.lead_polls);
+          issue(q + K, kCopyEarly);
+          MbarWait(&empty[q % K], (q / K) & 1);
+          issue(q + K, kCopyLate);
+        } else {
+          MbarWait(&empty[q % K], (q / K) & 1);
+          if (a.lead > 0 && q + K - a.lead >= 0) lead.Wait(q + K - a.lead, a.lead_polls);
+          issue(q + K, kCopyAll);
+        }
       }
       __syncwarp();
     }

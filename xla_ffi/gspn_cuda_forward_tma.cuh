@@ -67,6 +67,13 @@ struct TmaLaunch {
   // 1.5-3% faster in bulk at 128 x 128 (H100, docs/kernel_notes.md, v26): the consumers issue
   // about 5% fewer instructions.
   int bulk_h;
+  // 1 (the default where h goes out in bulk; CGSPN_CUDA_TMA_FWD_EARLY=0 turns it off): the
+  // producer copies line t + K's lam and gates as soon as the line barrier has passed, and only
+  // x, whose box line t's h is going out from, once that store has read it. Measured 1-3%
+  // faster at 128 x 128 and 96 x 96 (H200, docs/kernel_notes.md, v34). Copying lam and the
+  // gates before the line barrier, once this block's consumers have handed the stage back, was
+  // 3-8% slower: the cluster's blocks no longer read their neighbouring pieces together.
+  int early;
   // Experiments (CGSPN_CUDA_TMA_PACE; 0 by default): what the relaxed lockstep's lines add to
   // find out which part of the release's GPU-wide memory barrier helps a full GPU (v25-v27).
   // kPaceProducerFence: a GPU-scope fence in the producer before it issues the next copies;
@@ -198,6 +205,12 @@ __device__ __forceinline__ void MbarExpectTx(uint64_t* bar, unsigned bytes) {
                "r"(bytes)
                : "memory");
 }
+// Adds `bytes` to the transactions the current phase waits for, without an arrival.
+__device__ __forceinline__ void MbarExpectTxOnly(uint64_t* bar, unsigned bytes) {
+  asm volatile("mbarrier.expect_tx.relaxed.cta.shared::cta.b64 [%0], %1;" ::"r"(SharedAddr(bar)),
+               "r"(bytes)
+               : "memory");
+}
 // The box of a 3-D tensor map at (c0, c1, c2) into shared memory, completing on `bar`.
 __device__ __forceinline__ void TmaLoad(void* dst, const CUtensorMap* map, int c0, int c1, int c2,
                                         uint64_t* bar) {
@@ -293,21 +306,28 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       *c2 = drow + off;
     }
   };
-  // Line t's copies into stage t % K (one thread).
-  auto issue = [&](int t) {
+  // Line t's copies into stage t % K (one thread): all three boxes, or (TmaLaunch::early) lam and
+  // the gates first, with the one arrival that expects all the line's bytes, and x (where line
+  // t - K's h is going out in bulk) only once that store has read it.
+  enum { kAll, kFront, kX };
+  auto issue = [&](int t, int part) {
     const int s = t % K;
     unsigned char* st = smem + s * stage_bytes;
-    MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * a.gbox * sizeof(T)));
     int c1, c2;
     box_at(t, &c1, &c2);
-    TmaLoad(st, rows ? &maps.x_row : &maps.x_col, c0, c1, c2 - xshift, &full[s]);
-    TmaLoad(st + a.xbytes, rows ? &maps.lam_row : &maps.lam_col, c0, c1, c2, &full[s]);
-    TmaLoad(st + 2 * a.xbytes, rows ? &maps.w_row : &maps.w_col, gfirst, c1, c2, &full[s]);
+    if (part != kX) {
+      MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * a.gbox * sizeof(T)));
+      TmaLoad(st + a.xbytes, rows ? &maps.lam_row : &maps.lam_col, c0, c1, c2, &full[s]);
+      TmaLoad(st + 2 * a.xbytes, rows ? &maps.w_row : &maps.w_col, gfirst, c1, c2, &full[s]);
+    }
+    if (part != kFront)
+      TmaLoad(st, rows ? &maps.x_row : &maps.x_col, c0, c1, c2 - xshift, &full[s]);
   };
 
   if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
-      for (int t = 0; t < K && t < T_steps; ++t) issue(t);
+      for (int t = 0; t < K && t < T_steps; ++t) issue(t, kAll);
+    const bool early = a.bulk_h && a.early;
     unsigned long long* trace =
         a.trace ? a.trace + int64_t(blockIdx.x) * a.trace_words : nullptr;
     if (trace && lane == 0) {
@@ -350,7 +370,8 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         box_at(t, &c1, &c2);
         TmaStore(rows ? &maps.h_row : &maps.h_col, c0, c1, c2, smem + (t % K) * stage_bytes);
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-        asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        if (!early || t + K >= T_steps)  // (else before line t + K's x copy, below)
+          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
       }
       if (lane == 0 && t + K < T_steps) {
         MbarWait(&empty[t % K], (t / K) & 1);
@@ -360,7 +381,11 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
         } else if (paced && a.pace >= kPaceSleepMin && sleeper) {
           __nanosleep(unsigned(a.pace));
         }
-        issue(t + K);
+        if (early) {
+          issue(t + K, kFront);
+          asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+        }
+        issue(t + K, early ? kX : kAll);
       }
       __syncwarp();
     }
