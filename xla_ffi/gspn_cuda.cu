@@ -985,7 +985,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // memory where CGSPN_CUDA_TMA_BWD_CARRY_SMEM=1 too (v32).
   // Form 3 only where its carries leave two blocks a multiprocessor (gate groups of 8 channels
   // have wider gate boxes: 118 KB a block at lines of 128).
-  // dh and h_{t-1} copied as soon as the line barrier has passed (v34's experiment).
+  // dh and h_{t-1} copied once the line barrier has passed (v34's experiment; off: no change).
   a.early = EnvInt("CGSPN_CUDA_TMA_BWD_EARLY", 0) == 1;
   tp->acc_form = s.D == 1                                             ? 0
                  : EnvInt("CGSPN_CUDA_TMA_BWD_ACC_ITEM") != 1    ? 1

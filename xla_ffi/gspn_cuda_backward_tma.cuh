@@ -95,9 +95,10 @@ struct TmaBwdLaunch {
   // stage copies run K lines after it); 0: none (CGSPN_CUDA_TMA_BWD_ACC_L2).
   int acc_l2;
   // 1 (CGSPN_CUDA_TMA_BWD_EARLY=1; v34's experiment): the producer copies line q + K's dh and
-  // h_{t-1} into their boxes as soon as the line barrier of line q has passed (the consumers
-  // read those boxes only before it), and x, lam and the gates, whose boxes carry line q's
-  // outputs until the bulk and dw stores have read them, once the stage is handed back.
+  // h_{t-1} into their boxes once the line barrier of line q (and the lead's wait, where there
+  // is one) has passed: the consumers read those boxes only before it. x, lam and the gates,
+  // whose boxes carry line q's outputs until the bulk and dw stores have read them, follow once
+  // the stage is handed back. Measured no change on the H200 (v34), so off.
   int early;
 };
 

@@ -68,11 +68,13 @@ struct TmaLaunch {
   // about 5% fewer instructions.
   int bulk_h;
   // 1 (the default where h goes out in bulk; CGSPN_CUDA_TMA_FWD_EARLY=0 turns it off): the
-  // producer copies line t + K's lam and gates as soon as the line barrier has passed, and only
-  // x, whose box line t's h is going out from, once that store has read it. Measured 1-3%
-  // faster at 128 x 128 and 96 x 96 (H200, docs/kernel_notes.md, v34). Copying lam and the
-  // gates before the line barrier, once this block's consumers have handed the stage back, was
-  // 3-8% slower: the cluster's blocks no longer read their neighbouring pieces together.
+  // producer copies line t + K's lam and gates once the line barrier has passed (and the lead's
+  // wait, where there is one), and only x, whose box line t's h is going out from, once that
+  // store has read it. Measured 1-3.3% faster at 128 x 128 and 96 x 96 (H200,
+  // docs/kernel_notes.md, v34). Copying lam and the gates before the line barrier, once this
+  // block's consumers have handed the stage back, was up to 8% slower than that (3-8% at
+  // 128 x 128, as fast at 96 x 96): the cluster's blocks no longer read their neighbouring
+  // pieces together.
   int early;
   // Experiments (CGSPN_CUDA_TMA_PACE; 0 by default): what the relaxed lockstep's lines add to
   // find out which part of the release's GPU-wide memory barrier helps a full GPU (v25-v27).
@@ -310,17 +312,17 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   // the gates first, with the one arrival that expects all the line's bytes, and x (where line
   // t - K's h is going out in bulk) only once that store has read it.
   enum { kAll, kFront, kX };
-  auto issue = [&](int t, int part) {
+  auto issue = [&](int t, int which) {
     const int s = t % K;
     unsigned char* st = smem + s * stage_bytes;
     int c1, c2;
     box_at(t, &c1, &c2);
-    if (part != kX) {
+    if (which != kX) {
       MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * a.gbox * sizeof(T)));
       TmaLoad(st + a.xbytes, rows ? &maps.lam_row : &maps.lam_col, c0, c1, c2, &full[s]);
       TmaLoad(st + 2 * a.xbytes, rows ? &maps.w_row : &maps.w_col, gfirst, c1, c2, &full[s]);
     }
-    if (part != kFront)
+    if (which != kFront)
       TmaLoad(st, rows ? &maps.x_row : &maps.x_col, c0, c1, c2 - xshift, &full[s]);
   };
 
@@ -364,8 +366,8 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       kind = next;
       if (lane == 0 && a.bulk_h) {
         // Line t's h, written by the consumers over its x box and fenced before the barrier, as
-        // one bulk store; read out of the stage before line t + K is copied into it. Here, not
-        // in a consumer warp, so that no consumer waits for it.
+        // one bulk store; read out of the stage before line t + K's x is copied over it. Here,
+        // not in a consumer warp, so that no consumer waits for it.
         int c1, c2;
         box_at(t, &c1, &c2);
         TmaStore(rows ? &maps.h_row : &maps.h_col, c0, c1, c2, smem + (t % K) * stage_bytes);
@@ -468,7 +470,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     }
     // The stage is read: hand it back to the producer. (Where h goes out through it, this
     // warp still writes h over its x box below: the producer copies into the stage only after
-    // the line barrier, and after its bulk store of that h has read it.)
+    // the line barrier, and into the x box only after its bulk store of that h has read it.)
     __syncwarp();
     if (lane == 0) MbarArrive(&empty[s]);
     T* hline = hthread + (b * geo.image + geo.base + int64_t(t) * geo.step_stride) * a.C;
