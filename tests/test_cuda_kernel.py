@@ -465,6 +465,11 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD_EARLY": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
+    # v35's experiment: 12 consumer warps of 2 items each (CGSPN_CUDA_TMA_FWD_WARPS=12): every
+    # direction with a partial slab; 1152 channels in the plan's loose lockstep; split rows.
+    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
+    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
+    ((1, 20, 256, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -475,7 +480,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "pace_sleep_partway", "lead_plan_192_blocks", "lead_partway_240_blocks",
         "lead_two_scan_lengths", "lead_whole_grid_all_dirs", "lead_waves_288_blocks",
         "lead_waves_of_4", "lead_gives_up", "late_all_dirs", "late_C1152_G72",
-        "early_knob_thread_h"])
+        "early_knob_thread_h", "warps_12_all_dirs", "warps_12_C1152_G72",
+        "warps_12_split_rows_256"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -504,6 +510,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
     early = int(bulk and knobs.get("CGSPN_CUDA_TMA_FWD_EARLY", "1") == "1")
+    threads = 32 * (1 + (12 if knobs.get("CGSPN_CUDA_TMA_FWD_WARPS") == "12" else 6))
+    assert all(f" threads={threads} " in ln for ln in plans), plans
     assert all(f" early={early} " in ln for ln in plans), plans
     pace = knobs.get("CGSPN_CUDA_TMA_PACE", "0")
     assert all(f" pace={pace} " in ln for ln in plans), plans

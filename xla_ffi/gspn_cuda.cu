@@ -717,8 +717,15 @@ struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
   int blocks, cluster;
+  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps (CGSPN_CUDA_TMA_FWD_WARPS=12)
   size_t smem;
 };
+
+template <typename T>
+auto TmaFwdKernelFor(int warps) {
+  return warps == kTmaWideWarps ? GspnFwdTmaKernel<T, kTmaWideWarps>
+                                : GspnFwdTmaKernel<T, kTmaWarps>;
+}
 
 // When the TMA forward's line barrier turns from release and acquire to the relaxed lockstep
 // (TmaLaunch::relax_at): once fewer than R of the call's `blocks` blocks remain, R = 4/3 of the
@@ -821,8 +828,11 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
              2 * kTmaStages * 8 + 2 * sizeof(int);
-  if (!BlocksFit(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads, tp->smem,
-                 knob == 1 ? 1 : 2))
+  tp->warps = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", kTmaWarps) == kTmaWideWarps ? kTmaWideWarps
+                                                                             : kTmaWarps;
+  const int threads = TmaThreadsOf(tp->warps);
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps)), threads,
+                 tp->smem, knob == 1 ? 1 : 2))
     return false;
   // The grid's loose lockstep holds the blocks of each wave together (TmaLaunch::lead_wave).
   // The plan takes it, with the relaxed line barrier throughout, where the barrier would
@@ -836,8 +846,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // 4 and 8 images 2% and 3%. CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (v29);
   // CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
-  const int wave = WaveBlocks(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
-                              tp->smem, tp->cluster);
+  const int wave = WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps)),
+                              threads, tp->smem, tp->cluster);
   a.lead_wave = LeadWave(wave, blocks);
   // (Not where no wave would wait: a wave of at most lead_min blocks, on a GPU that holds few.)
   if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
@@ -863,18 +873,19 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
+  const auto kernel = TmaFwdKernelFor<T>(tp.warps);
+  const int threads = TmaThreadsOf(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d early=%d pace=%d "
                  "lead=%d wave=%d blocks/SM=%d\n",
-                 kTmaSlab, kTmaThreads, tp.blocks, tp.smem, tp.cluster,
+                 kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
                  tp.a.bulk_h, tp.a.early, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
-                 BlocksPerSm(reinterpret_cast<const void*>(GspnFwdTmaKernel<T>), kTmaThreads,
-                             tp.smem));
-  return LaunchInClusters(st, GspnFwdTmaKernel<T>, tp.blocks, tp.cluster, kTmaThreads, tp.smem,
-                          tp.maps, h, done, tp.a);
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem));
+  return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, h, done,
+                          tp.a);
 }
 
 // An experiment (CGSPN_CUDA_TMA_TRACE=file): the launch with each block's line times recorded

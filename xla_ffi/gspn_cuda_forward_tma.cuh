@@ -29,11 +29,14 @@ namespace cgspn {
 namespace {
 
 constexpr int kTmaSlab = 48;      // channels per block (96 bytes of 16-bit types)
-constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces
+constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces (see kTmaWideWarps)
+// v35's experiment (CGSPN_CUDA_TMA_FWD_WARPS=12): twice the consumer warps, half the items each.
+// Nsight Compute on v34 (H200, docs/kernel_notes.md) found each consumer warp issuing ~700
+// instructions a line at ~5 cycles each, with ~2.2 warps a scheduler to hide that latency.
+constexpr int kTmaWideWarps = 12;
+__host__ __device__ constexpr int TmaThreadsOf(int warps) { return (warps + 1) * 32; }
 constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
 constexpr int kTmaMaxLine = 128;  // positions of a block: items (kTmaSlab / 8 each) per thread <= 4
-constexpr int kTmaItems = kTmaMaxLine * (kTmaSlab / 8) / (kTmaWarps * 32);
-constexpr int kTmaThreads = (kTmaWarps + 1) * 32;
 constexpr int kTmaCluster = 2;
 
 // The tensor maps of one call: x, lam, the gates and h, each as [rows][W][inner] with boxes for
@@ -253,12 +256,14 @@ __device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1,
 // the h tiles [2][Lb][kTmaSlab] (float, by line parity), the "full" and "empty" mbarriers, then
 // the line barrier's kind by line parity (TmaLaunch::relax_at). `done` counts the finished
 // blocks (zero at launch; unused where relax_at is 0 or INT32_MAX).
-template <typename T>
-__global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as measured
+template <typename T, int kWarps>
+__global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM, as measured
     GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, unsigned* done,
                      const TmaLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kTmaWarps * 32;
+  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kWarps * 32;
+  constexpr int KI = kTmaMaxLine * NV / NCT;  // items per thread: 4 at 6 warps, 2 at 12
+  static_assert(KI * NCT == kTmaMaxLine * NV, "whole items per thread");
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 2 * a.xbytes + a.gbytes;
 
@@ -287,7 +292,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   if (threadIdx.x == 0) {
     for (int s = 0; s < K; ++s) {
       MbarInit(&full[s], 1);
-      MbarInit(&empty[s], kTmaWarps);
+      MbarInit(&empty[s], kWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     sync_kind[0] = sync_kind[1] = a.lockstep;
@@ -326,7 +331,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
       TmaLoad(st, rows ? &maps.x_row : &maps.x_col, c0, c1, c2 - xshift, &full[s]);
   };
 
-  if (warp == kTmaWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
+  if (warp == kWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
     if (lane == 0)
       for (int t = 0; t < K && t < T_steps; ++t) issue(t, kAll);
     const bool early = a.bulk_h && a.early;
@@ -416,9 +421,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
   // The other half's h tiles (split lines): the position next to this half's edge.
   const unsigned peer_tiles = a.split ? PeerAddr(tile, part ^ 1) : 0u;
   const int peer_pos = part == 0 ? 0 : Lb - 1;
-  float hown[kTmaItems][8];
+  float hown[KI][8];
 #pragma unroll
-  for (int k = 0; k < kTmaItems; ++k)
+  for (int k = 0; k < KI; ++k)
 #pragma unroll
     for (int i = 0; i < 8; ++i) hown[k][i] = 0.f;
 
@@ -435,9 +440,9 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     const unsigned peer_prev =
         peer_tiles + unsigned((((t + 1) & 1) * Lb * S + peer_pos * S + v * 8) * sizeof(float));
     const bool restart = LineGeometry::Restarts(t, a.chunk);
-    float hv[kTmaItems][8];
+    float hv[KI][8];
 #pragma unroll
-    for (int k = 0; k < kTmaItems; ++k) {
+    for (int k = 0; k < KI; ++k) {
       const int p = p0 + k * kStride;  // in the block's box; off + p in the line
       if (!lane_ok || p >= Lown) continue;
       Pack<T, 8> xp, lp;
@@ -475,7 +480,7 @@ __global__ void __launch_bounds__(kTmaThreads, 2)  // two blocks per SM, as meas
     if (lane == 0) MbarArrive(&empty[s]);
     T* hline = hthread + (b * geo.image + geo.base + int64_t(t) * geo.step_stride) * a.C;
 #pragma unroll
-    for (int k = 0; k < kTmaItems; ++k) {
+    for (int k = 0; k < KI; ++k) {
       const int p = p0 + k * kStride;
       if (!lane_ok || p >= Lown) continue;
       if (a.bulk_h) {  // over x at (p, v), which only this thread read
