@@ -633,6 +633,15 @@ def _check_lead_wave(plans, lead, blocks, knobs):
     ((2, 40, 72, 128), 16, ("bt", "rl", "tb"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1", "CGSPN_CUDA_TMA_BWD_EARLY": "1"}),
+    # v35's experiment: 12 consumer warps in 4 spans of 32 positions (CGSPN_CUDA_TMA_BWD_WARPS):
+    # the plan's 1152 channels; every direction with the dx sum, lines of 40 and 72 (spans past
+    # the line's end); item by item with the carry in shared memory.
+    ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_BWD_WARPS": "12"}),
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_WARPS": "12"}),
+    ((2, 40, 72, 128), 16, ("rl", "tb", "lr"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
+      "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1", "CGSPN_CUDA_TMA_BWD_WARPS": "12"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
@@ -640,7 +649,8 @@ def _check_lead_wave(plans, lead, blocks, knobs):
         "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128",
         "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_smem_declined_S8_128",
         "dx_sum_carry_knob_by_line", "early_C1152_G72", "early_dx_sum",
-        "early_dx_sum_carry_smem"])
+        "early_dx_sum_carry_smem", "warps_12_C1152_G72", "warps_12_dx_sum",
+        "warps_12_dx_sum_carry_smem"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -677,6 +687,8 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" carry_smem={carry} " in ln for ln in plans), plans
     early = knobs.get("CGSPN_CUDA_TMA_BWD_EARLY", "0")
     assert all(f" early={early} " in ln for ln in plans), plans
+    threads = 32 * (1 + (12 if knobs.get("CGSPN_CUDA_TMA_BWD_WARPS") == "12" else 6))
+    assert all(f" threads={threads} " in ln for ln in plans), plans
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

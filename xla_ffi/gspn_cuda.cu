@@ -930,6 +930,7 @@ struct TmaBwdPlan {
   TmaBwdLaunch a;
   int blocks, cluster;
   int lines;  // that each block scans, all directions: the loose lockstep's arrival words
+  int warps;  // consumer warps: kTmaBwdWarps, or kTmaBwdWideWarps (CGSPN_CUDA_TMA_BWD_WARPS=12)
   size_t smem;
   // How the running dx sum is loaded, GspnBwdTmaKernel's kAcc: 0 none (D = 1), 1 by line, 2
   // item by item, 3 item by item with the last item's carry in shared memory. A choice of
@@ -937,13 +938,19 @@ struct TmaBwdPlan {
   int acc_form = 0;
 };
 
-// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form.
+// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form; with
+// the plan's consumer warps.
+template <typename T, int kWarps>
+auto TmaBwdKernelOf(int acc_form) {
+  return acc_form == 3   ? GspnBwdTmaKernel<T, 3, kWarps>
+         : acc_form == 2 ? GspnBwdTmaKernel<T, 2, kWarps>
+         : acc_form == 1 ? GspnBwdTmaKernel<T, 1, kWarps>
+                         : GspnBwdTmaKernel<T, 0, kWarps>;
+}
 template <typename T>
 auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
-  return tp.acc_form == 3   ? GspnBwdTmaKernel<T, 3>
-         : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2>
-         : tp.acc_form == 1 ? GspnBwdTmaKernel<T, 1>
-                            : GspnBwdTmaKernel<T, 0>;
+  return tp.warps == kTmaBwdWideWarps ? TmaBwdKernelOf<T, kTmaBwdWideWarps>(tp.acc_form)
+                                      : TmaBwdKernelOf<T, kTmaBwdWarps>(tp.acc_form);
 }
 
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
@@ -1007,16 +1014,24 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
+  // 12 consumer warps of 2 items where CGSPN_CUDA_TMA_BWD_WARPS=12 (v35's experiment).
+  const bool wide_warps = EnvInt("CGSPN_CUDA_TMA_BWD_WARPS", kTmaBwdWarps) == kTmaBwdWideWarps;
+  tp->warps = wide_warps ? kTmaBwdWideWarps : kTmaBwdWarps;
+  const int threads = wide_warps ? TmaBwdShape<kTmaBwdWideWarps>::threads : kTmaBwdThreads;
+  const int edge_floats = wide_warps ? TmaBwdShape<kTmaBwdWideWarps>::edge_floats
+                                     : TmaBwdShape<kTmaBwdWarps>::edge_floats;
+  const int carry_bytes = wide_warps ? TmaBwdShape<kTmaBwdWideWarps>::carry_bytes
+                                     : TmaBwdShape<kTmaBwdWarps>::carry_bytes;
+  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + edge_floats * 4 +
              2 * kTmaStages * 8;
   if (tp->acc_form == 3) {
-    if (BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
-                  tp->smem + kTmaBwdCarryBytes, 2))
-      tp->smem += kTmaBwdCarryBytes;
+    if (BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), threads,
+                  tp->smem + carry_bytes, 2))
+      tp->smem += carry_bytes;
     else
       tp->acc_form = 2;
   }
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), threads,
                  tp->smem, knob == 1 ? 1 : 2))
     return false;
   // Lockstep groups of kTmaBwdCluster neighbouring slabs where they divide the blocks and fit
@@ -1032,9 +1047,9 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   const void* kernel = reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp));
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
   if (tp->cluster != kTmaCluster) {
-    const int64_t wide = int64_t(ActiveClusters(kernel, tp->cluster, kTmaBwdThreads, tp->smem)) *
+    const int64_t wide = int64_t(ActiveClusters(kernel, tp->cluster, threads, tp->smem)) *
                          tp->cluster;
-    const int64_t pairs = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, kTmaCluster);
+    const int64_t pairs = WaveBlocks(kernel, threads, tp->smem, kTmaCluster);
     if (wide == 0 || (EnvInt("CGSPN_CUDA_TMA_CLUSTER") == 0 &&
                       (blocks + wide - 1) / wide > (blocks + pairs - 1) / pairs))
       tp->cluster = kTmaCluster;
@@ -1045,7 +1060,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // measured mixed (v30: 16 images of 1152 x 128 x 128 2% faster, 12 images alike).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
-  const int wave = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, tp->cluster);
+  const int wave = WaveBlocks(kernel, threads, tp->smem, tp->cluster);
   a.lead_wave = LeadWave(wave, blocks);
   if (lead_knob >= 0) {
     a.lead = lead_knob;
@@ -1074,17 +1089,18 @@ template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
                               float* acc, unsigned* arrived) {
   const auto kernel = TmaBwdKernelFor<T>(tp);
+  const int threads = 32 * (tp.warps + 1);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "
                  "acc_item=%d carry_smem=%d early=%d blocks/SM=%d\n",
-                 kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
+                 kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
                  tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
                  int(tp.acc_form >= 2), int(tp.acc_form == 3), tp.a.early,
-                 BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
-  return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
-                          dlam, dw, acc, arrived, tp.a);
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem));
+  return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, dx, dlam,
+                          dw, acc, arrived, tp.a);
 }
 
 template <typename T>
