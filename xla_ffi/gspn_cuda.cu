@@ -1015,14 +1015,12 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
   // 12 consumer warps of 2 items where CGSPN_CUDA_TMA_BWD_WARPS=12 (v35's experiment).
-  const bool wide_warps = EnvInt("CGSPN_CUDA_TMA_BWD_WARPS", kTmaBwdWarps) == kTmaBwdWideWarps;
-  tp->warps = wide_warps ? kTmaBwdWideWarps : kTmaBwdWarps;
-  const int threads = wide_warps ? TmaBwdShape<kTmaBwdWideWarps>::threads : kTmaBwdThreads;
-  const int edge_floats = wide_warps ? TmaBwdShape<kTmaBwdWideWarps>::edge_floats
-                                     : TmaBwdShape<kTmaBwdWarps>::edge_floats;
-  const int carry_bytes = wide_warps ? TmaBwdShape<kTmaBwdWideWarps>::carry_bytes
-                                     : TmaBwdShape<kTmaBwdWarps>::carry_bytes;
-  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + edge_floats * 4 +
+  tp->warps = EnvInt("CGSPN_CUDA_TMA_BWD_WARPS", kTmaBwdWarps) == kTmaBwdWideWarps
+                  ? kTmaBwdWideWarps
+                  : kTmaBwdWarps;
+  const TmaBwdShape shape(tp->warps);
+  const int threads = shape.threads, carry_bytes = shape.carry_bytes;
+  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + shape.edge_floats * 4 +
              2 * kTmaStages * 8;
   if (tp->acc_form == 3) {
     if (BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), threads,
@@ -1089,7 +1087,7 @@ template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
                               float* acc, unsigned* arrived) {
   const auto kernel = TmaBwdKernelFor<T>(tp);
-  const int threads = 32 * (tp.warps + 1);
+  const int threads = TmaThreadsOf(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "

@@ -58,23 +58,26 @@ constexpr int kTmaBwdCluster = 8;
 // What follows from a block's consumer warps: its threads, the spans of positions (one per
 // kTmaBwdPairs warps), each span's positions and 16-position items, the shared floats of the
 // span-edge exchange ([2 line parities][2 kinds][spans][kTmaSlab]) and the shared bytes of the
-// consumers' last-item carries (GspnBwdTmaKernel's kAcc 3: 8 floats each).
-template <int kWarps>
+// consumers' last-item carries (GspnBwdTmaKernel's kAcc 3: 8 floats each). One formula for the
+// kernel's constants and the host's launch and shared-memory sizes.
 struct TmaBwdShape {
-  static constexpr int threads = (kWarps + 1) * 32;
-  static constexpr int spans = kWarps / kTmaBwdPairs;
-  static constexpr int span = kTmaMaxLine / spans;
-  static constexpr int items = span / 16;
-  static constexpr int edge_floats = 2 * 2 * spans * kTmaSlab;
-  static constexpr int carry_bytes = kWarps * 32 * 8 * 4;
-  static_assert(kTmaSlab % 16 == 0 && kWarps % kTmaBwdPairs == 0 && span % 16 == 0,
-                "whole vector pairs and spans of 16-position items");
-  // The carries follow the stages (128-byte multiples), the edges and the 2 kTmaStages
-  // mbarriers: their float4 accesses need that to be a 16-byte multiple.
-  static_assert((edge_floats * 4 + 2 * kTmaStages * 8) % 16 == 0,
-                "16-byte aligned last-item carries");
+  int threads, spans, span, items, edge_floats, carry_bytes;
+  __host__ __device__ constexpr explicit TmaBwdShape(int warps)
+      : threads(TmaThreadsOf(warps)),
+        spans(warps / kTmaBwdPairs),
+        span(kTmaMaxLine / spans),
+        items(span / 16),
+        edge_floats(2 * 2 * spans * kTmaSlab),
+        carry_bytes(warps * 32 * 8 * 4) {}
 };
-constexpr int kTmaBwdThreads = TmaBwdShape<kTmaBwdWarps>::threads;
+// Checked for each kernel's warps (GspnBwdTmaKernel): whole vector pairs and spans of
+// 16-position items; the carries follow the stages (128-byte multiples), the edges and the
+// 2 kTmaStages mbarriers, and their float4 accesses need that to be a 16-byte multiple.
+__host__ __device__ constexpr bool TmaBwdShapeOk(int warps) {
+  const TmaBwdShape sh(warps);
+  return kTmaSlab % 16 == 0 && warps % kTmaBwdPairs == 0 && sh.span % 16 == 0 &&
+         (sh.edge_floats * 4 + 2 * kTmaStages * 8) % 16 == 0;
+}
 
 // The maps of one backward call: x, lam, dh, h (saved forward output) and the gates, as in the
 // forward ([rows][W][inner], row and column boxes).
@@ -167,8 +170,8 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 }
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
-// then the span edges (TmaBwdShape::edge_floats), then the "full" and "empty" mbarriers, then
-// (kAcc 3) the consumers' carries of their last item (TmaBwdShape::carry_bytes).
+// then the span edges (TmaBwdShape's edge_floats), then the "full" and "empty" mbarriers, then
+// (kAcc 3) the consumers' carries of their last item (TmaBwdShape's carry_bytes).
 // kAcc: the running dx sum of D > 1, 0 where D = 1; 1: each thread loads its sums of the whole
 // line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32; 1's
 // instance spills a 176-byte stack, 2's 80; v31: 2 is 20% faster); 3: as 2, and each thread's
@@ -179,21 +182,22 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
 template <typename T, int kAcc, int kWarps>
-__global__ void __launch_bounds__(TmaBwdShape<kWarps>::threads, 2)
+__global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
                      unsigned* arrived, const TmaBwdLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  using Shape = TmaBwdShape<kWarps>;
-  constexpr int S = kTmaSlab, K = kTmaStages, KI = Shape::items;
+  static_assert(TmaBwdShapeOk(kWarps), "whole pairs, spans, items; aligned carries");
+  constexpr TmaBwdShape Shape(kWarps);
+  constexpr int S = kTmaSlab, K = kTmaStages, KI = Shape.items;
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 4 * a.xbytes + a.gbytes;
   float* edges = reinterpret_cast<float*>(smem + K * stage_bytes);
   // u0 = a_0 z at a span's first position, u2 = a_2 z at its last, of the line of parity `par`.
   auto edge = [&](int par, int kind, int span) {
-    return edges + ((2 * par + kind) * Shape::spans + span) * S;
+    return edges + ((2 * par + kind) * Shape.spans + span) * S;
   };
-  uint64_t* full = reinterpret_cast<uint64_t*>(edges + Shape::edge_floats);
+  uint64_t* full = reinterpret_cast<uint64_t*>(edges + Shape.edge_floats);
   uint64_t* empty = full + K;
   // kAcc 3: thread i's carry of its last item, floats 0-3 at [i], 4-7 at [kWarps * 32 + i]
   // (16-byte accesses without bank conflicts). Read only where written the line before.
@@ -301,7 +305,7 @@ __global__ void __launch_bounds__(TmaBwdShape<kWarps>::threads, 2)
   const bool lane_ok = c < a.C;
   const bool leader = a.nsub == 1 || half == 0;  // stores its group's gate gradient
   const int gel = 3 * (c / Sg) - gfirst;         // this thread's gates in a box row
-  const int pfirst = span * Shape::span + q16;   // item k's position: pfirst + 16 k
+  const int pfirst = span * Shape.span + q16;   // item k's position: pfirst + 16 k
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
   // What line t + 1 (scanned just before) adds to z_t at this thread's positions, but for the
   // span edges: a_1 z at p, a_0 z at p + 1, a_2 z at p - 1 of line t + 1. kAcc 3 keeps item
