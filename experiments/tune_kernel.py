@@ -336,16 +336,18 @@ EARLY_SETTINGS = [{"CGSPN_CUDA_TMA_FWD_EARLY": "0"}, {"CGSPN_CUDA_TMA_BWD_EARLY"
 EARLY_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 8, 11, 12)]
 EARLY_CASES += [((8, 1152, 128, 128), 72, "float16", 1), ((8, 1152, 128, 128), 72, "bfloat16", 4),
                 ((16, 768, 96, 96), 48, "bfloat16", 1)]
-# v35: the TMA forward with 12 consumer warps of 2 items each (CGSPN_CUDA_TMA_FWD_WARPS=12)
-# against the 6 of 4 items, twice, on cases where the plan takes it.
-FWD_WARPS_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}] * 2
-FWD_WARPS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 8, 11)]
-FWD_WARPS_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4), ((16, 768, 96, 96), 48, "bfloat16", 1)]
-# ... and the TMA backward with 12 consumer warps in 4 spans of 32 positions
-# (CGSPN_CUDA_TMA_BWD_WARPS=12; 72 registers, ~250 bytes spilled at D = 1), twice.
-BWD_WARPS_SETTINGS = [{}, {"CGSPN_CUDA_TMA_BWD_WARPS": "12"}] * 2
-BWD_WARPS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (4, 8, 11)]
-BWD_WARPS_CASES += [((8, 1152, 128, 128), 72, "float16", 1)]
+# The TMA forward's consumer warps, 6 of 4 items and 12 of 2 (CGSPN_CUDA_TMA_FWD_WARPS), beside
+# the plan's choice (12 where the call has fewer blocks than a wave: v36), twice, on cases where
+# the plan takes the TMA forward: 1152 x 128 x 128 over the batch (2-12 images: 48-288 blocks),
+# D = 4, 192 channels (32 blocks), lines of 256 split between two blocks, 96 x 96. (v35-v36 also
+# measured the TMA backward with 12 consumer warps in 4 spans of 32 positions: 47-76% slower.)
+FWD_WARPS_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_WARPS": "6"},
+                      {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}] * 2
+FWD_WARPS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 4, 8, 11, 12)]
+FWD_WARPS_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
+                    ((8, 192, 128, 128), 12, "bfloat16", 1),
+                    ((2, 1152, 128, 256), 72, "bfloat16", 1),
+                    ((16, 768, 96, 96), 48, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -371,7 +373,6 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "early": (EARLY_SETTINGS, EARLY_CASES),
             "fwdwarps": (FWD_WARPS_SETTINGS, FWD_WARPS_CASES, ("fwd",)),
-            "bwdwarps": (BWD_WARPS_SETTINGS, BWD_WARPS_CASES, ("bwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
@@ -399,7 +400,6 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_BWD_LEAD_WAVES", "CGSPN_CUDA_TMA_BWD_ACC_L2",
          "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
          "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY", "CGSPN_CUDA_TMA_FWD_WARPS",
-         "CGSPN_CUDA_TMA_BWD_WARPS",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")

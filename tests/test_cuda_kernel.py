@@ -465,11 +465,14 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD_EARLY": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
-    # v35's experiment: 12 consumer warps of 2 items each (CGSPN_CUDA_TMA_FWD_WARPS=12): every
-    # direction with a partial slab; 1152 channels in the plan's loose lockstep; split rows.
-    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
-    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
-    ((1, 20, 256, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
+    # The consumer warps (v36): 12 of 2 items where the call leaves multiprocessors with one
+    # block (fewer blocks than a wave: every case above but those of 288 blocks), else 6 of 4.
+    # Forced 6: every direction with a partial slab; 1152 channels in the plan's loose
+    # lockstep; split rows. Forced 12 on a call of two waves.
+    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
+    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
+    ((1, 20, 256, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
+    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -480,8 +483,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "pace_sleep_partway", "lead_plan_192_blocks", "lead_partway_240_blocks",
         "lead_two_scan_lengths", "lead_whole_grid_all_dirs", "lead_waves_288_blocks",
         "lead_waves_of_4", "lead_gives_up", "late_all_dirs", "late_C1152_G72",
-        "early_knob_thread_h", "warps_12_all_dirs", "warps_12_C1152_G72",
-        "warps_12_split_rows_256"])
+        "early_knob_thread_h", "warps_6_all_dirs", "warps_6_C1152_G72",
+        "warps_6_split_rows_256", "warps_12_lead_waves_288_blocks"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -510,8 +513,10 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
     early = int(bulk and knobs.get("CGSPN_CUDA_TMA_FWD_EARLY", "1") == "1")
-    threads = 32 * (1 + (12 if knobs.get("CGSPN_CUDA_TMA_FWD_WARPS") == "12" else 6))
-    assert all(f" threads={threads} " in ln for ln in plans), plans
+    blocks = len(directions) * shape[0] * -(-shape[3] // 48) * (2 if split else 1)
+    wide = blocks < 2 * _gpu().core_count  # fewer than a wave of two blocks a multiprocessor
+    warps = int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 12 if wide else 6))
+    assert all(f" threads={32 * (warps + 1)} " in ln for ln in plans), plans
     assert all(f" early={early} " in ln for ln in plans), plans
     pace = knobs.get("CGSPN_CUDA_TMA_PACE", "0")
     assert all(f" pace={pace} " in ln for ln in plans), plans
@@ -633,15 +638,6 @@ def _check_lead_wave(plans, lead, blocks, knobs):
     ((2, 40, 72, 128), 16, ("bt", "rl", "tb"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1", "CGSPN_CUDA_TMA_BWD_EARLY": "1"}),
-    # v35's experiment: 12 consumer warps in 4 spans of 32 positions (CGSPN_CUDA_TMA_BWD_WARPS):
-    # the plan's 1152 channels; every direction with the dx sum, lines of 40 and 72 (spans past
-    # the line's end); item by item with the carry in shared memory.
-    ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_BWD_WARPS": "12"}),
-    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
-     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_WARPS": "12"}),
-    ((2, 40, 72, 128), 16, ("rl", "tb", "lr"),
-     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
-      "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1", "CGSPN_CUDA_TMA_BWD_WARPS": "12"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
@@ -649,8 +645,7 @@ def _check_lead_wave(plans, lead, blocks, knobs):
         "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128",
         "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_smem_declined_S8_128",
         "dx_sum_carry_knob_by_line", "early_C1152_G72", "early_dx_sum",
-        "early_dx_sum_carry_smem", "warps_12_C1152_G72", "warps_12_dx_sum",
-        "warps_12_dx_sum_carry_smem"])
+        "early_dx_sum_carry_smem"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))
@@ -687,8 +682,7 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" carry_smem={carry} " in ln for ln in plans), plans
     early = knobs.get("CGSPN_CUDA_TMA_BWD_EARLY", "0")
     assert all(f" early={early} " in ln for ln in plans), plans
-    threads = 32 * (1 + (12 if knobs.get("CGSPN_CUDA_TMA_BWD_WARPS") == "12" else 6))
-    assert all(f" threads={threads} " in ln for ln in plans), plans
+    assert all(" threads=224 " in ln for ln in plans), plans  # 6 consumer warps, a producer
 
 
 def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):

@@ -717,7 +717,7 @@ struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
   int blocks, cluster;
-  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps (CGSPN_CUDA_TMA_FWD_WARPS=12)
+  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where a wave is not full
   size_t smem;
 };
 
@@ -828,12 +828,26 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
              2 * kTmaStages * 8 + 2 * sizeof(int);
-  tp->warps = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", kTmaWarps) == kTmaWideWarps ? kTmaWideWarps
-                                                                             : kTmaWarps;
-  const int threads = TmaThreadsOf(tp->warps);
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps)), threads,
-                 tp->smem, knob == 1 ? 1 : 2))
+  tp->warps = kTmaWarps;
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps)),
+                 TmaThreadsOf(kTmaWarps), tp->smem, knob == 1 ? 1 : 2))
     return false;
+  const int narrow_wave =
+      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps)),
+                 TmaThreadsOf(kTmaWarps), tp->smem, tp->cluster);
+  // 12 consumer warps of 2 items where the call's blocks leave multiprocessors with one block
+  // (fewer than a wave), else 6 of 4; CGSPN_CUDA_TMA_FWD_WARPS=6 or 12 forces a count.
+  // Measured (H200, v35-v36; 1152 x 128 x 128 bfloat16 G = 72): at 4 images (96 blocks) 12
+  // warps 7% faster, at 8 (192) 2.5%; at 11 (264, two on every multiprocessor) and D = 4 no
+  // change. A lone block's line is its consumer warps' instruction latency; twice the warps of
+  // half the items hide more of it. (Same shared memory; 72 registers a thread, 24 bytes spilled.)
+  const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
+  const int warps = warps_knob == kTmaWarps || warps_knob == kTmaWideWarps ? warps_knob
+                    : blocks < narrow_wave                                ? kTmaWideWarps
+                                                                          : kTmaWarps;
+  if (warps != kTmaWarps && BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(warps)),
+                                      TmaThreadsOf(warps), tp->smem, knob == 1 ? 1 : 2))
+    tp->warps = warps;
   // The grid's loose lockstep holds the blocks of each wave together (TmaLaunch::lead_wave).
   // The plan takes it, with the relaxed line barrier throughout, where the barrier would
   // otherwise start with release and acquire (more than 4/3 SMs' worth of blocks: TmaRelaxAt);
@@ -847,7 +861,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int wave = WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps)),
-                              threads, tp->smem, tp->cluster);
+                              TmaThreadsOf(tp->warps), tp->smem, tp->cluster);
   a.lead_wave = LeadWave(wave, blocks);
   // (Not where no wave would wait: a wave of at most lead_min blocks, on a GPU that holds few.)
   if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
@@ -930,7 +944,6 @@ struct TmaBwdPlan {
   TmaBwdLaunch a;
   int blocks, cluster;
   int lines;  // that each block scans, all directions: the loose lockstep's arrival words
-  int warps;  // consumer warps: kTmaBwdWarps, or kTmaBwdWideWarps (CGSPN_CUDA_TMA_BWD_WARPS=12)
   size_t smem;
   // How the running dx sum is loaded, GspnBwdTmaKernel's kAcc: 0 none (D = 1), 1 by line, 2
   // item by item, 3 item by item with the last item's carry in shared memory. A choice of
@@ -938,19 +951,13 @@ struct TmaBwdPlan {
   int acc_form = 0;
 };
 
-// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form; with
-// the plan's consumer warps.
-template <typename T, int kWarps>
-auto TmaBwdKernelOf(int acc_form) {
-  return acc_form == 3   ? GspnBwdTmaKernel<T, 3, kWarps>
-         : acc_form == 2 ? GspnBwdTmaKernel<T, 2, kWarps>
-         : acc_form == 1 ? GspnBwdTmaKernel<T, 1, kWarps>
-                         : GspnBwdTmaKernel<T, 0, kWarps>;
-}
+// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form.
 template <typename T>
 auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
-  return tp.warps == kTmaBwdWideWarps ? TmaBwdKernelOf<T, kTmaBwdWideWarps>(tp.acc_form)
-                                      : TmaBwdKernelOf<T, kTmaBwdWarps>(tp.acc_form);
+  return tp.acc_form == 3   ? GspnBwdTmaKernel<T, 3>
+         : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2>
+         : tp.acc_form == 1 ? GspnBwdTmaKernel<T, 1>
+                            : GspnBwdTmaKernel<T, 0>;
 }
 
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs
@@ -1014,11 +1021,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  // 12 consumer warps of 2 items where CGSPN_CUDA_TMA_BWD_WARPS=12 (v35's experiment).
-  tp->warps = EnvInt("CGSPN_CUDA_TMA_BWD_WARPS", kTmaBwdWarps) == kTmaBwdWideWarps
-                  ? kTmaBwdWideWarps
-                  : kTmaBwdWarps;
-  const TmaBwdShape shape(tp->warps);
+  constexpr TmaBwdShape shape(kTmaBwdWarps);
   const int threads = shape.threads, carry_bytes = shape.carry_bytes;
   tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + shape.edge_floats * 4 +
              2 * kTmaStages * 8;
@@ -1087,7 +1090,7 @@ template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
                               float* acc, unsigned* arrived) {
   const auto kernel = TmaBwdKernelFor<T>(tp);
-  const int threads = TmaThreadsOf(tp.warps);
+  const int threads = TmaThreadsOf(kTmaBwdWarps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "

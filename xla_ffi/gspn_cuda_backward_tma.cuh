@@ -47,11 +47,10 @@ namespace {
 // with the warp of the next span through shared memory. Without tiles two blocks fit a
 // multiprocessor at 128 positions (108 KB each).
 constexpr int kTmaBwdPairs = kTmaSlab / 16;
-constexpr int kTmaBwdWarps = 6;  // consumer warps; one more produces (see kTmaBwdWideWarps)
-// v35's experiment (CGSPN_CUDA_TMA_BWD_WARPS=12): twice the consumer warps, in spans of half the
-// positions (2 items a lane where 6 warps take 4). Nsight Compute on v34 (H200,
-// docs/kernel_notes.md) found each consumer warp issuing ~2,150 instructions a line.
-constexpr int kTmaBwdWideWarps = 12;
+// Consumer warps; one more produces. (v36 measured 12 warps in 4 spans of 32 positions, 2 items
+// a lane, 47-76% slower on an H200: 72 registers a thread and 250 bytes of spills at D = 1;
+// docs/kernel_notes.md.)
+constexpr int kTmaBwdWarps = 6;
 // Blocks of neighbouring slabs that keep in lockstep, where the block count allows (else
 // kTmaCluster): 8 measured 6% faster than pairs (v24).
 constexpr int kTmaBwdCluster = 8;
@@ -181,12 +180,13 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // multiprocessor; where they do not, the plan takes 2). Two blocks per
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
-template <typename T, int kAcc, int kWarps>
-__global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)
+template <typename T, int kAcc>
+__global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
                      unsigned* arrived, const TmaBwdLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
+  constexpr int kWarps = kTmaBwdWarps;
   static_assert(TmaBwdShapeOk(kWarps), "whole pairs, spans, items; aligned carries");
   constexpr TmaBwdShape Shape(kWarps);
   constexpr int S = kTmaSlab, K = kTmaStages, KI = Shape.items;
