@@ -465,14 +465,15 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD_EARLY": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
-    # The consumer warps (v36): 12 of 2 items where the call leaves multiprocessors with one
-    # block (fewer blocks than a wave: every case above but those of 288 blocks), else 6 of 4.
-    # Forced 6: every direction with a partial slab; 1152 channels in the plan's loose
-    # lockstep; split rows. Forced 12 on a call of two waves.
+    # The consumer warps (v36): 12 of 2 items where the call's last wave fills at most 7/8 of a
+    # wave (every case above but lead_partway_240_blocks), else 6 of 4. Forced 6: every
+    # direction with a partial slab; 1152 channels in the plan's loose lockstep, in one wave
+    # and in two; split rows. Forced 12 on 240 blocks.
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
     ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
+    ((12, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
     ((1, 20, 256, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
-    ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
+    ((10, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
 ], ids=["rows_S16", "all_dirs_S8", "straddling_pairs", "C1152_G72", "one_slab_and_part",
         "split_rows_256", "split_columns_201", "split_forced", "split_forced_128",
         "split_odd_rows_bulk", "l2_256",
@@ -484,7 +485,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
         "lead_two_scan_lengths", "lead_whole_grid_all_dirs", "lead_waves_288_blocks",
         "lead_waves_of_4", "lead_gives_up", "late_all_dirs", "late_C1152_G72",
         "early_knob_thread_h", "warps_6_all_dirs", "warps_6_C1152_G72",
-        "warps_6_split_rows_256", "warps_12_lead_waves_288_blocks"])
+        "warps_6_lead_waves_288_blocks", "warps_6_split_rows_256",
+        "warps_12_lead_plan_240_blocks"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
@@ -514,7 +516,8 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
     early = int(bulk and knobs.get("CGSPN_CUDA_TMA_FWD_EARLY", "1") == "1")
     blocks = len(directions) * shape[0] * -(-shape[3] // 48) * (2 if split else 1)
-    wide = blocks < 2 * _gpu().core_count  # fewer than a wave of two blocks a multiprocessor
+    wave = 2 * _gpu().core_count  # two blocks a multiprocessor
+    wide = 8 * ((blocks - 1) % wave + 1) <= 7 * wave  # the last wave at most 7/8 full
     warps = int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 12 if wide else 6))
     assert all(f" threads={32 * (warps + 1)} " in ln for ln in plans), plans
     assert all(f" early={early} " in ln for ln in plans), plans

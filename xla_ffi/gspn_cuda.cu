@@ -717,7 +717,7 @@ struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
   int blocks, cluster;
-  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where a wave is not full
+  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is not full
   size_t smem;
 };
 
@@ -835,15 +835,20 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int narrow_wave =
       WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps)),
                  TmaThreadsOf(kTmaWarps), tp->smem, tp->cluster);
-  // 12 consumer warps of 2 items where the call's blocks leave multiprocessors with one block
-  // (fewer than a wave), else 6 of 4; CGSPN_CUDA_TMA_FWD_WARPS=6 or 12 forces a count.
-  // Measured (H200, v35-v36; 1152 x 128 x 128 bfloat16 G = 72): at 4 images (96 blocks) 12
-  // warps 7% faster, at 8 (192) 2.5%; at 11 (264, two on every multiprocessor) and D = 4 no
-  // change. A lone block's line is its consumer warps' instruction latency; twice the warps of
-  // half the items hide more of it. (Same shared memory; 72 registers a thread, 24 bytes spilled.)
+  // 12 consumer warps of 2 items where the call's last wave fills at most 7/8 of a wave (so
+  // that a quarter or more of the multiprocessors run a lone block), else 6 of 4;
+  // CGSPN_CUDA_TMA_FWD_WARPS=6 or 12 forces a count. A lone block's line is mostly its consumer
+  // warps' instruction latency (v35: ~700 instructions a warp and line at ~5 cycles each); twice
+  // the warps of half the items hide more of it. Measured (H200, v36, tune family fwdwarps;
+  // bfloat16 1152 x 128 x 128 G = 72 but the last; 6 / 12 warps, ms): 2 images (48 blocks)
+  // 0.238 / 0.203, 4 (96) 0.241 / 0.227, 8 (192) 0.353 / 0.349, 12 (288: a last wave of 24)
+  // 0.626 / 0.611, 2 x 128 x 256 (96 split blocks) 0.266 / 0.256; 11 images (264: two blocks on
+  // every multiprocessor) and D = 4 (a last wave of 240) alike; 16 x 768 x 96 x 96 G = 48 (256
+  // blocks) 0.218 / 0.221. (Same shared memory; 72 registers a thread, 24 bytes spilled.)
+  const int last_wave = int((blocks - 1) % narrow_wave) + 1;
   const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
   const int warps = warps_knob == kTmaWarps || warps_knob == kTmaWideWarps ? warps_knob
-                    : blocks < narrow_wave                                ? kTmaWideWarps
+                    : 8 * last_wave <= 7 * narrow_wave                    ? kTmaWideWarps
                                                                           : kTmaWarps;
   if (warps != kTmaWarps && BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(warps)),
                                       TmaThreadsOf(warps), tp->smem, knob == 1 ? 1 : 2))
