@@ -840,11 +840,12 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // CGSPN_CUDA_TMA_FWD_WARPS=6 or 12 forces a count. A lone block's line is mostly its consumer
   // warps' instruction latency (v35: ~700 instructions a warp and line at ~5 cycles each); twice
   // the warps of half the items hide more of it. Measured (H200, v36, tune family fwdwarps;
-  // bfloat16 1152 x 128 x 128 G = 72 but the last; 6 / 12 warps, ms): 2 images (48 blocks)
-  // 0.238 / 0.203, 4 (96) 0.241 / 0.227, 8 (192) 0.353 / 0.349, 12 (288: a last wave of 24)
-  // 0.626 / 0.611, 2 x 128 x 256 (96 split blocks) 0.266 / 0.256; 11 images (264: two blocks on
-  // every multiprocessor) and D = 4 (a last wave of 240) alike; 16 x 768 x 96 x 96 G = 48 (256
-  // blocks) 0.218 / 0.221. (Same shared memory; 72 registers a thread, 24 bytes spilled.)
+  // bfloat16 1152 x 128 x 128 G = 72 but the last; 6 / 12 warps, ms, means of two runs): 2
+  // images (48 blocks) 0.236 / 0.202, 4 (96) 0.242 / 0.225, 8 (192) 0.352 / 0.349, 12 (288: a
+  // last wave of 24) 0.621 / 0.608, 2 x 128 x 256 (96 split blocks) 0.267 / 0.256; 11 images
+  // (264: two blocks on every multiprocessor) and D = 4 (a last wave of 240) alike; 16 x 768 x
+  // 96 x 96 G = 48 (256 blocks) 0.217 / 0.220. (Same shared memory; 72 registers a thread, 24
+  // bytes spilled.)
   const int last_wave = int((blocks - 1) % narrow_wave) + 1;
   const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
   const int warps = warps_knob == kTmaWarps || warps_knob == kTmaWideWarps ? warps_knob
