@@ -32,7 +32,7 @@ so with the last item's carry in shared memory (v32). The TMA kernels' next copi
 early (v34): the forward's lam and gates before its bulk store has read the x box (the
 default; and without, CGSPN_CUDA_TMA_FWD_EARLY=0), the backward's dh and h before the stage
 is handed back (CGSPN_CUDA_TMA_BWD_EARLY=1). The TMA forward's consumer warps: 12 (v36: the
-plan's where a wave is not full, as in every small case here) and 6 (forced,
+plan's where the last wave is at most 7/8 full, as in every small case here) and 6 (forced,
 CGSPN_CUDA_TMA_FWD_WARPS=6).
 """
 import os

@@ -717,7 +717,7 @@ struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
   int blocks, cluster;
-  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is not full
+  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is <= 7/8 full
   size_t smem;
 };
 
