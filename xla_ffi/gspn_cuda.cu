@@ -1027,18 +1027,16 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.xbytes = round128(Lmax * kTmaSlab * sizeof(T));
   a.gbytes = round128(Lmax * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  constexpr TmaBwdShape shape(kTmaBwdWarps);
-  const int threads = shape.threads, carry_bytes = shape.carry_bytes;
-  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + shape.edge_floats * 4 +
+  tp->smem = size_t(kTmaStages) * (4 * a.xbytes + a.gbytes) + kTmaBwdEdgeFloats * 4 +
              2 * kTmaStages * 8;
   if (tp->acc_form == 3) {
-    if (BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), threads,
-                  tp->smem + carry_bytes, 2))
-      tp->smem += carry_bytes;
+    if (BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
+                  tp->smem + kTmaBwdCarryBytes, 2))
+      tp->smem += kTmaBwdCarryBytes;
     else
       tp->acc_form = 2;
   }
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), threads,
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp)), kTmaBwdThreads,
                  tp->smem, knob == 1 ? 1 : 2))
     return false;
   // Lockstep groups of kTmaBwdCluster neighbouring slabs where they divide the blocks and fit
@@ -1054,9 +1052,9 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   const void* kernel = reinterpret_cast<const void*>(TmaBwdKernelFor<T>(*tp));
   tp->cluster = TmaClusterSize(blocks, blocks, kTmaBwdCluster);
   if (tp->cluster != kTmaCluster) {
-    const int64_t wide = int64_t(ActiveClusters(kernel, tp->cluster, threads, tp->smem)) *
+    const int64_t wide = int64_t(ActiveClusters(kernel, tp->cluster, kTmaBwdThreads, tp->smem)) *
                          tp->cluster;
-    const int64_t pairs = WaveBlocks(kernel, threads, tp->smem, kTmaCluster);
+    const int64_t pairs = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, kTmaCluster);
     if (wide == 0 || (EnvInt("CGSPN_CUDA_TMA_CLUSTER") == 0 &&
                       (blocks + wide - 1) / wide > (blocks + pairs - 1) / pairs))
       tp->cluster = kTmaCluster;
@@ -1067,7 +1065,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   // measured mixed (v30: 16 images of 1152 x 128 x 128 2% faster, 12 images alike).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int lead_knob = EnvInt("CGSPN_CUDA_TMA_BWD_LEAD", -1);
-  const int wave = WaveBlocks(kernel, threads, tp->smem, tp->cluster);
+  const int wave = WaveBlocks(kernel, kTmaBwdThreads, tp->smem, tp->cluster);
   a.lead_wave = LeadWave(wave, blocks);
   if (lead_knob >= 0) {
     a.lead = lead_knob;
@@ -1096,18 +1094,17 @@ template <typename T>
 cudaError_t LaunchTmaBackward(cudaStream_t st, TmaBwdPlan& tp, T* dx, T* dlam, T* dw,
                               float* acc, unsigned* arrived) {
   const auto kernel = TmaBwdKernelFor<T>(tp);
-  const int threads = TmaThreadsOf(kTmaBwdWarps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA backward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s gbox=%d nsub=%d lead=%d wave=%d acc_l2=%d "
                  "acc_item=%d carry_smem=%d early=%d blocks/SM=%d\n",
-                 kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
+                 kTmaSlab, kTmaBwdThreads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep), tp.a.gbox, tp.a.nsub, tp.a.lead,
                  tp.a.lead > 0 ? tp.a.lead_wave : 0, tp.a.acc_l2,
                  int(tp.acc_form >= 2), int(tp.acc_form == 3), tp.a.early,
-                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem));
-  return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, dx, dlam,
-                          dw, acc, arrived, tp.a);
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), kTmaBwdThreads, tp.smem));
+  return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, kTmaBwdThreads, tp.smem, tp.maps, dx,
+                          dlam, dw, acc, arrived, tp.a);
 }
 
 template <typename T>

@@ -38,45 +38,35 @@ namespace cgspn {
 namespace {
 
 // Consumer warps: warp w scans the vector pair w % kTmaBwdPairs (16 channels: one gate group of
-// 16, or two of 8) at the `span` positions from (w / kTmaBwdPairs) span (TmaBwdShape: 64 at 6
-// warps). Lane l holds vector 2 (w % kTmaBwdPairs) + (l & 1) at positions (l >> 1) + 16 k,
-// k < span / 16, of that span. So a position's two vectors are neighbouring lanes (the gate
-// gradient's reduction is one shuffle), and positions p +- 1 are lanes l +- 2 (or the same
-// lane's next or previous item), so that the neighbour exchange of the reverse scan goes
-// through shuffles, not shared tiles; only the first and last position of a span are exchanged
-// with the warp of the next span through shared memory. Without tiles two blocks fit a
-// multiprocessor at 128 positions (108 KB each).
+// 16, or two of 8) at the kTmaBwdSpan positions from (w / kTmaBwdPairs) kTmaBwdSpan. Lane l holds
+// vector 2 (w % kTmaBwdPairs) + (l & 1) at positions (l >> 1) + 16 k, k < kTmaBwdItems, of that
+// span. So a position's two vectors are neighbouring lanes (the gate gradient's reduction is one
+// shuffle), and positions p +- 1 are lanes l +- 2 (or the same lane's next or previous item), so
+// that the neighbour exchange of the reverse scan goes through shuffles, not shared tiles; only
+// the first and last position of a span are exchanged with the warp of the next span through
+// shared memory. Without tiles two blocks fit a multiprocessor at 128 positions (108 KB each).
 constexpr int kTmaBwdPairs = kTmaSlab / 16;
 // Consumer warps; one more produces. (v36 measured 12 warps in 4 spans of 32 positions, 2 items
 // a lane, 47-76% slower on an H200: 72 registers a thread and 250 bytes of spills at D = 1;
 // docs/kernel_notes.md.)
 constexpr int kTmaBwdWarps = 6;
+constexpr int kTmaBwdThreads = TmaThreadsOf(kTmaBwdWarps);
 // Blocks of neighbouring slabs that keep in lockstep, where the block count allows (else
 // kTmaCluster): 8 measured 6% faster than pairs (v24).
 constexpr int kTmaBwdCluster = 8;
-// What follows from a block's consumer warps: its threads, the spans of positions (one per
-// kTmaBwdPairs warps), each span's positions and 16-position items, the shared floats of the
-// span-edge exchange ([2 line parities][2 kinds][spans][kTmaSlab]) and the shared bytes of the
-// consumers' last-item carries (GspnBwdTmaKernel's kAcc 3: 8 floats each). One formula for the
-// kernel's constants and the host's launch and shared-memory sizes.
-struct TmaBwdShape {
-  int threads, spans, span, items, edge_floats, carry_bytes;
-  __host__ __device__ constexpr explicit TmaBwdShape(int warps)
-      : threads(TmaThreadsOf(warps)),
-        spans(warps / kTmaBwdPairs),
-        span(kTmaMaxLine / spans),
-        items(span / 16),
-        edge_floats(2 * 2 * spans * kTmaSlab),
-        carry_bytes(warps * 32 * 8 * 4) {}
-};
-// Checked for each kernel's warps (GspnBwdTmaKernel): whole vector pairs and spans of
-// 16-position items; the carries follow the stages (128-byte multiples), the edges and the
-// 2 kTmaStages mbarriers, and their float4 accesses need that to be a 16-byte multiple.
-__host__ __device__ constexpr bool TmaBwdShapeOk(int warps) {
-  const TmaBwdShape sh(warps);
-  return kTmaSlab % 16 == 0 && warps % kTmaBwdPairs == 0 && sh.span % 16 == 0 &&
-         (sh.edge_floats * 4 + 2 * kTmaStages * 8) % 16 == 0;
-}
+constexpr int kTmaBwdSpans = kTmaBwdWarps / kTmaBwdPairs;
+constexpr int kTmaBwdSpan = kTmaMaxLine / kTmaBwdSpans;
+constexpr int kTmaBwdItems = kTmaBwdSpan / 16;
+static_assert(kTmaSlab % 16 == 0 && kTmaBwdWarps % kTmaBwdPairs == 0 && kTmaBwdSpan % 16 == 0,
+              "whole vector pairs and spans of 16-position items");
+// Shared floats of the span-edge exchange: [2 line parities][2 kinds][spans][kTmaSlab].
+constexpr int kTmaBwdEdgeFloats = 2 * 2 * kTmaBwdSpans * kTmaSlab;
+// Shared bytes of the consumers' last-item carries (GspnBwdTmaKernel's kAcc 3): 8 floats each.
+constexpr int kTmaBwdCarryBytes = kTmaBwdWarps * 32 * 8 * 4;
+// They follow the stages (128-byte multiples), the edges and the 2 kTmaStages mbarriers: their
+// float4 accesses need that to be a 16-byte multiple.
+static_assert((kTmaBwdEdgeFloats * 4 + 2 * kTmaStages * 8) % 16 == 0,
+              "16-byte aligned last-item carries");
 
 // The maps of one backward call: x, lam, dh, h (saved forward output) and the gates, as in the
 // forward ([rows][W][inner], row and column boxes).
@@ -169,8 +159,8 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 }
 
 // Shared memory: kTmaStages stages of {x, lam, dh, h_{t-1} [Lmax][kTmaSlab], gates [Lmax][gbox]},
-// then the span edges (TmaBwdShape's edge_floats), then the "full" and "empty" mbarriers, then
-// (kAcc 3) the consumers' carries of their last item (TmaBwdShape's carry_bytes).
+// then the span edges (kTmaBwdEdgeFloats), then the "full" and "empty" mbarriers, then (kAcc 3)
+// the consumers' carries of their last item (kTmaBwdCarryBytes).
 // kAcc: the running dx sum of D > 1, 0 where D = 1; 1: each thread loads its sums of the whole
 // line as the line starts; 2: item by item, one item ahead (16 registers where 1 takes 32; 1's
 // instance spills a 176-byte stack, 2's 80; v31: 2 is 20% faster); 3: as 2, and each thread's
@@ -181,25 +171,22 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
 template <typename T, int kAcc>
-__global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
+__global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
                      unsigned* arrived, const TmaBwdLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  constexpr int kWarps = kTmaBwdWarps;
-  static_assert(TmaBwdShapeOk(kWarps), "whole pairs, spans, items; aligned carries");
-  constexpr TmaBwdShape Shape(kWarps);
-  constexpr int S = kTmaSlab, K = kTmaStages, KI = Shape.items;
+  constexpr int S = kTmaSlab, K = kTmaStages, KI = kTmaBwdItems;
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 4 * a.xbytes + a.gbytes;
   float* edges = reinterpret_cast<float*>(smem + K * stage_bytes);
   // u0 = a_0 z at a span's first position, u2 = a_2 z at its last, of the line of parity `par`.
   auto edge = [&](int par, int kind, int span) {
-    return edges + ((2 * par + kind) * Shape.spans + span) * S;
+    return edges + ((2 * par + kind) * kTmaBwdSpans + span) * S;
   };
-  uint64_t* full = reinterpret_cast<uint64_t*>(edges + Shape.edge_floats);
+  uint64_t* full = reinterpret_cast<uint64_t*>(edges + kTmaBwdEdgeFloats);
   uint64_t* empty = full + K;
-  // kAcc 3: thread i's carry of its last item, floats 0-3 at [i], 4-7 at [kWarps * 32 + i]
+  // kAcc 3: thread i's carry of its last item, floats 0-3 at [i], 4-7 at [kTmaBwdWarps * 32 + i]
   // (16-byte accesses without bank conflicts). Read only where written the line before.
   constexpr bool kCarrySmem = kAcc == 3, kByItem = kAcc >= 2;
   float4* carry_last = reinterpret_cast<float4*>(empty + K);
@@ -217,7 +204,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
   if (threadIdx.x == 0) {
     for (int s = 0; s < K; ++s) {
       MbarInit(&full[s], 1);
-      MbarInit(&empty[s], kWarps);
+      MbarInit(&empty[s], kTmaBwdWarps);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
@@ -265,7 +252,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
   };
 
   // The producer: lines 0 .. K-1, then q + K once the cluster is past q.
-  if (warp == kWarps) {
+  if (warp == kTmaBwdWarps) {
     if (lane == 0)
       for (int q = 0; q < K && q < lines; ++q) issue(q, kCopyAll);
     if constexpr (kAcc) {
@@ -305,7 +292,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
   const bool lane_ok = c < a.C;
   const bool leader = a.nsub == 1 || half == 0;  // stores its group's gate gradient
   const int gel = 3 * (c / Sg) - gfirst;         // this thread's gates in a box row
-  const int pfirst = span * Shape.span + q16;   // item k's position: pfirst + 16 k
+  const int pfirst = span * kTmaBwdSpan + q16;   // item k's position: pfirst + 16 k
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
   // What line t + 1 (scanned just before) adds to z_t at this thread's positions, but for the
   // span edges: a_1 z at p, a_0 z at p + 1, a_2 z at p - 1 of line t + 1. kAcc 3 keeps item
@@ -412,7 +399,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
           }
           if (carry_in_smem) {
             const float4 lo = carry_last[threadIdx.x];
-            const float4 hi = carry_last[kWarps * 32 + threadIdx.x];
+            const float4 hi = carry_last[kTmaBwdWarps * 32 + threadIdx.x];
             z[0] += lo.x, z[1] += lo.y, z[2] += lo.z, z[3] += lo.w;
             z[4] += hi.x, z[5] += hi.y, z[6] += hi.z, z[7] += hi.w;
           } else {
@@ -487,7 +474,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
       }
       if (carry_in_smem) {
         carry_last[threadIdx.x] = make_float4(own_last[0], own_last[1], own_last[2], own_last[3]);
-        carry_last[kWarps * 32 + threadIdx.x] =
+        carry_last[kTmaBwdWarps * 32 + threadIdx.x] =
             make_float4(own_last[4], own_last[5], own_last[6], own_last[7]);
       }
       if (k == 0 && q16 == 0) StoreF<8>(edge(q & 1, 0, span) + v * 8, u0);
@@ -539,7 +526,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kTmaBwdWarps), 2)
       const int o = 3 * (c0 / Sg) - gfirst;
       T* dwl = dw + ((int64_t(ln.d) * bhw + line) * a.G + c0 / Sg) * 3;
       const int64_t pstep = geo.pos_stride * a.G * 3;
-      for (int e = threadIdx.x; e < L * n3; e += kWarps * 32) {
+      for (int e = threadIdx.x; e < L * n3; e += kTmaBwdWarps * 32) {
         const int p = e / n3, j = e - p * n3;
         dwl[p * pstep + j] = gs[p * a.gbox + o + j];
       }

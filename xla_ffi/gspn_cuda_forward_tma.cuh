@@ -30,9 +30,10 @@ namespace {
 
 constexpr int kTmaSlab = 48;      // channels per block (96 bytes of 16-bit types)
 constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces (see kTmaWideWarps)
-// Twice the consumer warps, half the items each: the plan's choice where a wave is not full
-// (PlanTmaForward). Nsight Compute on v34 (H200, docs/kernel_notes.md) found each consumer warp
-// issuing ~700 instructions a line at ~5 cycles each, with ~2.2 warps a scheduler to hide that.
+// Twice the consumer warps, half the items each: the plan's choice where the last wave fills at
+// most 7/8 of a wave (PlanTmaForward). Nsight Compute on v34 (H200, docs/kernel_notes.md) found
+// each consumer warp issuing ~700 instructions a line at ~5 cycles each, with ~2.2 warps a
+// scheduler to hide that.
 constexpr int kTmaWideWarps = 12;
 __host__ __device__ constexpr int TmaThreadsOf(int warps) { return (warps + 1) * 32; }
 constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
