@@ -521,14 +521,20 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     // a warp's store covers a few whole positions (the first form stored each group's three
     // from its lane: a warp's store then touched 16 positions, and the backward took 1.38 ms
     // at 8 x 1152 x 128 x 128 bfloat16 G = 72, 0.88 without the gate gradient's stores).
+    // A thread keeps one element j of a position's n3 and steps by the positions that all the
+    // threads cover at once (pq; the last few threads idle): two divisions a line where the
+    // first form divided each element's index by n3 and formed its 64-bit address anew (v37;
+    // ~45 instructions an element, 6 elements a thread and line at 128 positions, G = C / 16).
     if (store_dw) {
       const int n3 = 3 * (min(S, a.C - c0) / Sg);
-      const int o = 3 * (c0 / Sg) - gfirst;
-      T* dwl = dw + ((int64_t(ln.d) * bhw + line) * a.G + c0 / Sg) * 3;
-      const int64_t pstep = geo.pos_stride * a.G * 3;
-      for (int e = threadIdx.x; e < L * n3; e += kTmaBwdWarps * 32) {
-        const int p = e / n3, j = e - p * n3;
-        dwl[p * pstep + j] = gs[p * a.gbox + o + j];
+      const int pq = kTmaBwdWarps * 32 / n3;  // n3 <= 18: 10 positions or more
+      const int p0 = threadIdx.x / n3, j = threadIdx.x - p0 * n3;
+      if (p0 < pq) {
+        const int64_t pstep = int64_t(pq) * geo.pos_stride * a.G * 3;
+        T* out = dw + ((int64_t(ln.d) * bhw + line + int64_t(p0) * geo.pos_stride) * a.G +
+                       c0 / Sg) * 3 + j;
+        const T* in = gs + p0 * a.gbox + 3 * (c0 / Sg) - gfirst + j;
+        for (int p = p0; p < L; p += pq, out += pstep, in += pq * a.gbox) *out = *in;
       }
     }
     // The stage is read (and the gradients written over its gates are out): hand it back to the
