@@ -527,13 +527,13 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     // ~45 instructions an element, 6 elements a thread and line at 128 positions, G = C / 16).
     if (store_dw) {
       const int n3 = 3 * (min(S, a.C - c0) / Sg);
-      const int pq = kTmaBwdWarps * 32 / n3;  // n3 <= 18: 10 positions or more
+      const int pq = kTmaBwdWarps * 32 / n3;  // 3 <= n3 <= 18 (PlanTmaBackward: groups of 8, 16)
       const int p0 = threadIdx.x / n3, j = threadIdx.x - p0 * n3;
       if (p0 < pq) {
         const int64_t pstep = int64_t(pq) * geo.pos_stride * a.G * 3;
         T* out = dw + ((int64_t(ln.d) * bhw + line + int64_t(p0) * geo.pos_stride) * a.G +
                        c0 / Sg) * 3 + j;
-        const T* in = gs + p0 * a.gbox + 3 * (c0 / Sg) - gfirst + j;
+        const T* in = gs + (p0 * a.gbox + 3 * (c0 / Sg) - gfirst + j);
         for (int p = p0; p < L; p += pq, out += pstep, in += pq * a.gbox) *out = *in;
       }
     }
