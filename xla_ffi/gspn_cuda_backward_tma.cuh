@@ -414,18 +414,21 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
           const T* gp = gs + p * a.gbox + gel;
           const float g[3] = {ToF<T>(gp[0]), ToF<T>(gp[1]), ToF<T>(gp[2])};
           Weights(g, p > 0, p + 1 < L, a.normalize, wa, wc);
+          // The neighbours' rows clamped into the line and their sums dropped at its ends: no
+          // branch and no zeroed registers an item (v39; the stage's rows past L may be another
+          // line's or unwritten).
           float hl[8], hm[8], hr[8];
           load(hs, p, hm);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) hl[i] = hr[i] = 0.f;
-          if (p > 0) load(hs, p - 1, hl);
-          if (p + 1 < L) load(hs, p + 1, hr);
+          load(hs, max(p - 1, 0), hl);
+          load(hs, min(p + 1, L - 1), hr);
 #pragma unroll
           for (int i = 0; i < 8; ++i) {
             da[0] += z[i] * hl[i];
             da[1] += z[i] * hm[i];
             da[2] += z[i] * hr[i];
           }
+          if (p == 0) da[0] = 0.f;
+          if (p + 1 == L) da[2] = 0.f;
         }
 #pragma unroll
         for (int i = 0; i < 8; ++i) out[i] = z[i] * xv[i];
@@ -454,6 +457,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       // added to this carry when that item is formed) and a_2 z from p - 1 (lane - 2; at the
       // first lanes, the previous item's last: pend). Each span's first a_0 z and last a_2 z go
       // to shared memory for the neighbouring spans' warps.
+      // The neighbours' parts are selected, not branched on, and join a_1 z in one fma (v39).
       float u0[8], u2[8], own_last[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
@@ -461,11 +465,9 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         u2[i] = wa[2] * z[i];
         const float from_right = __shfl_sync(0xffffffffu, u0[i], (lane + 2) & 31);
         const float from_left = __shfl_sync(0xffffffffu, u2[i], (lane + 30) & 31);
-        float own = wa[1] * z[i];
-        if (q16 < 15) own += from_right;
-        else if (k > 0) carry[k - 1][i] += from_right;
-        if (q16 > 0) own += from_left;
-        else if (k > 0) own += pend[i];
+        if (k > 0 && q16 == 15) carry[k - 1][i] += from_right;
+        const float left = q16 > 0 ? from_left : (k > 0 ? pend[i] : 0.f);
+        const float own = fmaf(wa[1], z[i], (q16 < 15 ? from_right : 0.f) + left);
         pend[i] = from_left;
         if (carry_in_smem)
           own_last[i] = own;
