@@ -102,7 +102,7 @@ def _functions(directions, chunk, normalize, backend):
 
 
 def check(shape, directions, dtype="float32", chunk=None, normalize=True, oracle=False,
-          extreme=False):
+          extreme=False, dw_tol=None):
     x, lam, w, dh = make_inputs(shape, directions, dtype, normalize, extreme=extreme)
     _, grads_ffi = _functions(directions, chunk, normalize, "ffi")
     _, grads_ref = _functions(directions, chunk, normalize, "reference")
@@ -111,6 +111,8 @@ def check(shape, directions, dtype="float32", chunk=None, normalize=True, oracle
     for name, g, r in zip(("h", "dx", "dlam", "dw"), got, want):
         assert g.shape == r.shape and g.dtype == r.dtype, name
         tol = (FWD_TOL if name == "h" else GRAD_TOL)[dtype]
+        if name == "dw" and dw_tol is not None:
+            tol = dw_tol
         err = rel_err(g, r)
         assert err < tol, f"{name}: relative error {err:.3g} >= {tol} ({shape}, {directions}, " \
                           f"{dtype}, chunk={chunk}, normalize={normalize})"
@@ -189,8 +191,14 @@ def test_small_16bit_chunk_and_normalize(name, normalize):
                          ids=["W=300", "W=1100", "H=2000", "37x130_S=4"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_long_lines(shape, dtype):
-    check(shape, ("tb", "bt", "lr", "rl"), dtype, chunk=None)
-    check(shape, ("rl",), dtype, chunk=7)
+    # With one channel a group (C = G) each gate gradient is a single product of z and the
+    # saved 16-bit h: nothing averages the kernel's and the reference's roundings. Over 24
+    # seeds the H=2000 bfloat16 case's dw error had median 0.0225 and maximum 0.0341 (H200,
+    # v39; experiments/error_over_seeds.py --shape 1,2000,3,4 --groups 4), so 0.03 failed on
+    # some seeds. A wrong result is O(1).
+    dw_tol = 0.05 if dtype == "bfloat16" and shape[0][3] == shape[1] else None
+    check(shape, ("tb", "bt", "lr", "rl"), dtype, chunk=None, dw_tol=dw_tol)
+    check(shape, ("rl",), dtype, chunk=7, dw_tol=dw_tol)
 
 
 @pytest.mark.slow
