@@ -457,7 +457,9 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       // added to this carry when that item is formed) and a_2 z from p - 1 (lane - 2; at the
       // first lanes, the previous item's last: pend). Each span's first a_0 z and last a_2 z go
       // to shared memory for the neighbouring spans' warps.
-      // The neighbours' parts are selected, not branched on, and join a_1 z in one fma (v39).
+      // The neighbours' parts are selected and join a_1 z in one fma (v39). The compiler
+      // if-converted the earlier branches too: the kernels' sizes differ by 8 instructions,
+      // so this form is kept for its one rounding, not for speed.
       float u0[8], u2[8], own_last[8];
 #pragma unroll
       for (int i = 0; i < 8; ++i) {
