@@ -1,6 +1,7 @@
 """Benchmark of the CUDA gspn_scan kernel: time, byte floor, bandwidth, speedups, targets.
 
     python experiments/bench_kernel.py [--out DIR] [--quick] [--no-reference]
+                                       [--dtypes bfloat16] [--directions 4]
     python experiments/bench_kernel.py --rescore RESULT.json [--out DIR]   # no GPU needed
 
 For each case (shapes B x C x H x W of ../shared/ANCHORS.md, G = C and C / 16, float32 and
@@ -315,11 +316,21 @@ def main():
     ap.add_argument("--out", default=None, help="output folder (default runs/bench_kernel-<time>)")
     ap.add_argument("--quick", action="store_true", help="D = 1 only, no reference")
     ap.add_argument("--no-reference", action="store_true")
+    ap.add_argument("--dtypes", default="float32,bfloat16",
+                    help="comma-separated subset of float32,bfloat16 (an A/B of a change that "
+                         "touches one dtype's kernels need not time the other's)")
+    ap.add_argument("--directions", default="1,4", help="comma-separated subset of 1,4 (D)")
     ap.add_argument("--rescore", metavar="JSON", default=None,
                     help="recompute the floors and derived figures of a stored result from "
                          "its times and write its JSON and table under --out (default: in "
                          "place, replacing RESULT.json and RESULT.md); no GPU needed")
     args = ap.parse_args()
+    dtypes = [d for d in args.dtypes.split(",") if d]
+    dirs = [int(d) for d in args.directions.split(",") if d] if not args.quick else [1]
+    if not set(dtypes) <= {"float32", "bfloat16"} or not dtypes:
+        ap.error(f"--dtypes: expected a subset of float32,bfloat16, got {args.dtypes!r}")
+    if not set(dirs) <= set(DIRECTIONS) or not dirs:
+        ap.error(f"--directions: expected a subset of 1,4, got {args.directions!r}")
     if args.rescore:
         return rescore(Path(args.rescore), Path(args.out or Path(args.rescore).parent))
     out = Path(args.out or f"runs/bench_kernel-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -337,8 +348,8 @@ def main():
                   targets=TARGETS, rows=[])
     for (B, C, H, W) in SHAPES:
         for G in (C, C // 16):
-            for dtype in ("float32", "bfloat16"):
-                for D in ((1,) if args.quick else (1, 4)):
+            for dtype in dtypes:
+                for D in dirs:
                     row = run_case(B, C, H, W, G, D, dtype,
                                    do_reference=not (args.quick or args.no_reference))
                     derive(row, copy_bw)
