@@ -680,6 +680,10 @@ def _check_lead_wave(plans, lead, blocks, knobs):
     ((2, 40, 72, 128), 16, ("bt", "rl", "tb"),
      {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_ACC_ITEM": "1",
       "CGSPN_CUDA_TMA_BWD_CARRY_SMEM": "1", "CGSPN_CUDA_TMA_BWD_EARLY": "1"}),
+    # v40: the instances that read the experiments' modes (any mode set), through mode 6, whose
+    # results are the default's: the dx sum's prefetch as loads.
+    ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_BWD": "1", "CGSPN_CUDA_TMA_BWD_MODE": "6"}),
 ], ids=["rows_S16", "all_dirs_S8", "pairs_across_images", "C1152_G72", "D3_columns_128",
         "C1152_G72_columns", "no_lockstep", "cluster_sync", "cluster_4", "lead_plan_192_blocks",
         "lead_3_dx_sum", "lead_whole_grid_dx_sum", "lead_waves_288_blocks", "lead_waves_of_4",
@@ -687,7 +691,7 @@ def _check_lead_wave(plans, lead, blocks, knobs):
         "dx_sum_l2_prefetch_7", "dx_sum_by_item", "dx_sum_by_item_128",
         "dx_sum_carry_smem", "dx_sum_carry_smem_128", "dx_sum_carry_smem_declined_S8_128",
         "dx_sum_carry_knob_by_line", "early_C1152_G72", "early_dx_sum",
-        "early_dx_sum_carry_smem"])
+        "early_dx_sum_carry_smem", "modes_instance_dx_sum"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     _set_knobs(monkeypatch, dict({"CGSPN_CUDA_TMA_BWD": "-1"}, **knobs))

@@ -957,13 +957,19 @@ struct TmaBwdPlan {
   int acc_form = 0;
 };
 
-// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form.
+// The TMA backward's instance for a plan: D = 1 (no running dx sum), or the sum's form; the
+// one that reads the experiments' modes only where one is set.
+template <typename T, bool kModes>
+auto TmaBwdKernelOf(int acc_form) {
+  return acc_form == 3   ? GspnBwdTmaKernel<T, 3, kModes>
+         : acc_form == 2 ? GspnBwdTmaKernel<T, 2, kModes>
+         : acc_form == 1 ? GspnBwdTmaKernel<T, 1, kModes>
+                         : GspnBwdTmaKernel<T, 0, kModes>;
+}
 template <typename T>
 auto TmaBwdKernelFor(const TmaBwdPlan& tp) {
-  return tp.acc_form == 3   ? GspnBwdTmaKernel<T, 3>
-         : tp.acc_form == 2 ? GspnBwdTmaKernel<T, 2>
-         : tp.acc_form == 1 ? GspnBwdTmaKernel<T, 1>
-                            : GspnBwdTmaKernel<T, 0>;
+  return tp.a.mode != 0 ? TmaBwdKernelOf<T, true>(tp.acc_form)
+                        : TmaBwdKernelOf<T, false>(tp.acc_form);
 }
 
 // Whether the TMA backward takes a call, and its launch. It needs what the TMA forward needs

@@ -170,13 +170,17 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // multiprocessor; where they do not, the plan takes 2). Two blocks per
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
-template <typename T, int kAcc>
+// kModes: whether the experiments' modes (TmaBwdLaunch::mode) are read; without, the mode is 0
+// at compile time, and the items' output and store choices fold away (v40: ~10 instructions an
+// item in the consumers' loop, each of whose instructions is the line's time, v37).
+template <typename T, int kAcc, bool kModes>
 __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
                      T* __restrict__ dlam, T* __restrict__ dw, float* acc,
                      unsigned* arrived, const TmaBwdLaunch a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
   constexpr int S = kTmaSlab, K = kTmaStages, KI = kTmaBwdItems;
+  const int mode = kModes ? a.mode : 0;
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 4 * a.xbytes + a.gbytes;
   float* edges = reinterpret_cast<float*>(smem + K * stage_bytes);
@@ -327,8 +331,8 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     }
     const int s = q % K;
     MbarWait(&full[s], (q / K) & 1);
-    if (a.mode == 1 || a.mode == 2) {  // the copies alone, or with the dx and dlam stores (zeros)
-      if (a.mode == 2) {
+    if (mode == 1 || mode == 2) {  // the copies alone, or with the dx and dlam stores (zeros)
+      if (mode == 2) {
         const float zero[8] = {};
 #pragma unroll
         for (int k = 0; k < KI; ++k) {
@@ -345,11 +349,11 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
       continue;
     }
     // Modes 3 and 4 (experiments): the arithmetic without any store, or without the dw stores.
-    const bool store_out = a.mode != 3, store_dw = a.mode != 3 && a.mode != 4;
+    const bool store_out = mode != 3, store_dw = mode != 3 && mode != 4;
     // dx and dlam go out as bulk tensor stores of the line's boxes, written over x and lam in
     // the stage (each read only by the item that writes it); mode 5: 16-byte stores from the
     // registers instead.
-    const bool bulk = store_out && a.mode != 5;
+    const bool bulk = store_out && mode != 5;
     const bool dx_out = !kAcc || last_dir;  // else the running sum, from the registers
     const unsigned char* st = smem + s * stage_bytes;
     const T* xs = reinterpret_cast<const T*>(st);
