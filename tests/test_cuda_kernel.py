@@ -728,6 +728,9 @@ def test_tma_backward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" carry_smem={carry} " in ln for ln in plans), plans
     early = knobs.get("CGSPN_CUDA_TMA_BWD_EARLY", "0")
     assert all(f" early={early} " in ln for ln in plans), plans
+    # The instance that reads the experiments' modes only where one is set (v40).
+    modes = int(knobs.get("CGSPN_CUDA_TMA_BWD_MODE", "0") != "0")
+    assert all(f" modes={modes} " in ln for ln in plans), plans
     assert all(" threads=224 " in ln for ln in plans), plans  # 6 consumer warps, a producer
 
 
