@@ -17,6 +17,11 @@
 #              build it no longer fits one call's 600 s. Each half takes about 420 s (v23), so
 #              with the ~100 s build neither leaves room for `sanitize` (~80 s): run that in a
 #              call of its own, or beside `bench`)
+#   testpar  - the same tests split over TEST_PROCS (default 4) pytest processes at once, each
+#              a CGSPN_TEST_SHARD of the selection, one log each, every result line kept (-v) so
+#              a shard cut by its timeout (TEST_TIMEOUT, default 400 s) still says what passed.
+#              The suite is mostly compile time on the host, which the machine's 16 cores share;
+#              the kernels share the one GPU, which only the timings would mind.
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
 #   ncu      - Nsight Compute (speed of light, stalls, memory, per-instruction stall samples as
@@ -57,6 +62,20 @@ for step in "$@"; do
     batches) timeout 200 python3 experiments/tune_kernel.py batches --out "$OUT/batches" || rc=1 ;;
     test) timeout 520 python3 -m pytest -q -x -p no:cacheprovider --durations=12 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py \
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
+    testpar)
+      n=${TEST_PROCS:-4}; pids=()
+      for i in $(seq 0 $((n - 1))); do
+        CGSPN_TEST_SHARD=$i/$n timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -v -p no:cacheprovider \
+          --durations=5 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py >"$OUT/pytest_$i.log" 2>&1 &
+        pids+=($!)
+      done
+      for i in "${!pids[@]}"; do
+        wait "${pids[$i]}"; code=$?
+        [ $code -ne 0 ] && rc=1
+        echo "shard $i/$n: exit $code; $(grep -c ' PASSED' "$OUT/pytest_$i.log") passed;" \
+          "$(tail -1 "$OUT/pytest_$i.log")"
+      done
+      grep -h -E "^(FAILED|ERROR)|(FAILED|ERROR) +\[" "$OUT"/pytest_*.log | cut -c1-220 | head -20 ;;
     sanitize)
       for tool in memcheck racecheck; do
         # Only this library's kernels (Gspn*) are checked: XLA's own are not ours to judge.
