@@ -25,9 +25,20 @@ struct BwdIn {
 template <typename T, int V, int NG, int P, bool kAcc, bool kWide>
 constexpr int kBwdBound = kWide ? BwdMaxThreads(sizeof(T), V, NG, P, kAcc) : kBwdThreads;
 
+// Blocks per SM that ptxas is told to fit (0: its own choice). The bfloat16 16-byte instance with
+// one gate group per pack (G = C/16 and fewer groups): since v39 ptxas compiles it at 128
+// registers with a 12-byte spill, aiming at two blocks per SM; asked for one it takes 159 and
+// no spill, and 8x192x128^2 G = 12 runs 0.248 -> 0.236 ms on the H200 (v41). Asking every
+// instance for one block raised the registers of ~60 and took some over 128 (one block where
+// there were two) for no measured gain anywhere else, so only this one is asked.
+template <typename T, int V, int NG, int P, bool kAcc, bool kWide>
+constexpr int kBwdMinBlocks =
+    (std::is_same_v<T, __nv_bfloat16> && V == 8 && NG == 1 && P == 1 && !kAcc && !kWide) ? 1 : 0;
+
 // dx is not __restrict__: for float32 the running dx sum `acc` is the dx buffer itself.
 template <typename T, int V, int NG, int P, bool kAcc, bool kPrefetch, bool kWide>
-__global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>)
+__global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>,
+                                  kBwdMinBlocks<T, V, NG, P, kAcc, kWide>)
     GspnBwdKernel(const T* __restrict__ x, const T* __restrict__ lam, const T* __restrict__ w,
                   const T* __restrict__ h, const T* __restrict__ dh, T* dx,
                   T* __restrict__ dlam, T* __restrict__ dw, float* acc, float* __restrict__ part,
