@@ -29,6 +29,9 @@
 #              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
 #   traffic  - Nsight Compute's DRAM bytes read and written, time and L2 hit rate of the kernels
 #              of NCU_CASES (same form): what a case moves against its byte floor
+# A call made while the machine is still held (within its idle window after the last one) finds
+# that call's build: an unchanged tree builds in ~5 s instead of ~100 (2026-11-29, H200), so
+# chained calls leave their time to the tests and timings.
 # Logs and results go under $OUT (default runs/device). Two kernel versions timed side by side in
 # one device call: experiments/cuda_device_ab.sh.
 set -u
