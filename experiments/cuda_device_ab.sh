@@ -7,12 +7,52 @@
 #   on the GPU: OUT=... [NEW_STEPS="test sanitize"] [PYTEST_K=...] [AB_BENCH_ARGS=--quick] \
 #                 bash experiments/cuda_device_ab.sh run             # the run tool: carry runs/ab
 #
-# `run` builds the base sources and runs the benchmark (`cuda_device_run.sh bench` with
-# AB_BENCH_ARGS: --no-reference by default; --quick, D = 1 alone, leaves the call room for
-# tests), then builds the working tree's, runs NEW_STEPS and the benchmark, and prints
+# `run` builds the base sources (in a copy of the tree) and the working tree's at once, runs the
+# benchmark on the base (`cuda_device_run.sh bench` with AB_BENCH_ARGS: --no-reference by
+# default; --quick, D = 1 alone, or --dtypes / --directions leave the call room for tests),
+# then NEW_STEPS and the benchmark on the working tree's, and prints
 # experiments/compare_bench.py's table of the two (also written to $OUT/compare.md). Logs:
 # $OUT/base.log, $OUT/new.log; results under $OUT/base and $OUT/new.
 set -u
+BASE_TREE=/tmp/ab_base_tree
+
+# Both versions built at once, each in its own tree and its own virtual environment (which sees
+# the machine's packages: jax, nanobind, scikit-build-core): nvcc compiles the kernels' one
+# translation unit on about one core, so the two builds take about the time of one (~100 s).
+# Each environment imports its own build only if the machine's own Python has none: an editable
+# install there (an earlier call's `cuda_device_run.sh` on a machine still held) would put its
+# import hook ahead of the environment's, so it is removed first. Returns 1, for the builds in
+# turn, where an environment cannot be made or a build fails.
+parallel_builds() {
+  local out=$1 side tree
+  python3 -m pip uninstall -y -q cgspn_jax >/dev/null 2>&1
+  rm -rf "$BASE_TREE" && mkdir -p "$BASE_TREE" || return 1
+  tar --exclude=./build --exclude=./runs --exclude=./.git -cf - . | tar -xf - -C "$BASE_TREE" \
+    || return 1
+  rm -rf "$BASE_TREE/xla_ffi" && mkdir "$BASE_TREE/xla_ffi" && cp runs/ab/base/* "$BASE_TREE/xla_ffi/" \
+    || return 1
+  for side in base new; do
+    rm -rf "/tmp/ab_venv_$side"
+    python3 -m venv --system-site-packages --without-pip "/tmp/ab_venv_$side" || return 1
+  done
+  local t0; t0=$(date +%s)
+  (cd "$BASE_TREE" && /tmp/ab_venv_base/bin/python3 -m pip install --no-build-isolation --no-deps \
+    -e . >"$out/base_build.log" 2>&1) &
+  local pid_base=$!
+  /tmp/ab_venv_new/bin/python3 -m pip install --no-build-isolation --no-deps -e . \
+    >"$out/new_build.log" 2>&1 &
+  local pid_new=$!
+  wait $pid_base || { tail -20 "$out/base_build.log"; return 1; }
+  wait $pid_new || { tail -20 "$out/new_build.log"; return 1; }
+  echo "both builds at once: $(( $(date +%s) - t0 )) s"
+  for side in base new; do  # each environment must import its own tree's build
+    tree=$PWD; [ $side = base ] && tree=$BASE_TREE
+    (cd /tmp && "/tmp/ab_venv_$side/bin/python3" -c "import sys, cgspn_jax
+sys.exit(not cgspn_jax.__file__.startswith('$tree/'))") \
+      || { echo "the $side environment does not import $tree's build"; return 1; }
+  done
+}
+
 case ${1:-} in
   prepare)
     ref=${2:-main}
@@ -27,19 +67,30 @@ case ${1:-} in
       exit 1
     fi
     OUT=${OUT:-runs/device}
-    mkdir -p "$OUT"
-    rm -rf /tmp/ab_new && cp -r xla_ffi /tmp/ab_new
-    rm -rf xla_ffi && mkdir xla_ffi && cp runs/ab/base/* xla_ffi/ && rm -rf build
-    OUT=$OUT/base BENCH_ARGS=${AB_BENCH_ARGS:---no-reference} \
-      bash experiments/cuda_device_run.sh bench \
-      >"$OUT/base.log" 2>&1
-    echo "base: $(grep 'build:' "$OUT/base.log")"
-    rm -rf xla_ffi && cp -r /tmp/ab_new xla_ffi && rm -rf build
-    # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
-    OUT=$OUT/new BENCH_ARGS=${AB_BENCH_ARGS:---no-reference} \
-      bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
+    mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the base runs in another tree
+    bench_args=${AB_BENCH_ARGS:---no-reference}
+    if [ "${AB_PARALLEL:-1}" = 1 ] && parallel_builds "$OUT"; then
+      # shellcheck disable=SC2030,SC2031  # each side's PATH and OUT are its own
+      (cd "$BASE_TREE" && PATH=/tmp/ab_venv_base/bin:$PATH OUT=$OUT/base BENCH_ARGS=$bench_args \
+        bash experiments/cuda_device_run.sh bench) >"$OUT/base.log" 2>&1
+      echo "base: $(grep 'build:' "$OUT/base.log")"
+      # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
+      PATH=/tmp/ab_venv_new/bin:$PATH OUT=$OUT/new BENCH_ARGS=$bench_args \
+        bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
+    else
+      # One tree, two builds in turn (the form before 2026-11-29; AB_PARALLEL=0 asks for it).
+      rm -rf /tmp/ab_new && cp -r xla_ffi /tmp/ab_new
+      rm -rf xla_ffi && mkdir xla_ffi && cp runs/ab/base/* xla_ffi/ && rm -rf build
+      OUT=$OUT/base BENCH_ARGS=$bench_args bash experiments/cuda_device_run.sh bench \
+        >"$OUT/base.log" 2>&1
+      echo "base: $(grep 'build:' "$OUT/base.log")"
+      rm -rf xla_ffi && cp -r /tmp/ab_new xla_ffi && rm -rf build
+      # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
+      OUT=$OUT/new BENCH_ARGS=$bench_args \
+        bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
+    fi
     grep -E "build:|passed|failed|SUMMARY" "$OUT/new.log" | tail -6
     python3 experiments/compare_bench.py "$OUT/base/bench/bench_kernel.json" \
       "$OUT/new/bench/bench_kernel.json" | tee "$OUT/compare.md" ;;
-  *) sed -n 2,13p "$0"; exit 2 ;;
+  *) sed -n 2,15p "$0"; exit 2 ;;
 esac
