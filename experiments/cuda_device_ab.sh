@@ -23,7 +23,7 @@ BASE_TREE=/tmp/ab_base_tree
 # Each environment imports its own build only if the machine's own Python has none: an editable
 # install there (an earlier call's `cuda_device_run.sh` on a machine still held) would put its
 # import hook ahead of the environment's, so it is removed first. Returns 1, for the builds in
-# turn, where an environment cannot be made or a build fails.
+# turn, where an environment cannot be made; 2 where a build fails (a second try would too).
 parallel_builds() {
   local out=$1 side tree
   python3 -m pip uninstall -y -q cgspn_jax >/dev/null 2>&1
@@ -43,8 +43,8 @@ parallel_builds() {
   /tmp/ab_venv_new/bin/python3 -m pip install --no-build-isolation --no-deps -e . \
     >"$out/new_build.log" 2>&1 &
   local pid_new=$!
-  wait $pid_base || { tail -20 "$out/base_build.log"; return 1; }
-  wait $pid_new || { tail -20 "$out/new_build.log"; return 1; }
+  wait $pid_base || { tail -20 "$out/base_build.log"; return 2; }
+  wait $pid_new || { tail -20 "$out/new_build.log"; return 2; }
   echo "both builds at once: $(( $(date +%s) - t0 )) s"
   for side in base new; do  # each environment must import its own tree's build
     tree=$PWD; [ $side = base ] && tree=$BASE_TREE
@@ -70,7 +70,10 @@ case ${1:-} in
     OUT=${OUT:-runs/device}
     mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the base runs in another tree
     bench_args=${AB_BENCH_ARGS:---no-reference}
-    if [ "${AB_PARALLEL:-1}" = 1 ] && parallel_builds "$OUT"; then
+    built=1
+    if [ "${AB_PARALLEL:-1}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
+    [ $built = 2 ] && exit 1
+    if [ $built = 0 ]; then
       # shellcheck disable=SC2030,SC2031  # each side's PATH and OUT are its own
       (cd "$BASE_TREE" && PATH=/tmp/ab_venv_base/bin:$PATH OUT=$OUT/base BENCH_ARGS=$bench_args \
         bash experiments/cuda_device_run.sh bench) >"$OUT/base.log" 2>&1
