@@ -326,11 +326,12 @@ def main():
                          "place, replacing RESULT.json and RESULT.md); no GPU needed")
     args = ap.parse_args()
     dtypes = [d for d in args.dtypes.split(",") if d]
-    dirs = [int(d) for d in args.directions.split(",") if d] if not args.quick else [1]
+    dirs = [d for d in args.directions.split(",") if d]
     if not set(dtypes) <= {"float32", "bfloat16"} or not dtypes:
         ap.error(f"--dtypes: expected a subset of float32,bfloat16, got {args.dtypes!r}")
-    if not set(dirs) <= set(DIRECTIONS) or not dirs:
+    if not set(dirs) <= {str(D) for D in DIRECTIONS} or not dirs:
         ap.error(f"--directions: expected a subset of 1,4, got {args.directions!r}")
+    dirs = [1] if args.quick else [int(d) for d in dirs]
     if args.rescore:
         return rescore(Path(args.rescore), Path(args.out or Path(args.rescore).parent))
     out = Path(args.out or f"runs/bench_kernel-{time.strftime('%Y%m%d-%H%M%S')}")

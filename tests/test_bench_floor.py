@@ -68,3 +68,14 @@ def test_waves_count_whole_slabs(bench, monkeypatch):
     # plans and waves to a parse error here).
     tma = "TMA S=48 threads=224 blocks=192 smem=108064 cluster=2 gbox=16 nsub=2 blocks/SM=2"
     assert bench.waves_of(tma) == pytest.approx(192 / 264)
+
+
+@pytest.mark.parametrize("flag,value", [("--dtypes", "float16"), ("--dtypes", ""),
+                                        ("--directions", "2"), ("--directions", "1,x")])
+def test_case_selection_rejects_what_it_cannot_time(bench, monkeypatch, capsys, flag, value):
+    # Checked before any device work: a typo costs an error message, not a device call.
+    monkeypatch.setattr("sys.argv", ["bench_kernel.py", flag, value])
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main()
+    assert exit_info.value.code == 2
+    assert flag in capsys.readouterr().err
