@@ -319,18 +319,22 @@ def main():
     ap.add_argument("--dtypes", default="float32,bfloat16",
                     help="comma-separated subset of float32,bfloat16 (an A/B of a change that "
                          "touches one dtype's kernels need not time the other's)")
-    ap.add_argument("--directions", default="1,4", help="comma-separated subset of 1,4 (D)")
+    ap.add_argument("--directions", default=None,
+                    help="comma-separated subset of 1,4 (D; default both, 1 with --quick)")
     ap.add_argument("--rescore", metavar="JSON", default=None,
                     help="recompute the floors and derived figures of a stored result from "
                          "its times and write its JSON and table under --out (default: in "
                          "place, replacing RESULT.json and RESULT.md); no GPU needed")
     args = ap.parse_args()
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    dirs = [d for d in args.directions.split(",") if d]
+    # Each value once (a repeat would time its cases twice and write their rows twice).
+    dtypes = list(dict.fromkeys(d for d in args.dtypes.split(",") if d))
+    dirs = list(dict.fromkeys(d for d in (args.directions or "1,4").split(",") if d))
     if not set(dtypes) <= {"float32", "bfloat16"} or not dtypes:
         ap.error(f"--dtypes: expected a subset of float32,bfloat16, got {args.dtypes!r}")
     if not set(dirs) <= {str(D) for D in DIRECTIONS} or not dirs:
         ap.error(f"--directions: expected a subset of 1,4, got {args.directions!r}")
+    if args.quick and args.directions is not None:
+        ap.error("--directions: not with --quick, which times D = 1 alone")
     dirs = [1] if args.quick else [int(d) for d in dirs]
     if args.rescore:
         return rescore(Path(args.rescore), Path(args.out or Path(args.rescore).parent))

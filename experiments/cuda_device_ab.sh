@@ -7,50 +7,70 @@
 #   on the GPU: OUT=... [NEW_STEPS="test sanitize"] [PYTEST_K=...] [AB_BENCH_ARGS=--quick] \
 #                 bash experiments/cuda_device_ab.sh run             # the run tool: carry runs/ab
 #
-# `run` builds the base sources (in a copy of the tree) and the working tree's at once, runs the
-# benchmark on the base (`cuda_device_run.sh bench` with AB_BENCH_ARGS: --no-reference by
-# default; --quick, D = 1 alone, or --dtypes / --directions leave the call room for tests),
-# then NEW_STEPS and the benchmark on the working tree's, and prints
+# `run` builds the base sources and runs the benchmark on them (`cuda_device_run.sh bench` with
+# AB_BENCH_ARGS: --no-reference by default; --quick, D = 1 alone, or --dtypes / --directions
+# leave the call room for tests), then builds the working tree's and runs NEW_STEPS and the
+# benchmark on it (AB_PARALLEL=1: both builds at once, below), and prints
 # experiments/compare_bench.py's table of the two (also written to $OUT/compare.md). Logs:
 # $OUT/base.log, $OUT/new.log; results under $OUT/base and $OUT/new.
 set -u
 BASE_TREE=/tmp/ab_base_tree
 
-# Both versions built at once, each in its own tree and its own virtual environment (which sees
-# the machine's packages: jax, nanobind, scikit-build-core): nvcc compiles the kernels' one
-# translation unit on about one core, so the two builds take about the time of one (here, 2
-# cores: one build 209 s, both at once 189 s; on the GPU machine one took ~100 s).
-# Each environment imports its own build only if the machine's own Python has none: an editable
-# install there (an earlier call's `cuda_device_run.sh` on a machine still held) would put its
-# import hook ahead of the environment's, so it is removed first. Returns 1, for the builds in
-# turn, where an environment cannot be made; 2 where a build fails (a second try would too).
+# AB_PARALLEL=1: both versions built at once, each in its own tree and its own virtual
+# environment: nvcc compiles the kernels' one translation unit on about one core, so the two
+# builds take about the time of one (here, 2 cores: one build 209 s, both at once 189 s; on the
+# GPU machine one takes ~100 s). Not yet run on the GPU machine, so not the default.
+# - The machine's python3 is itself a virtual environment (/opt/torch/.venv), whose packages a
+#   new environment's --system-site-packages would not see: its site-packages go into each new
+#   one as plain path lines (a .pth), which do not run the .pth files found there.
+# - An editable install in the machine's own Python (an earlier call's `cuda_device_run.sh` on
+#   a machine still held) would run an import hook there; it is removed first.
+# - Each environment must then import its own tree's build, with the CUDA kernel, and see a GPU
+#   where there is one.
+# Returns 1 where that cannot be arranged (the caller builds in turn), 2 where a build fails (a
+# second try would too).
 parallel_builds() {
-  local out=$1 side tree
+  local out=$1 side tree v outer
   python3 -m pip uninstall -y -q cgspn_jax >/dev/null 2>&1
   rm -rf "$BASE_TREE" && mkdir -p "$BASE_TREE" || return 1
-  tar --exclude=./build --exclude=./runs --exclude=./.git -cf - . | tar -xf - -C "$BASE_TREE" \
+  (set -o pipefail
+   tar --exclude=./build --exclude=./runs --exclude=./.git -cf - . | tar -xf - -C "$BASE_TREE") \
     || return 1
   rm -rf "$BASE_TREE/xla_ffi" && mkdir "$BASE_TREE/xla_ffi" && cp runs/ab/base/* "$BASE_TREE/xla_ffi/" \
     || return 1
+  outer=$(python3 -c 'import site; print("\n".join(site.getsitepackages()))') || return 1
   for side in base new; do
-    rm -rf "/tmp/ab_venv_$side"
-    python3 -m venv --system-site-packages --without-pip "/tmp/ab_venv_$side" || return 1
+    v=/tmp/ab_venv_$side
+    rm -rf "$v"
+    python3 -m venv --without-pip "$v" || return 1
+    echo "$outer" >"$("$v/bin/python3" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')/_ab_outer.pth"
+    "$v/bin/python3" -c "import pip, scikit_build_core, nanobind, jax" 2>"$out/venv_$side.log" \
+      || { echo "the $side environment lacks a package: $(tail -1 "$out/venv_$side.log")"; return 1; }
   done
-  local t0; t0=$(date +%s)
+  local t0 rb rn; t0=$(date +%s)
   (cd "$BASE_TREE" && /tmp/ab_venv_base/bin/python3 -m pip install --no-build-isolation --no-deps \
     -e . >"$out/base_build.log" 2>&1) &
   local pid_base=$!
   /tmp/ab_venv_new/bin/python3 -m pip install --no-build-isolation --no-deps -e . \
     >"$out/new_build.log" 2>&1 &
   local pid_new=$!
-  wait $pid_base || { tail -20 "$out/base_build.log"; return 2; }
-  wait $pid_new || { tail -20 "$out/new_build.log"; return 2; }
+  wait $pid_base; rb=$?
+  wait $pid_new; rn=$?
+  [ $rb -ne 0 ] && tail -20 "$out/base_build.log"
+  [ $rn -ne 0 ] && tail -20 "$out/new_build.log"
+  [ $rb -ne 0 ] || [ $rn -ne 0 ] && return 2
   echo "both builds at once: $(( $(date +%s) - t0 )) s"
-  for side in base new; do  # each environment must import its own tree's build
-    tree=$PWD; [ $side = base ] && tree=$BASE_TREE
-    (cd /tmp && "/tmp/ab_venv_$side/bin/python3" -c "import sys, cgspn_jax
-sys.exit(not cgspn_jax.__file__.startswith('$tree/'))") \
-      || { echo "the $side environment does not import $tree's build"; return 1; }
+  local gpu=0; command -v nvidia-smi >/dev/null && gpu=1
+  for side in base new; do
+    tree=$(pwd -P); [ $side = base ] && tree=$(cd "$BASE_TREE" && pwd -P)
+    (cd /tmp && "/tmp/ab_venv_$side/bin/python3" - "$tree" $gpu <<'PY'
+import os, sys
+import jax, cgspn_jax
+here = os.path.realpath(cgspn_jax.__file__)
+ok = here.startswith(os.path.realpath(sys.argv[1]) + os.sep) and cgspn_jax.build_info()["cuda_kernel"]
+sys.exit(not ok or (sys.argv[2] == "1" and jax.devices()[0].platform != "gpu"))
+PY
+    ) || { echo "the $side environment does not run $tree's build on the GPU"; return 1; }
   done
 }
 
@@ -71,7 +91,7 @@ case ${1:-} in
     mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the base runs in another tree
     bench_args=${AB_BENCH_ARGS:---no-reference}
     built=1
-    if [ "${AB_PARALLEL:-1}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
+    if [ "${AB_PARALLEL:-0}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
     [ $built = 2 ] && exit 1
     if [ $built = 0 ]; then
       # shellcheck disable=SC2030,SC2031  # each side's PATH and OUT are its own
@@ -82,7 +102,7 @@ case ${1:-} in
       PATH=/tmp/ab_venv_new/bin:$PATH OUT=$OUT/new BENCH_ARGS=$bench_args \
         bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
     else
-      # One tree, two builds in turn (the form before 2026-11-29; AB_PARALLEL=0 asks for it).
+      # One tree, two builds in turn (the default, proven on the GPU machine).
       rm -rf /tmp/ab_new && cp -r xla_ffi /tmp/ab_new
       rm -rf xla_ffi && mkdir xla_ffi && cp runs/ab/base/* xla_ffi/ && rm -rf build
       OUT=$OUT/base BENCH_ARGS=$bench_args bash experiments/cuda_device_run.sh bench \

@@ -67,6 +67,7 @@ for step in "$@"; do
             >"$OUT/pytest.log" 2>&1 || rc=1; tail -25 "$OUT/pytest.log" ;;
     testpar)
       n=${TEST_PROCS:-4}; pids=()
+      rm -f "$OUT"/pytest_[0-9]*.log  # an earlier call's on a machine still held
       for i in $(seq 0 $((n - 1))); do
         CGSPN_TEST_SHARD=$i/$n timeout "${TEST_TIMEOUT:-400}" python3 -m pytest -v -p no:cacheprovider \
           --durations=5 ${PYTEST_K:+-k "$PYTEST_K"} tests/test_cuda_kernel.py >"$OUT/pytest_$i.log" 2>&1 &
@@ -74,7 +75,9 @@ for step in "$@"; do
       done
       for i in "${!pids[@]}"; do
         wait "${pids[$i]}"; code=$?
-        [ $code -ne 0 ] && rc=1
+        # 5: no test in this shard (the shards are cut before -k selects, so a small
+        # selection can leave one empty).
+        [ $code -ne 0 ] && [ $code -ne 5 ] && rc=1
         echo "shard $i/$n: exit $code; $(grep -c ' PASSED' "$OUT/pytest_$i.log") passed;" \
           "$(tail -1 "$OUT/pytest_$i.log")"
       done

@@ -25,12 +25,14 @@ struct BwdIn {
 template <typename T, int V, int NG, int P, bool kAcc, bool kWide>
 constexpr int kBwdBound = kWide ? BwdMaxThreads(sizeof(T), V, NG, P, kAcc) : kBwdThreads;
 
-// Blocks per SM that ptxas is told to fit (0: its own choice). The bfloat16 16-byte instance with
+// Blocks per SM that ptxas is told to fit (0: none asked, as if the argument were left out; nvcc
+// 13 then emits no .minnctapersm). The bfloat16 16-byte instance with
 // one gate group per pack (G = C/16 and fewer groups): since v39 ptxas compiles it at 128
 // registers with a 12-byte spill, aiming at two blocks per SM; asked for one it takes 159 and
 // no spill, and 8x192x128^2 G = 12 runs 0.248 -> 0.236 ms on the H200 (v41). Asking every
 // instance for one block raised the registers of ~60 and took some over 128 (one block where
-// there were two) for no measured gain anywhere else, so only this one is asked.
+// there were two) for no measured gain anywhere else, so only this instance (both its prefetch
+// forms) is asked.
 template <typename T, int V, int NG, int P, bool kAcc, bool kWide>
 constexpr int kBwdMinBlocks =
     (std::is_same_v<T, __nv_bfloat16> && V == 8 && NG == 1 && P == 1 && !kAcc && !kWide) ? 1 : 0;

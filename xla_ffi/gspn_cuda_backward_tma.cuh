@@ -170,9 +170,10 @@ __device__ __forceinline__ void PrefetchAccLine(const TmaBwdLaunch& a, const flo
 // multiprocessor; where they do not, the plan takes 2). Two blocks per
 // multiprocessor: registers are allocated for 8 warps per block (warps in fours), so at most 128
 // per thread (with 144, measured on the H100, one block fitted: the plan then declines it).
-// kModes: whether the experiments' modes (TmaBwdLaunch::mode) are read; without, the mode is 0
-// at compile time, and the items' output and store choices fold away (v40: ~10 instructions an
-// item in the consumers' loop, each of whose instructions is the line's time, v37).
+// kModes: whether the experiments' modes (TmaBwdLaunch::mode) are read by the consumers; without,
+// their mode is 0 at compile time, and the items' output and store choices fold away (v40: ~10
+// instructions an item in the consumers' loop, each of whose instructions is the line's time,
+// v37). The producer's PrefetchAccLine still tests a.mode, once a prefetch, off that path.
 template <typename T, int kAcc, bool kModes>
 __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     GspnBwdTmaKernel(const __grid_constant__ TmaBwdMaps maps, T* __restrict__ dx,
