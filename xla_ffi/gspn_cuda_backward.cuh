@@ -127,11 +127,15 @@ __global__ void __launch_bounds__(kBwdBound<T, V, NG, P, kAcc, kWide>,
                    [&](int j, int64_t pix) {
                      // The running dx sum (see below), through L1 like that load: 8-byte pieces,
                      // since a slot's sum need not be 16-byte aligned.
-                     if constexpr (kAcc)
-                       if (!first_dir)
+                     // (Braces: in the instances without the sum the discarded branch left the
+                     // pragma before no statement, and nvcc warned.)
+                     if constexpr (kAcc) {
+                       if (!first_dir) {
 #pragma unroll
                          for (int i = 0; i < V; i += 2)
                            CopyAsync<8>(&in[j].acc[i], accd + pix * C + i);
+                       }
+                     }
                    });
         CopyCommit();
         return;
