@@ -93,26 +93,23 @@ case ${1:-} in
     built=1
     if [ "${AB_PARALLEL:-0}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
     [ $built = 2 ] && exit 1
+    # Where each side runs: its own tree and environment (both built above), or this tree with
+    # the base sources swapped in and the machine's python3, each built in turn by the bench
+    # step (the default, proven on the GPU machine).
     if [ $built = 0 ]; then
-      # shellcheck disable=SC2030,SC2031  # each side's PATH and OUT are its own
-      (cd "$BASE_TREE" && PATH=/tmp/ab_venv_base/bin:$PATH OUT=$OUT/base BENCH_ARGS=$bench_args \
-        bash experiments/cuda_device_run.sh bench) >"$OUT/base.log" 2>&1
-      echo "base: $(grep 'build:' "$OUT/base.log")"
-      # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
-      PATH=/tmp/ab_venv_new/bin:$PATH OUT=$OUT/new BENCH_ARGS=$bench_args \
-        bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
+      base_dir=$BASE_TREE base_path=/tmp/ab_venv_base/bin:$PATH new_path=/tmp/ab_venv_new/bin:$PATH
     else
-      # One tree, two builds in turn (the default, proven on the GPU machine).
+      base_dir=$PWD base_path=$PATH new_path=$PATH
       rm -rf /tmp/ab_new && cp -r xla_ffi /tmp/ab_new
       rm -rf xla_ffi && mkdir xla_ffi && cp runs/ab/base/* xla_ffi/ && rm -rf build
-      OUT=$OUT/base BENCH_ARGS=$bench_args bash experiments/cuda_device_run.sh bench \
-        >"$OUT/base.log" 2>&1
-      echo "base: $(grep 'build:' "$OUT/base.log")"
-      rm -rf xla_ffi && cp -r /tmp/ab_new xla_ffi && rm -rf build
-      # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
-      OUT=$OUT/new BENCH_ARGS=$bench_args \
-        bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
     fi
+    (cd "$base_dir" && PATH=$base_path OUT=$OUT/base BENCH_ARGS=$bench_args \
+      bash experiments/cuda_device_run.sh bench) >"$OUT/base.log" 2>&1
+    echo "base: $(grep 'build:' "$OUT/base.log")"
+    if [ $built != 0 ]; then rm -rf xla_ffi && cp -r /tmp/ab_new xla_ffi && rm -rf build; fi
+    # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
+    PATH=$new_path OUT=$OUT/new BENCH_ARGS=$bench_args \
+      bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
     grep -E "build:|passed|failed|SUMMARY" "$OUT/new.log" | tail -6
     python3 experiments/compare_bench.py "$OUT/base/bench/bench_kernel.json" \
       "$OUT/new/bench/bench_kernel.json" | tee "$OUT/compare.md" ;;
