@@ -546,9 +546,11 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
         for (int p = p0; p < L; p += pq, out += pstep, in += pq * a.gbox) *out = *in;
       }
     }
-    // The stage is read (and the gradients written over its gates are out): hand it back to the
-    // producer, whose copies into it are async-proxy writes.
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    // The stage is read (every value loaded from it has been used): hand it back to the
+    // producer. No proxy fence: the copies into it are async-proxy writes after generic reads,
+    // which the mbarrier's arrive and wait order (the forward's consumers, and CUTLASS's TMA
+    // pipelines, release their stages so); the fence before the line barrier is for the
+    // generic writes the bulk stores read.
     // The bulk stores must have read the stage before the producer copies into it.
     if (bulk && threadIdx.x == 0) asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
     __syncwarp();
