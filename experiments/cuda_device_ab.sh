@@ -10,16 +10,18 @@
 # `run` builds the base sources and runs the benchmark on them (`cuda_device_run.sh bench` with
 # AB_BENCH_ARGS: --no-reference by default; --quick, D = 1 alone, or --dtypes / --directions
 # leave the call room for tests), then builds the working tree's and runs NEW_STEPS and the
-# benchmark on it (AB_PARALLEL=1: both builds at once, below), and prints
-# experiments/compare_bench.py's table of the two (also written to $OUT/compare.md). Logs:
-# $OUT/base.log, $OUT/new.log; results under $OUT/base and $OUT/new.
+# benchmark on it (both builds at once unless AB_PARALLEL=0, below), and prints
+# experiments/compare_bench.py's table of the two (also written to $OUT/compare.md). Logs
+# ($OUT/base.log, $OUT/new.log) and results ($OUT/base, $OUT/new) then go into
+# $OUT/results.tar.gz (experiments/device_pack.sh), the markdown tables beside it.
 set -u
+source "$(dirname "$0")/device_pack.sh"
 BASE_TREE=/tmp/ab_base_tree
 
-# AB_PARALLEL=1: both versions built at once, each in its own tree and its own virtual
-# environment: nvcc compiles the kernels' one translation unit on about one core, so the two
-# builds take about the time of one (here, 2 cores: one build 209 s, both at once 189 s; on the
-# GPU machine one takes ~100 s). Not yet run on the GPU machine, so not the default.
+# Both versions built at once (the default; AB_PARALLEL=0 builds them in turn in this tree),
+# each in its own tree and its own virtual environment: nvcc compiles the kernels' one
+# translation unit on about one core, so the two builds take about the time of one. On the H200
+# machine both at once took 95 s, where each alone takes ~100-110 s (2026-11-29, five A/B runs).
 # - The machine's python3 is itself a virtual environment (/opt/torch/.venv), whose packages a
 #   new environment's --system-site-packages would not see: its site-packages go into each new
 #   one as plain path lines (a .pth), which do not run the .pth files found there.
@@ -91,11 +93,11 @@ case ${1:-} in
     mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the base runs in another tree
     bench_args=${AB_BENCH_ARGS:---no-reference}
     built=1
-    if [ "${AB_PARALLEL:-0}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
+    if [ "${AB_PARALLEL:-1}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
     [ $built = 2 ] && exit 1
     # Where each side runs: its own tree and environment (both built above), or this tree with
     # the base sources swapped in and the machine's python3, each built in turn by the bench
-    # step (the default, proven on the GPU machine).
+    # step (AB_PARALLEL=0, or where the environments could not be arranged).
     if [ $built = 0 ]; then
       base_dir=$BASE_TREE base_path=/tmp/ab_venv_base/bin:$PATH new_path=/tmp/ab_venv_new/bin:$PATH
     else
@@ -112,6 +114,7 @@ case ${1:-} in
       bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
     grep -E "build:|passed|failed|SUMMARY" "$OUT/new.log" | tail -6
     python3 experiments/compare_bench.py "$OUT/base/bench/bench_kernel.json" \
-      "$OUT/new/bench/bench_kernel.json" | tee "$OUT/compare.md" ;;
+      "$OUT/new/bench/bench_kernel.json" | tee "$OUT/compare.md"
+    pack_out "$OUT" ;;
   *) sed -n 2,15p "$0"; exit 2 ;;
 esac

@@ -25,16 +25,19 @@
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
 #   ncu      - Nsight Compute (speed of light, stalls, memory, per-instruction stall samples as
-#              CSV) of the kernels of NCU_CASES,
-#              each "fwd|bwd B,C,H,W G dtype D", separated by ';'
+#              CSV, and that CSV's summary by experiments/ncu_stalls.py as <case>.stalls.md) of the
+#              kernels of NCU_CASES, each "fwd|bwd B,C,H,W G dtype D", separated by ';'
 #   traffic  - Nsight Compute's DRAM bytes read and written, time and L2 hit rate of the kernels
 #              of NCU_CASES (same form): what a case moves against its byte floor
+#   pack     - (last) every file under $OUT but the markdown into $OUT/results.tar.gz: the device
+#              tool returns at most 8 files, and a testpar or ncu call writes more
 # A call made while the machine is still held (within its idle window after the last one) finds
 # that call's build: an unchanged tree builds in ~5 s instead of ~100 (2026-11-29, H200), so
 # chained calls leave their time to the tests and timings.
 # Logs and results go under $OUT (default runs/device). Two kernel versions timed side by side in
 # one device call: experiments/cuda_device_ab.sh.
 set -u
+source "$(dirname "$0")/device_pack.sh"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
 OUT=${OUT:-runs/device}
 mkdir -p "$OUT"
@@ -104,6 +107,7 @@ for step in "$@"; do
         echo "$name: exit $?"
         ncu -i "/tmp/$name.ncu-rep" --page details --print-details all >"$OUT/$name.txt" 2>&1
         ncu -i "/tmp/$name.ncu-rep" --page source --print-source sass --csv >"$OUT/$name.csv" 2>&1
+        python3 experiments/ncu_stalls.py "$OUT/$name.csv" >"$OUT/$name.stalls.md" || rc=1
         grep -E "^ +(Duration|DRAM Throughput|Registers Per Thread|Achieved Occupancy|Warp Cycles Per Issued|Issue Slots Busy|Stall Long Scoreboard|Stall Barrier)" "$OUT/$name.txt"
       done ;;
     traffic)
@@ -117,6 +121,7 @@ for step in "$@"; do
           | tee -a "$OUT/traffic.log"
       done ;;
     bench) timeout 560 python3 experiments/bench_kernel.py ${BENCH_ARGS:-} --out "$OUT/bench" || rc=1 ;;
+    pack) pack_out "$OUT" ;;
   esac
   echo "step $step: $(( $(date +%s) - t0 )) s"
 done
