@@ -93,7 +93,7 @@ case ${1:-} in
     mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)  # absolute: the base runs in another tree
     bench_args=${AB_BENCH_ARGS:---no-reference}
     built=1
-    if [ "${AB_PARALLEL:-1}" = 1 ]; then parallel_builds "$OUT"; built=$?; fi
+    if [ "${AB_PARALLEL:-1}" != 0 ]; then parallel_builds "$OUT"; built=$?; fi
     [ $built = 2 ] && exit 1
     # Where each side runs: its own tree and environment (both built above), or this tree with
     # the base sources swapped in and the machine's python3, each built in turn by the bench
@@ -115,6 +115,6 @@ case ${1:-} in
     grep -E "build:|passed|failed|SUMMARY" "$OUT/new.log" | tail -6
     python3 experiments/compare_bench.py "$OUT/base/bench/bench_kernel.json" \
       "$OUT/new/bench/bench_kernel.json" | tee "$OUT/compare.md"
-    pack_out "$OUT" ;;
+    pack_out "$OUT" || exit 1 ;;
   *) sed -n 2,15p "$0"; exit 2 ;;
 esac

@@ -121,7 +121,7 @@ for step in "$@"; do
           | tee -a "$OUT/traffic.log"
       done ;;
     bench) timeout 560 python3 experiments/bench_kernel.py ${BENCH_ARGS:-} --out "$OUT/bench" || rc=1 ;;
-    pack) pack_out "$OUT" ;;
+    pack) pack_out "$OUT" || rc=1 ;;
   esac
   echo "step $step: $(( $(date +%s) - t0 )) s"
 done

@@ -4,11 +4,12 @@ Reads the CSV that `ncu -i REPORT --page source --print-source sass --csv` write
 step of experiments/cuda_device_run.sh does, one per case) and prints, as markdown:
 - the warp stall samples by reason (share of all samples);
 - the instructions with the most samples, each with its two main reasons; a predicated branch
-  that spins on a wait shows the instruction before it too (what it waits on: an mbarrier's
-  try-wait, a barrier), since the samples land on the branch;
+  shows the instruction before it too, since a wait's samples land on the branch that spins on
+  it (what it waits on: an mbarrier's try-wait, a barrier);
 - the executed instructions by opcode.
 
-The CSV is 0.5-2 MB a kernel; this table is what the notes keep (docs/bench/ncu_stalls_*.md).
+A CSV of several kernels (ncu's --launch-count above 1) gives one table each. The CSV is
+0.5-2 MB a kernel; these tables are what the notes keep (docs/bench/ncu_stalls_*.md).
 
   python3 experiments/ncu_stalls.py ncu_bwd_8x1152x128x128_72_bfloat16_1.csv [--top 25]
 """
@@ -31,32 +32,36 @@ def _number(text: str) -> float:
         return 0.0
 
 
-def read_source_page(path: str) -> tuple[str, list[dict[str, str]]]:
-    """The kernel's name and its instructions (one dict per SASS line, by column name)."""
+def read_source_pages(path: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """Each kernel's name and instructions (one dict per SASS line, by column name)."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
-    # ncu writes a row naming the kernel, then the header, then one row per instruction.
-    start = next((i for i, r in enumerate(rows) if "Address" in r and "Source" in r), None)
-    if start is None:
+    # Per kernel ncu writes a row naming it, then the header, then one row per instruction.
+    starts = [i for i, r in enumerate(rows) if "Address" in r and "Source" in r]
+    if not starts:
         raise ValueError(f"{path}: no header row with 'Address' and 'Source': not a SASS "
                          "source page from `ncu --page source --print-source sass --csv`")
-    header = rows[start]
-    for needed in (SAMPLES, EXECUTED):
-        if needed not in header:
-            raise ValueError(f"{path}: column {needed!r} missing (was the SourceCounters "
-                             "section collected?)")
-    kernel = rows[start - 1][1] if start > 0 and len(rows[start - 1]) > 1 else "?"
-    return kernel, [dict(zip(header, r)) for r in rows[start + 1:] if len(r) == len(header)]
+    pages = []
+    for n, start in enumerate(starts):
+        header = rows[start]
+        for needed in (SAMPLES, EXECUTED):
+            if needed not in header:
+                raise ValueError(f"{path}: column {needed!r} missing (was the SourceCounters "
+                                 "section collected?)")
+        end = starts[n + 1] - 1 if n + 1 < len(starts) else len(rows)
+        kernel = rows[start - 1][1] if start > 0 and len(rows[start - 1]) > 1 else "?"
+        pages.append((kernel, [dict(zip(header, r)) for r in rows[start + 1:end]
+                               if len(r) == len(header)]))
+    return pages
 
 
-def summarize(path: str, top: int = 25) -> str:
-    kernel, rows = read_source_page(path)
+def summarize_page(kernel: str, rows: list[dict[str, str]], top: int = 25) -> str:
     reasons = [k for k in (rows[0] if rows else {})
                if k.startswith("stall_") and "Not Issued" not in k]
     total = sum(_number(r[SAMPLES]) for r in rows)
     executed = sum(_number(r[EXECUTED]) for r in rows)
-    if total <= 0:
-        raise ValueError(f"{path}: no stall samples")
+    if total <= 0 or executed <= 0:
+        raise ValueError(f"kernel {kernel}: no stall samples or no executed instructions")
     out = [f"kernel `{kernel}`", "",
            f"{total:,.0f} stall samples, {executed:,.0f} warp instructions executed", "",
            "| reason | share of samples |", "|---|---|"]
@@ -90,6 +95,11 @@ def summarize(path: str, top: int = 25) -> str:
     return "\n".join(out) + "\n"
 
 
+def summarize(path: str, top: int = 25) -> str:
+    """The tables of every kernel in one ncu source-page CSV."""
+    return "\n".join(summarize_page(kernel, rows, top) for kernel, rows in read_source_pages(path))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("csv", nargs="+", help="ncu source-page CSV files")
@@ -97,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.top < 1:
         p.error(f"--top must be at least 1, got {args.top}")
-    for path in args.csv:
+    failed = 0
+    for path in args.csv:  # each file on its own: one bad file does not hide the others
         try:
             print(f"## {path}\n\n{summarize(path, args.top)}")
         except (OSError, ValueError) as e:
             print(f"ncu_stalls: {e}", file=sys.stderr)
-            return 1
-    return 0
+            failed = 1
+    return failed
 
 
 if __name__ == "__main__":
