@@ -6,6 +6,9 @@ step of experiments/cuda_device_run.sh does, one per case) and prints, as markdo
 - the instructions with the most samples, each with its two main reasons; a predicated branch
   shows the instruction before it too, since a wait's samples land on the branch that spins on
   it (what it waits on: an mbarrier's try-wait, a barrier);
+- the samples by execution count: instructions that ran equally often are mostly one warp
+  role's code run once a line (a consumer warp's, the producer's), so this splits the samples
+  between roles and loops;
 - the executed instructions by opcode.
 
 A CSV of several kernels (ncu's --launch-count above 1) gives one table each. The CSV is
@@ -84,6 +87,14 @@ def summarize_page(kernel: str, rows: list[dict[str, str]], top: int = 25) -> st
         why = ", ".join(f"{name} {100 * v / s:.0f}%" for v, name in main if v > 0)
         out.append(f"| {100 * s / total:.2f} | {_number(r[EXECUTED]):,.0f} | "
                    f"`{text.replace('|', '/')}` | {why} |")
+    by_count: collections.Counter[float] = collections.Counter()
+    for r in rows:
+        by_count[_number(r[EXECUTED])] += _number(r[SAMPLES])
+    out += ["", "| executed (each) | instructions | % samples |", "|---|---|---|"]
+    sizes = collections.Counter(_number(r[EXECUTED]) for r in rows)
+    for count, v in sorted(by_count.items(), key=lambda kv: -kv[1])[:8]:
+        if v > 0:
+            out.append(f"| {count:,.0f} | {sizes[count]} | {100 * v / total:.1f}% |")
     mix: collections.Counter[str] = collections.Counter()
     for r in rows:
         words = [w for w in r["Source"].split() if not w.startswith("@")]

@@ -85,6 +85,11 @@ def test_hand_set_page(tool, tmp_path):
     assert stg.endswith("| short_sb 95%, wait 5% |") and "(after" not in stg
     ffma = next(r for r in rows if "FFMA" in r)
     assert "(after" not in ffma  # predicated, but not a branch
+    # Samples by execution count, largest first: the three rows run 147,456 times, then the
+    # two run 909,312 times.
+    by_count = re.findall(r"^\| ([\d,]+) \| (\d+) \| (\d+\.\d)% \|$", text, re.M)
+    assert by_count[:2] == [("147,456", "3", f"{100 * 6760 / total:.1f}"),
+                            ("909,312", "2", f"{100 * 2420 / total:.1f}")]
     # Opcodes without predicates and modifiers: the two IMAD forms are one row.
     imad = 1_500_000 + 700_000
     assert f"| IMAD | {imad:,} | {100 * imad / executed:.1f}% |" in text
