@@ -61,8 +61,9 @@ def read_source_pages(path: str) -> list[tuple[str, list[dict[str, str]]]]:
 def summarize_page(kernel: str, rows: list[dict[str, str]], top: int = 25) -> str:
     reasons = [k for k in (rows[0] if rows else {})
                if k.startswith("stall_") and "Not Issued" not in k]
-    total = sum(_number(r[SAMPLES]) for r in rows)
-    executed = sum(_number(r[EXECUTED]) for r in rows)
+    samples = [_number(r[SAMPLES]) for r in rows]
+    execs = [_number(r[EXECUTED]) for r in rows]
+    total, executed = sum(samples), sum(execs)
     if total <= 0 or executed <= 0:
         raise ValueError(f"kernel {kernel}: no stall samples or no executed instructions")
     out = [f"kernel `{kernel}`", "",
@@ -74,10 +75,8 @@ def summarize_page(kernel: str, rows: list[dict[str, str]], top: int = 25) -> st
             out.append(f"| {k[len('stall_'):]} | {100 * v / total:.1f}% |")
     out += ["", f"The {top} instructions with the most samples:", "",
             "| % samples | executed | instruction | main reasons |", "|---|---|---|---|"]
-    order = sorted(range(len(rows)), key=lambda i: -_number(rows[i][SAMPLES]))[:top]
-    for i in order:
-        r = rows[i]
-        s = _number(r[SAMPLES])
+    for i in sorted(range(len(rows)), key=lambda i: -samples[i])[:top]:
+        r, s = rows[i], samples[i]
         if s <= 0:
             break
         text = r["Source"].strip()
@@ -85,21 +84,23 @@ def summarize_page(kernel: str, rows: list[dict[str, str]], top: int = 25) -> st
             text += f" (after {rows[i - 1]['Source'].strip()})"
         main = sorted(((_number(r[k]), k[len("stall_"):]) for k in reasons), reverse=True)[:2]
         why = ", ".join(f"{name} {100 * v / s:.0f}%" for v, name in main if v > 0)
-        out.append(f"| {100 * s / total:.2f} | {_number(r[EXECUTED]):,.0f} | "
+        out.append(f"| {100 * s / total:.2f} | {execs[i]:,.0f} | "
                    f"`{text.replace('|', '/')}` | {why} |")
+    # Samples and instructions by execution count; executions by opcode (no predicate, no
+    # modifiers).
     by_count: collections.Counter[float] = collections.Counter()
-    for r in rows:
-        by_count[_number(r[EXECUTED])] += _number(r[SAMPLES])
+    sizes: collections.Counter[float] = collections.Counter()
+    mix: collections.Counter[str] = collections.Counter()
+    for r, s, e in zip(rows, samples, execs):
+        by_count[e] += s
+        sizes[e] += 1
+        words = [w for w in r["Source"].split() if not w.startswith("@")]
+        if words:
+            mix[words[0].split(".")[0]] += e
     out += ["", "| executed (each) | instructions | % samples |", "|---|---|---|"]
-    sizes = collections.Counter(_number(r[EXECUTED]) for r in rows)
     for count, v in sorted(by_count.items(), key=lambda kv: -kv[1])[:8]:
         if v > 0:
             out.append(f"| {count:,.0f} | {sizes[count]} | {100 * v / total:.1f}% |")
-    mix: collections.Counter[str] = collections.Counter()
-    for r in rows:
-        words = [w for w in r["Source"].split() if not w.startswith("@")]
-        if words:
-            mix[words[0].split(".")[0]] += _number(r[EXECUTED])
     out += ["", "| opcode | executed | share |", "|---|---|---|"]
     for op, n in mix.most_common(12):
         out.append(f"| {op} | {n:,.0f} | {100 * n / executed:.1f}% |")
