@@ -5,8 +5,8 @@
 # pack_out DIR: every file under DIR into one new archive DIR/results[_N].tar.gz (the first
 # name not taken, so an earlier pack is never overwritten), the files other than markdown
 # removed once it is written; the markdown (the tables people read first) stays beside it too.
-# Earlier archives are not packed again, nor a folder with only markdown left. Returns 1 where the archive cannot be written (the
-# files then stay where they were).
+# Earlier archives are not packed again, nor a folder with only markdown left. Returns 1 where
+# the archive cannot be written (the files then stay where they were).
 pack_out() {
   local dir=$1 name=results.tar.gz n=1 count
   local files=(. -type f ! -name 'results*.tar.gz' ! -name '.pack_*')  # find's test: what goes in
