@@ -4,13 +4,15 @@
 # two calls two machines.
 #
 #   here:       bash experiments/cuda_device_ab.sh prepare [REF]    # base = xla_ffi/ at REF (main)
-#   on the GPU: OUT=... [NEW_STEPS="test sanitize"] [PYTEST_K=...] [AB_BENCH_ARGS=--quick] \
+#   on the GPU: OUT=... [NEW_STEPS="test sanitize"] [BASE_STEPS=chunk] [PYTEST_K=...] \
+#                 [AB_BENCH_ARGS=--quick] \
 #                 bash experiments/cuda_device_ab.sh run             # the run tool: carry runs/ab
 #
-# `run` builds the base sources and runs the benchmark on them (`cuda_device_run.sh bench` with
-# AB_BENCH_ARGS: --no-reference by default; --quick, D = 1 alone, or --dtypes / --directions
-# leave the call room for tests), then builds the working tree's and runs NEW_STEPS and the
-# benchmark on it (both builds at once unless AB_PARALLEL=0, below), and prints
+# `run` builds the base sources and runs BASE_STEPS (e.g. a timing step such as `chunk`) and the
+# benchmark on them (`cuda_device_run.sh bench` with AB_BENCH_ARGS: --no-reference by default;
+# --quick, D = 1 alone, or --dtypes / --directions leave the call room for tests), then builds
+# the working tree's and runs NEW_STEPS and the benchmark on it (both builds at once unless
+# AB_PARALLEL=0, below), and prints
 # experiments/compare_bench.py's table of the two (also written to $OUT/compare.md). Logs
 # ($OUT/base.log, $OUT/new.log) and results ($OUT/base, $OUT/new) then go into
 # $OUT/results.tar.gz (experiments/device_pack.sh), the markdown tables beside it.
@@ -105,11 +107,11 @@ case ${1:-} in
       rm -rf /tmp/ab_new && cp -r xla_ffi /tmp/ab_new
       rm -rf xla_ffi && mkdir xla_ffi && cp runs/ab/base/* xla_ffi/ && rm -rf build
     fi
+    # shellcheck disable=SC2086  # BASE_STEPS and NEW_STEPS are lists of steps
     (cd "$base_dir" && PATH=$base_path OUT=$OUT/base BENCH_ARGS=$bench_args \
-      bash experiments/cuda_device_run.sh bench) >"$OUT/base.log" 2>&1
+      bash experiments/cuda_device_run.sh ${BASE_STEPS:-} bench) >"$OUT/base.log" 2>&1
     echo "base: $(grep 'build:' "$OUT/base.log")"
     if [ $built != 0 ]; then rm -rf xla_ffi && cp -r /tmp/ab_new xla_ffi && rm -rf build; fi
-    # shellcheck disable=SC2086  # NEW_STEPS is a list of steps
     PATH=$new_path OUT=$OUT/new BENCH_ARGS=$bench_args \
       bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
     grep -E "build:|passed|failed|SUMMARY" "$OUT/new.log" | tail -6

@@ -24,6 +24,7 @@
 #              the kernels share the one GPU, which only the timings would mind.
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
+#   chunk    - chunked against global scans (experiments/bench_chunk.py; CHUNK_ARGS)
 #   ncu      - Nsight Compute (speed of light, stalls, memory, per-instruction stall samples as
 #              CSV, and that CSV's summary by experiments/ncu_stalls.py as <case>.stalls.md) of the
 #              kernels of NCU_CASES, each "fwd|bwd B,C,H,W G dtype D", separated by ';'
@@ -120,6 +121,7 @@ for step in "$@"; do
         grep -E "gpu__time|dram__bytes|lts__t|V=|rror" /tmp/traffic_one.log | sed 's/^ *//' | cut -c1-200 \
           | tee -a "$OUT/traffic.log"
       done ;;
+    chunk) timeout 300 python3 experiments/bench_chunk.py --out "$OUT/chunk" ${CHUNK_ARGS:-} || rc=1 ;;
     bench) timeout 560 python3 experiments/bench_kernel.py ${BENCH_ARGS:-} --out "$OUT/bench" || rc=1 ;;
     pack) pack_out "$OUT" || rc=1 ;;
   esac

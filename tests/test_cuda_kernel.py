@@ -814,6 +814,25 @@ def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)
 
 
+# The chunk as the kernels take it (LineGeometry::KernelChunk: an int, 0 where no line but the
+# first restarts). On a 40 x 72 image (40 lines top to bottom, 72 left to right) a chunk of 40
+# restarts the left-right scans at line 40 too, 71 at their last line, 72 and past it no line
+# but the first: through the register kernels (float32) and both TMA kernels (16-bit, forced),
+# every direction.
+@pytest.mark.parametrize("chunk", [40, 71, 72, 1000])
+@pytest.mark.parametrize("dtype, knobs", [
+    ("float32", {}),
+    ("bfloat16", {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_BWD": "1"}),
+], ids=["registers", "tma"])
+def test_chunk_at_and_past_line_counts(chunk, dtype, knobs, monkeypatch, capfd):
+    _set_knobs(monkeypatch, knobs)
+    check(((2, 40, 72, 128), 16), ("tb", "bt", "lr", "rl"), dtype, chunk=chunk)
+    printed = _printed_plans(capfd)
+    for kind in ("forward", "backward"):
+        plans = printed[kind]
+        assert plans and all((" TMA " in ln) == bool(knobs) for ln in plans), (kind, plans)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("shape", [((3, 40, 56, 96), 6), ((2, 17, 23, 36), 12)],
                          ids=["S=16", "S=3_partials"])
