@@ -814,11 +814,11 @@ def test_large_single_direction(dtype):
     check(((4, 96, 80, 256), 16), ("lr",), dtype)
 
 
-# The chunk as the kernels take it (LineGeometry::KernelChunk: an int, 0 where no line but the
-# first restarts). On a 40 x 72 image (40 lines top to bottom, 72 left to right) a chunk of 40
-# restarts the left-right scans at line 40 too, 71 at their last line, 72 and past it no line
-# but the first: through the register kernels (float32) and both TMA kernels (16-bit, forced),
-# every direction.
+# Chunks at and past the scans' line counts, where a kernel that simplified the chunk (v43 took
+# one of at least max(H, W) as the global scan) could go wrong. On a 40 x 72 image (40 lines top
+# to bottom, 72 left to right) a chunk of 40 restarts the left-right scans at line 40 too, 71 at
+# their last line, 72 and past it no line but the first: through the register kernels (float32)
+# and both TMA kernels (16-bit, forced), every direction.
 @pytest.mark.parametrize("chunk", [40, 71, 72, 1000])
 @pytest.mark.parametrize("dtype, knobs", [
     ("float32", {}),

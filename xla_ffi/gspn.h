@@ -64,19 +64,6 @@ struct LineGeometry {
   CGSPN_HD static bool Restarts(int64_t t, int64_t chunk) {
     return t == 0 || (chunk > 0 && t % chunk == 0);
   }
-  // The same in the CUDA kernels, whose line indices are int and whose chunk is KernelChunk's.
-  // A 64-bit remainder is a software routine on the GPU, tens of instructions in every line: a
-  // chunk of H cost the TMA kernels 2-4% against the global scan (2026-11-29, H200). A call
-  // mixing the two widths does not compile (both overloads need a conversion).
-  CGSPN_HD static bool Restarts(int t, int chunk) {
-    return t == 0 || (chunk > 0 && unsigned(t) % unsigned(chunk) == 0u);
-  }
-  // The call's chunk for the kernels: 0 (global) where it restarts no line but the first, since
-  // no scan of an H x W image has more than max(H, W) lines; otherwise it is below a line count,
-  // which the kernels hold in an int.
-  static int KernelChunk(int64_t chunk, int64_t H, int64_t W) {
-    return chunk <= 0 || chunk >= std::max(H, W) ? 0 : int(std::min<int64_t>(chunk, INT32_MAX));
-  }
 };
 
 // Shapes of one call, read off x [B, H, W, C] and w [D, B, H, W, G, 3].

@@ -430,7 +430,7 @@ __global__ void GspnDwReduceKernel(const float* __restrict__ part, const T* __re
       default: t = a.W - 1 - jj; p = i; L = a.H; break;
     }
     float out[3] = {0.f, 0.f, 0.f};
-    if (!LineGeometry::Restarts(int(t), a.chunk)) {
+    if (!LineGeometry::Restarts(t, a.chunk)) {
       float da[3] = {0.f, 0.f, 0.f}, g[3], wa[3], wc[3];
       for (int r = 0; r < a.npart; ++r)
         for (int k = 0; k < 3; ++k) da[k] += part[(r * n + idx) * 3 + k];

@@ -90,7 +90,7 @@ struct TmaBwdLaunch {
   // and line in GspnBwdTmaKernel's `arrived`: as many words per wave as a block scans lines),
   // waves and waits as there. 0: none.
   int lead, lead_polls, lead_blocks, lead_wave, lead_min;
-  int chunk;  // LineGeometry::KernelChunk: 0 = global
+  int64_t chunk;
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
   // D > 1: as the consumers finish a line, the producer warp prefetches into L2 the running dx

@@ -107,7 +107,7 @@ struct TmaLaunch {
   // longest scan: see GspnFwdTmaKernel).
   unsigned long long* trace;
   int trace_words;
-  int chunk;  // LineGeometry::KernelChunk: 0 = global
+  int64_t chunk;
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
   int xbytes, gbytes;

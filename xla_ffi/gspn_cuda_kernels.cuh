@@ -314,7 +314,7 @@ struct Launch {
   int D;
   int dir_bits;              // 2 bits per direction, direction d at bits 2d
   __host__ __device__ int Direction(int d) const { return (dir_bits >> (2 * d)) & 3; }
-  int chunk;                 // LineGeometry::KernelChunk: 0 = global
+  int64_t chunk;             // 0 = global
   bool normalize;
   int Vs;                    // vector lanes per block (a multiple of nsub)
   int Pt;                    // position lanes per block
