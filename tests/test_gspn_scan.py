@@ -104,6 +104,25 @@ def test_ffi_gradients_match_reference_autodiff(shape, chunk, normalize):
         np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-6 * scale, err_msg=name)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 8, 9, 1000])
+def test_chunks_around_line_counts(backend, chunk):
+    """Chunks below, at and past the scans' line counts (5 lines top to bottom, 8 left to right):
+    the forward against the loop oracle, and the kernel's gradients against autodiff of the
+    reference."""
+    directions = ALL
+    x, lam, w = random_inputs(2, 5, 8, 6, 3, directions)
+    h = gspn_scan(x, lam, w, directions=directions, chunk=chunk, backend=backend)
+    assert rel_err(h, gspn_scan_numpy(*as64(x, lam, w), directions, chunk, True)) < 2e-6
+    if backend == "reference":
+        return  # its gradients are the reference's own
+    kw = dict(directions=directions, chunk=chunk)
+    got = jax.grad(loss_fn(backend, **kw), argnums=(0, 1, 2))(x, lam, w)
+    want = jax.grad(loss_fn("reference", **kw), argnums=(0, 1, 2))(x, lam, w)
+    for name, g, r in zip(("dx", "dlam", "dw"), got, want):
+        assert rel_err(g, r) < 2e-5, name
+
+
 @pytest.mark.skipif(not HAS_FFI, reason="CPU kernel not built")
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 3e-2), (jnp.float16, 5e-3)])
 def test_ffi_low_precision_gradients(dtype, tol):
