@@ -21,7 +21,9 @@
 #              a CGSPN_TEST_SHARD of the selection, one log each, every result line kept (-v) so
 #              a shard cut by its timeout (TEST_TIMEOUT, default 400 s) still says what passed.
 #              The suite is mostly compile time on the host, which the machine's 16 cores share;
-#              the kernels share the one GPU, which only the timings would mind.
+#              the kernels share the one GPU, which only the timings would mind. TEST_PROCS=8
+#              TEST_TIMEOUT=440 ran the whole suite (415) in 289 s of one call (H200, build
+#              included: 368 s; 2026-11-29).
 #   sanitize - compute-sanitizer memcheck and racecheck on experiments/sanitize_case.py
 #   bench    - the full benchmark (experiments/bench_kernel.py; BENCH_ARGS, e.g. --no-reference)
 #   chunk    - chunked against global scans (experiments/bench_chunk.py; CHUNK_ARGS)
