@@ -65,7 +65,7 @@ def _scan_canonical(x, lam, w, chunk, normalize):
             for k, nb in enumerate((left, h_prev, right))
         ).reshape(b, length, c)
         restart = t == 0
-        if chunk is not None:
+        if chunk is not None and chunk < t_len:  # a longer chunk restarts no line but the first
             restart = restart | (t % chunk == 0)
         h = lam_t * x_t + jnp.where(restart, 0.0, mix)
         return h, h

@@ -1,11 +1,12 @@
 """What a chunked scan (local GSPN: `chunk=k` restarts every k-th line) costs against a global one
 on the CUDA kernel (a GPU is required).
 
-    python experiments/bench_chunk.py [--out DIR] [--chunks 0,128,32,8]
+    python experiments/bench_chunk.py [--out DIR] [--chunks 0,H,32,8]
 
-chunk = 0 is the global scan. chunk = H restarts only where the global scan does (line 0), so
-it does the same arithmetic and moves the same bytes: any time it takes beyond chunk = 0 is the
-kernels' bookkeeping of the restarts. Smaller chunks restart more lines, which skip the previous
+chunk = 0 is the global scan; H stands for the case's H. On the square cases below (and D = 1,
+top to bottom) chunk = H restarts only where the global scan does (line 0), so it does the same
+arithmetic and moves the same bytes: any time it takes beyond chunk = 0 is the kernels' test of
+which lines restart. Smaller chunks restart more lines, which skip the previous
 line's h and so are a little cheaper. Forward (gspn_scan, backend="ffi") and the backward FFI
 target alone, medians of batches of back-to-back calls (bench_kernel.time_calls), one process.
 """
@@ -75,7 +76,7 @@ def main():
     (out / "bench_chunk.json").write_text(json.dumps(
         dict(device=jax.devices()[0].device_kind, rows=rows), indent=1))
     lines = [f"Chunked against global scans, {jax.devices()[0].device_kind} (ms; ratio to the first chunk)",
-             "", "| B×C×H×W | G | dtype | D | chunk | fwd ms | ×global | bwd ms | ×global |",
+             "", "| B×C×H×W | G | dtype | D | chunk | fwd ms | ×first | bwd ms | ×first |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         base = next(b for b in rows if case_of(b) == case_of(r))  # the case's first chunk

@@ -112,11 +112,12 @@ case ${1:-} in
       bash experiments/cuda_device_run.sh ${BASE_STEPS:-} bench) >"$OUT/base.log" 2>&1
     echo "base: $(grep 'build:' "$OUT/base.log")"
     if [ $built != 0 ]; then rm -rf xla_ffi && cp -r /tmp/ab_new xla_ffi && rm -rf build; fi
+    # shellcheck disable=SC2086
     PATH=$new_path OUT=$OUT/new BENCH_ARGS=$bench_args \
       bash experiments/cuda_device_run.sh ${NEW_STEPS:-} bench >"$OUT/new.log" 2>&1
     grep -E "build:|passed|failed|SUMMARY" "$OUT/new.log" | tail -6
     python3 experiments/compare_bench.py "$OUT/base/bench/bench_kernel.json" \
       "$OUT/new/bench/bench_kernel.json" | tee "$OUT/compare.md"
     pack_out "$OUT" || exit 1 ;;
-  *) sed -n 2,15p "$0"; exit 2 ;;
+  *) sed -n 2,18p "$0"; exit 2 ;;
 esac

@@ -817,20 +817,22 @@ def test_large_single_direction(dtype):
 # Chunks at and past the scans' line counts, where a kernel that simplified the chunk (v43 took
 # one of at least max(H, W) as the global scan) could go wrong. On a 40 x 72 image (40 lines top
 # to bottom, 72 left to right) a chunk of 40 restarts the left-right scans at line 40 too, 71 at
-# their last line, 72 and past it no line but the first: through the register kernels (float32)
-# and both TMA kernels (16-bit, forced), every direction.
+# their last line, 72 and past it no line but the first: through the register kernels (float32
+# and bfloat16: the plan's own for lines of 40 and 72) and both TMA kernels (bfloat16, forced),
+# every direction.
 @pytest.mark.parametrize("chunk", [40, 71, 72, 1000])
-@pytest.mark.parametrize("dtype, knobs", [
-    ("float32", {}),
-    ("bfloat16", {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_BWD": "1"}),
-], ids=["registers", "tma"])
-def test_chunk_at_and_past_line_counts(chunk, dtype, knobs, monkeypatch, capfd):
+@pytest.mark.parametrize("dtype, knobs, tma", [
+    ("float32", {}, False),
+    ("bfloat16", {}, False),
+    ("bfloat16", {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_BWD": "1"}, True),
+], ids=["registers", "registers_16bit", "tma"])
+def test_chunk_at_and_past_line_counts(chunk, dtype, knobs, tma, monkeypatch, capfd):
     _set_knobs(monkeypatch, knobs)
     check(((2, 40, 72, 128), 16), ("tb", "bt", "lr", "rl"), dtype, chunk=chunk)
     printed = _printed_plans(capfd)
     for kind in ("forward", "backward"):
         plans = printed[kind]
-        assert plans and all((" TMA " in ln) == bool(knobs) for ln in plans), (kind, plans)
+        assert plans and all((" TMA " in ln) == tma for ln in plans), (kind, plans)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

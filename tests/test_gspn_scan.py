@@ -105,11 +105,11 @@ def test_ffi_gradients_match_reference_autodiff(shape, chunk, normalize):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 8, 9, 1000])
+@pytest.mark.parametrize("chunk", [1, 4, 5, 7, 8, 9, 1000, 2**31 - 1, 2**31, 2**40])
 def test_chunks_around_line_counts(backend, chunk):
-    """Chunks below, at and past the scans' line counts (5 lines top to bottom, 8 left to right):
-    the forward against the loop oracle, and the kernel's gradients against autodiff of the
-    reference."""
+    """Chunks below, at and past the scans' line counts (5 lines top to bottom, 8 left to right),
+    up to and past 32 bits: the forward against the loop oracle, and the kernel's gradients
+    against autodiff of the reference."""
     directions = ALL
     x, lam, w = random_inputs(2, 5, 8, 6, 3, directions)
     h = gspn_scan(x, lam, w, directions=directions, chunk=chunk, backend=backend)
