@@ -136,6 +136,8 @@ def _validate(x, lam, w, directions, chunk, normalize, backend) -> ScanConfig:
                          f"C = x.shape[3] = {c}")
     if min(b, h, wd, c) < 1:
         raise ValueError(f"x must have non-empty B, H, W and C, got shape {tuple(x.shape)}")
+    if max(h, wd) >= 2**31:  # the CUDA kernels count a scan's lines in 32 bits
+        raise ValueError(f"x's H and W must be below 2**31, got shape {tuple(x.shape)}")
     return ScanConfig(directions, None if chunk is None else int(chunk), bool(normalize))
 
 

@@ -309,6 +309,22 @@ def test_bad_input_raises_a_clear_error(message, mutate, kwargs, error):
             jax.jit(lambda *a: gspn_scan(*a, **kwargs)).lower(*args)
 
 
+@pytest.mark.parametrize("h, w", [(2**31, 1), (1, 2**31)])
+def test_lines_past_32_bits_raise_a_clear_error(h, w):
+    """Shapes only (nothing of that size is allocated): H or W of 2**31 is refused by name."""
+    f32 = jnp.float32
+    args = (jax.ShapeDtypeStruct((1, h, w, 1), f32), jax.ShapeDtypeStruct((1, 1, h, w, 1), f32),
+            jax.ShapeDtypeStruct((1, 1, h, w, 1, 3), f32))
+    with pytest.raises(ValueError, match=r"H and W must be below 2\*\*31"):
+        jax.eval_shape(lambda *a: gspn_scan(*a, directions=("tb",)), *args)
+    # Just below the bound the shapes pass (the call is only traced).
+    small = 2**31 - 1
+    args = tuple(jax.ShapeDtypeStruct(tuple(small if d >= 2**31 else d for d in a.shape), f32)
+                 for a in args)
+    assert jax.eval_shape(lambda *a: gspn_scan(*a, directions=("tb",)), *args).shape[2:4] == \
+        (min(h, small), min(w, small))
+
+
 def test_nested_vmap_over_two_leading_axes():
     directions = ("tb", "rl")
     x, lam, w = random_inputs(2, 4, 3, 4, 2, directions)
