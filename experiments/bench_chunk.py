@@ -17,19 +17,16 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import argparse  # noqa: E402
-import functools  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_kernel import DIRECTIONS, ffi_backward, make_sets, time_calls  # noqa: E402
-
-from cgspn_jax import gspn_scan  # noqa: E402
+from bench_kernel import time_calls  # noqa: E402
+from tune_kernel import case_fns  # noqa: E402
 
 # B, C, H, W, G, dtype, D: the TMA kernels (128 x 128 16-bit G = C / 16), the register kernels
 # (64 x 64 float32 G = C) and the D = 4 register backward.
@@ -38,17 +35,11 @@ CASES = [((8, 1152, 128, 128), 72, "bfloat16", 1), ((32, 1152, 64, 64), 1152, "f
 
 
 def time_case(shape, G, dtype, D, chunks):
-    B, C, H, W = shape
-    directions = DIRECTIONS[D]
-    x, lam, w, dh = make_sets(B, C, H, W, G, len(directions), jnp.dtype(dtype), 1)[0]
     rows = []
     for chunk in chunks:
-        k = chunk if chunk > 0 else None
-        fwd = jax.jit(functools.partial(gspn_scan, directions=directions, chunk=k, backend="ffi"))
-        h = fwd(x, lam, w)
-        bwd = ffi_backward(directions, chunk=k)
-        t_f, _ = time_calls(fwd, [(x, lam, w)], min_batch_s=0.02, reps=7)
-        t_b, _ = time_calls(bwd, [(x, lam, w, h, dh)], min_batch_s=0.02, reps=7)
+        (fwd, fargs), (bwd, bargs) = case_fns(shape, G, dtype, D, chunk=chunk or None)
+        t_f, _ = time_calls(fwd, [fargs], min_batch_s=0.02, reps=7)
+        t_b, _ = time_calls(bwd, [bargs], min_batch_s=0.02, reps=7)
         rows.append(dict(shape=shape, G=G, dtype=dtype, D=D, chunk=chunk,
                          fwd_ms=1e3 * t_f, bwd_ms=1e3 * t_b))
         print(f"{'x'.join(map(str, shape))} G={G} {dtype} D={D} chunk={chunk}: "

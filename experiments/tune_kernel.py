@@ -425,13 +425,15 @@ def directions_of(D):
     return DIRECTIONS[D] if isinstance(D, int) else tuple(D.split("-"))
 
 
-def case_fns(shape, G, dtype, D):
+def case_fns(shape, G, dtype, D, chunk=None):
+    """The case's FFI forward and backward, each with its arguments (the same seeded inputs at
+    every call)."""
     B, C, H, W = shape
     directions = directions_of(D)
     sets = make_sets(B, C, H, W, G, len(directions), jnp.dtype(dtype), 1)
-    kfwd = jax.jit(functools.partial(gspn_scan, directions=directions, backend="ffi"))
+    kfwd = jax.jit(functools.partial(gspn_scan, directions=directions, chunk=chunk, backend="ffi"))
     h = kfwd(*sets[0][:3])
-    kbwd = ffi_backward(directions)
+    kbwd = ffi_backward(directions, chunk=chunk)
     return (kfwd, sets[0][:3]), (kbwd, (*sets[0][:3], h, sets[0][3]))
 
 
