@@ -66,6 +66,34 @@ struct LineGeometry {
   }
 };
 
+// Which lines of a scan restart (h = lam * x): line 0, and every chunk-th with chunk > 0 (the
+// test of LineGeometry::Restarts) for lines t < 2^31, without a division or a branch. On the GPU
+// a remainder is a dozen or more instructions (a 64-bit `%` of operands that fit 32 bits takes a
+// 32-bit `rem.u32`, behind a branch), and chunked scans cost the TMA kernels 1-4% over global ones
+// (v42, docs/kernel_notes.md "v43-v44"); v43's plain 32-bit `%` made the register forward slower
+// on global scans, likely issued in every line once predicated. t % d is t - q d with
+// q = floor(m t / 2^shift), m = ceil(2^shift / d), shift = 31 + ceil(log2 d): exact for every
+// 0 <= t < 2^31 (Granlund and Montgomery 1994, theorem 4.2: 2^shift <= m d <= 2^shift + 2^(shift
+// - 31)), and m < 2^32. The global scan takes d = 2^31, past every line, so that only line 0
+// restarts, with no branch.
+struct LineRestarts {
+  uint32_t d, m;
+  int shift;
+
+  static LineRestarts Make(int64_t chunk) {
+    const uint64_t d = chunk > 0 && chunk < (int64_t(1) << 31) ? uint64_t(chunk) : uint64_t(1) << 31;
+    int l = 0;
+    while ((uint64_t(1) << l) < d) ++l;
+    const uint64_t m = ((uint64_t(1) << (31 + l)) + d - 1) / d;
+    return {uint32_t(d), uint32_t(m), 31 + l};
+  }
+  CGSPN_HD bool At(int64_t t) const {
+    const uint32_t u = uint32_t(t);
+    const uint32_t q = uint32_t((uint64_t(u) * m) >> shift);
+    return u - q * d == 0u;
+  }
+};
+
 // Shapes of one call, read off x [B, H, W, C] and w [D, B, H, W, G, 3].
 struct ScanShape {
   int64_t D, B, H, W, C, G;
@@ -96,6 +124,9 @@ inline ffi::Error CheckCall(const ffi::AnyBuffer& x, const ffi::AnyBuffer& lam,
     if (d < kTopBottom || d > kRightLeft)
       return ffi::Error::InvalidArgument("gspn_scan: direction code out of range");
   if (chunk < 0) return ffi::Error::InvalidArgument("gspn_scan: chunk must be >= 0");
+  // Line indices are 31-bit in the kernels (LineRestarts, the CUDA kernels' int lines).
+  if (s.H >= (int64_t(1) << 31) || s.W >= (int64_t(1) << 31))
+    return ffi::Error::InvalidArgument("gspn_scan: H and W must be below 2^31");
   if (x.element_type() != lam.element_type() || x.element_type() != w.element_type())
     return ffi::Error::InvalidArgument("gspn_scan: x, lam, w must share one dtype");
   return ffi::Error::Success();

@@ -208,8 +208,9 @@ void ForwardOne(const ScanShape& s, int64_t d, int64_t b, int64_t dir, int64_t c
   const int64_t dir_off = d * s.pixels();
   std::vector<float> prev(L * C), cur(L * C), xs(C), ls(C);
   RowWeights weights(G, C);
+  const LineRestarts restarts = LineRestarts::Make(chunk);
   for (int64_t t = 0; t < geo.steps; ++t) {
-    const bool restart = LineGeometry::Restarts(t, chunk);
+    const bool restart = restarts.At(t);
     for (int64_t p = 0; p < L; ++p) {
       const int64_t pix = geo.Pixel(b, t, p);
       float* out = cur.data() + p * C;
@@ -250,13 +251,14 @@ void BackwardImage(const ScanShape& s, int64_t b, ffi::Span<const int64_t> dirs,
   std::vector<float> xs(C), ls(C), row(C), prod(C), dw_row(G * 3);
   std::vector<float> da[3] = {std::vector<float>(G), std::vector<float>(G), std::vector<float>(G)};
   RowWeights weights(G, C);
+  const LineRestarts restarts = LineRestarts::Make(chunk);
   for (int64_t d = 0; d < s.D; ++d) {
     const auto geo = LineGeometry::Make(dirs[d], s.H, s.W);
     const int64_t L = geo.length, dir_off = d * s.pixels();
     // carry[p] = sum_k a_{t+1}[p - k + 1, k] z_{t+1}[p - k + 1]: what line t+1 sends back to t.
     std::vector<float> z(L * C), carry(L * C, 0.f), hprev(L * C);
     for (int64_t t = geo.steps - 1; t >= 0; --t) {
-      const bool restart = LineGeometry::Restarts(t, chunk);
+      const bool restart = restarts.At(t);
       for (int64_t p = 0; p < L; ++p) {
         const int64_t pix = geo.Pixel(b, t, p);
         float* zp = z.data() + p * C;

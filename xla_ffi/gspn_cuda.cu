@@ -790,7 +790,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
-  a.nslab = int(nslab), a.gbox = gbox, a.chunk = chunk, a.normalize = normalize;
+  a.nslab = int(nslab), a.gbox = gbox, a.restarts = LineRestarts::Make(chunk),
+      a.normalize = normalize;
   a.split = split;
   a.lockstep = split ? kLineSyncCluster : TmaLineSync(kLineSyncCluster);
   a.relax_at = split || EnvInt("CGSPN_CUDA_TMA_LOCKSTEP", -1) >= 0
@@ -1011,7 +1012,7 @@ bool PlanTmaBackward(const ScanShape& s, const int64_t* dirs, bool aligned, int6
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
   a.nslab = int(nslab), a.gbox = gbox, a.nsub = int(Sg / 8);
-  a.chunk = chunk, a.normalize = normalize;
+  a.restarts = LineRestarts::Make(chunk), a.normalize = normalize;
   a.mode = EnvInt("CGSPN_CUDA_TMA_BWD_MODE");
   // D > 1: the running dx sum prefetched into L2 kTmaStages lines ahead, as far as the stage
   // copies (TmaBwdLaunch::acc_l2; v31, H100: 1% faster at 8 x 1152 x 128 x 128, 15% at 4

@@ -90,7 +90,7 @@ struct TmaBwdLaunch {
   // and line in GspnBwdTmaKernel's `arrived`: as many words per wave as a block scans lines),
   // waves and waits as there. 0: none.
   int lead, lead_polls, lead_blocks, lead_wave, lead_min;
-  int64_t chunk;
+  LineRestarts restarts;  // the call's chunk
   bool normalize;
   int xbytes, gbytes;  // stage pieces: one [Lmax][kTmaSlab] box, the gate box (128-byte multiples)
   // D > 1: as the consumers finish a line, the producer warp prefetches into L2 the running dx
@@ -224,7 +224,7 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     const int dir = (a.dir_bits >> (2 * ln.d)) & 3;
     const bool rows = dir == kTopBottom || dir == kBottomTop;
     const int L = rows ? a.W : a.H;
-    const bool need_h = !LineGeometry::Restarts(ln.t, a.chunk);
+    const bool need_h = !a.restarts.At(ln.t);
     const int s = q % K;
     unsigned char* st = smem + s * stage_bytes;
     const unsigned box = unsigned(L * S * sizeof(T));
@@ -315,8 +315,8 @@ __global__ void __launch_bounds__(kTmaBwdThreads, 2)
     const int L = int(geo.length), t = ln.t;
     const bool first_dir = ln.d == 0, last_dir = ln.d == a.D - 1;
     // Line t + 1 fed line t unless it restarted (or this is the direction's first line).
-    const bool coupled = ln.n > 0 && !LineGeometry::Restarts(t + 1, a.chunk);
-    const bool restart = LineGeometry::Restarts(t, a.chunk);
+    const bool coupled = ln.n > 0 && !a.restarts.At(t + 1);
+    const bool restart = a.restarts.At(t);
     const int64_t line = int64_t(b) * geo.image + geo.base + int64_t(t) * geo.step_stride;
 
     // The running dx sum of the earlier directions at this line: the loads of the whole line's

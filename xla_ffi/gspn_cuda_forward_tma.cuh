@@ -107,7 +107,7 @@ struct TmaLaunch {
   // longest scan: see GspnFwdTmaKernel).
   unsigned long long* trace;
   int trace_words;
-  int64_t chunk;
+  LineRestarts restarts;  // the call's chunk
   bool normalize;
   // Shared memory: stage bytes (x box, lam box, gate box; each rounded to 128 bytes).
   int xbytes, gbytes;
@@ -440,7 +440,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
     float* now = tile + (t & 1) * Lb * S;
     const unsigned peer_prev =
         peer_tiles + unsigned((((t + 1) & 1) * Lb * S + peer_pos * S + v * 8) * sizeof(float));
-    const bool restart = LineGeometry::Restarts(t, a.chunk);
+    const bool restart = a.restarts.At(t);
     float hv[KI][8];
 #pragma unroll
     for (int k = 0; k < KI; ++k) {
