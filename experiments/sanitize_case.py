@@ -112,14 +112,23 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
          ((1, 5, 71, 64), 8, ("bt", "lr"),
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_SPLIT": "1",
-           "CGSPN_CUDA_TMA_FWD_WARPS": "6"})]
+           "CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
+         # v45: the TMA forward's even slabs of 32 and 48 channels (C = 128: 2 + 3 + 3 units),
+         # row and column lines, under both warp counts, clusters across directions (H = W), and
+         # with per-thread h stores.
+         ((2, 5, 72, 128), 16, ("tb", "lr"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "3"}),
+         ((1, 9, 9, 128), 16, ("bt", "rl"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "3",
+           "CGSPN_CUDA_TMA_FWD_WARPS": "6", "CGSPN_CUDA_TMA_FWD_BULK": "0"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE",
          "CGSPN_CUDA_TMA_LEAD", "CGSPN_CUDA_TMA_BWD_LEAD", "CGSPN_CUDA_TMA_LEAD_WAVE",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_TMA_BWD_ACC_L2", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
-         "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY", "CGSPN_CUDA_TMA_FWD_WARPS")
+         "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY", "CGSPN_CUDA_TMA_FWD_WARPS",
+         "CGSPN_CUDA_TMA_FWD_SLABS")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

@@ -34,7 +34,11 @@ SETTINGS = {"default": {}, "v27": {"CGSPN_CUDA_TMA_LEAD": "0"},
             "relaxed+sleep1000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "1000"},
             "relaxed+sleep2000": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2000"},
             "relaxed+spread": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "1"},
-            "relaxed+balance": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "2"}}
+            "relaxed+balance": {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_CLUSTER_POLICY": "2"},
+            # v45: 33 even slabs a line (264 blocks of 32 and 48 channels at 8 images of
+            # 1152), and as many as fill the wave
+            "even33": {"CGSPN_CUDA_TMA_FWD_SLABS": "33"},
+            "fill": {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}}
 
 
 def read_trace(path: Path):

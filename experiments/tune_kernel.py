@@ -347,6 +347,18 @@ FWD_WARPS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 4, 8, 1
 FWD_WARPS_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
                     ((2, 1152, 128, 256), 72, "bfloat16", 1),
                     ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# v45: the TMA forward's even slabs (CGSPN_CUDA_TMA_FWD_SLABS=n slabs of 32 or 48 channels a
+# line) against the plan's 48-channel slabs, twice. At 8 images 24 slabs are the plan's blocks
+# through the even kernel (its own cost), 33 fill the wave (264 blocks: no multiprocessor left
+# with one block), 36 (all 32 channels) spill into a second wave; -1 fills the wave whatever the
+# batch. Over the batch (2-11 images), D = 4, 96 x 96.
+EVEN_SLABS_SETTINGS = [{}] + [{"CGSPN_CUDA_TMA_FWD_SLABS": n} for n in ("24", "30", "33", "36",
+                                                                          "-1")]
+EVEN_SLABS_SETTINGS *= 2
+EVEN_SLABS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 2, 4, 6, 7, 9, 10, 11)]
+EVEN_SLABS_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
+                     ((2, 1152, 128, 128), 72, "bfloat16", 4),
+                     ((16, 768, 96, 96), 48, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -372,6 +384,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdbulk": (FWD_BULK_SETTINGS, FWD_BULK_CASES, ("fwd",)),
             "early": (EARLY_SETTINGS, EARLY_CASES),
             "fwdwarps": (FWD_WARPS_SETTINGS, FWD_WARPS_CASES, ("fwd",)),
+            "evenslabs": (EVEN_SLABS_SETTINGS, EVEN_SLABS_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
@@ -399,6 +412,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_BWD_LEAD_WAVES", "CGSPN_CUDA_TMA_BWD_ACC_L2",
          "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
          "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY", "CGSPN_CUDA_TMA_FWD_WARPS",
+         "CGSPN_CUDA_TMA_FWD_SLABS",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")

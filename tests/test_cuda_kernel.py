@@ -564,6 +564,49 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     assert all(f" pace={pace} " in ln for ln in plans), plans
 
 
+
+# The TMA forward's even slabs (CGSPN_CUDA_TMA_FWD_SLABS=n, an experiment of v45): a line's C / 16
+# units of 16 channels in n slabs of 2 or 3 units (32 or 48 channels), so that one call uses
+# boxes of two widths (two sets of maps) and two bodies of the kernel, and as many blocks as the
+# knob asks; n = -1 asks for as many as fill a wave of two blocks a multiprocessor. Covered: 264
+# blocks at 1152 channels, also under 12 warps (whose 384 threads 6 divides, 4 too); two
+# directions with H != W; every direction with slabs starting inside a gate group (24 channels
+# a group); one width (n divides C / 16); knobs past the bounds (clamped to 3 units and to 2);
+# per-thread h stores; the wave-filling count.
+@pytest.mark.parametrize("shape, G, directions, knobs, slabs, widths", [
+    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 33, "32-48"),
+    ((8, 72, 128, 1152), 72, ("bt",),
+     {"CGSPN_CUDA_TMA_FWD_SLABS": "33", "CGSPN_CUDA_TMA_FWD_WARPS": "12"}, 33, "32-48"),
+    ((1, 72, 128, 1152), 72, ("rl", "tb"), {"CGSPN_CUDA_TMA_FWD_SLABS": "26"}, 26, "32-48"),
+    ((2, 40, 72, 192), 8, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "5"}, 5, "32-48"),
+    ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD_SLABS": "4"}, 4, "32-32"),
+    ((2, 100, 128, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "1"}, 3, "32-48"),
+    ((2, 100, 128, 128), 8, ("rl",), {"CGSPN_CUDA_TMA_FWD_SLABS": "99"}, 4, "32-32"),
+    ((2, 100, 128, 192), 8, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_FWD_SLABS": "5", "CGSPN_CUDA_TMA_FWD_BULK": "0"}, 5, "32-48"),
+    ((7, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}, None, None),
+], ids=["C1152_264_blocks", "C1152_264_blocks_12_warps", "two_dirs", "all_dirs",
+        "one_width", "clamped_to_3_units", "clamped_to_2_units", "thread_h", "fill_the_wave"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtype, monkeypatch,
+                                capfd):
+    _set_knobs(monkeypatch, knobs)
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=5, normalize=False)
+    plans = _printed_plans(capfd)["forward"]
+    assert plans and all(" TMA " in ln for ln in plans), plans
+    if slabs is None:  # as many as two blocks a multiprocessor hold, in whole pairs
+        lines, units = len(directions) * shape[0], shape[3] // 16
+        slabs = 2 * _gpu().core_count // lines
+        slabs -= (lines * slabs) % 2
+        slabs = min(max(slabs, -(-units // 3)), units // 2)
+        widths = f"{16 * (units // slabs)}-{16 * -(-units // slabs)}"
+    assert all(f" slabs={slabs} widths={widths}" in ln for ln in plans), plans
+    assert all(f" blocks={len(directions) * shape[0] * slabs} " in ln for ln in plans), plans
+    assert all(f" S={widths.split('-')[1]} " in ln for ln in plans), plans
+
+
 def _tma_relax_at(shape, directions, knobs):
     """After how many finished blocks the TMA forward's line barrier turns relaxed, restated
     (TmaRelaxAt): 0 on lines of at most 96 positions, else the blocks beyond R = 4/3 of the

@@ -630,6 +630,20 @@ int TmaGateBox(const ScanShape& s) {
   return gbox;
 }
 
+// The same for the TMA forward's even slabs (TmaLaunch::units): `nslab` slabs of the C / 16
+// units, slab j from unit j units / nslab.
+int TmaGateBoxEven(const ScanShape& s, int64_t nslab) {
+  const int64_t Sg = s.C / s.G, units = s.C / 16;
+  int gbox = 8;
+  for (int64_t j = 0; j < nslab; ++j) {
+    const int64_t c0 = 16 * (j * units / nslab), c1 = 16 * ((j + 1) * units / nslab);
+    const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
+    const int64_t end = 3 * ((c1 - 1) / Sg) + 3;
+    gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
+  }
+  return gbox;
+}
+
 // The row and column maps of one buffer, those a call's directions use (the others stay as
 // they are: zero, never read). Boxes of row_box positions for rows, col_box for columns.
 struct LineBoxes {
@@ -719,12 +733,15 @@ struct TmaPlan {
   int blocks, cluster;
   int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is <= 7/8 full
   size_t smem;
+  bool even = false;  // the forward's even slabs (TmaLaunch::units)
 };
 
 template <typename T>
-auto TmaFwdKernelFor(int warps) {
-  return warps == kTmaWideWarps ? GspnFwdTmaKernel<T, kTmaWideWarps>
-                                : GspnFwdTmaKernel<T, kTmaWarps>;
+auto TmaFwdKernelFor(int warps, bool even) {
+  const bool wide = warps == kTmaWideWarps;
+  if (even)
+    return wide ? GspnFwdTmaKernel<T, kTmaWideWarps, true> : GspnFwdTmaKernel<T, kTmaWarps, true>;
+  return wide ? GspnFwdTmaKernel<T, kTmaWideWarps, false> : GspnFwdTmaKernel<T, kTmaWarps, false>;
 }
 
 // When the TMA forward's line barrier turns from release and acquire to the relaxed lockstep
@@ -775,7 +792,24 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     return false;
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
-  const int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
+  // Even slabs (an experiment, TmaLaunch::units): CGSPN_CUDA_TMA_FWD_SLABS=n slabs a line,
+  // clamped to slabs of 32 or 48 channels (a 32-byte sector's multiple: slabs of 40 channels
+  // ran 3-9% slower at 8 images, v45; narrower ones move too few bytes a box row: v21, v27);
+  // n = -1: as many as fill the GPU's wave of two blocks a multiprocessor. Not on split lines,
+  // nor where C is not a multiple of 16 or below 32.
+  const int64_t units = s.C / 16;
+  const int slabs_knob = EnvInt("CGSPN_CUDA_TMA_FWD_SLABS");
+  int64_t want = slabs_knob;
+  if (slabs_knob < 0) {
+    const int64_t lines = s.D * s.B;  // blocks a slab count makes: lines x n
+    want = 2 * DeviceAttr(cudaDevAttrMultiProcessorCount, 132) / lines;
+    if ((lines * want) % 2 && want > 0) --want;  // whole clusters of two
+  }
+  const bool even = want > 0 && !split && s.C % 16 == 0 && units >= 2;
+  const int64_t nslab = even ? std::clamp<int64_t>(want, (units + 2) / 3, units / 2)
+                             : (s.C + kTmaSlab - 1) / kTmaSlab;
+  const int swide = even ? int(16 * ((units + nslab - 1) / nslab)) : kTmaSlab;
+  const int snarrow = even ? int(16 * (units / nslab)) : kTmaSlab;
   const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
   // A cluster's two blocks must scan the same number of lines: never straddle two directions
   // of different line counts (the halves of one line always do).
@@ -784,9 +818,11 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->cluster = split ? kTmaCluster
                       : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab, kTmaCluster);
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
-  const int gbox = TmaGateBox(s);
+  const int gbox = even ? TmaGateBoxEven(s, nslab) : TmaGateBox(s);
   TmaLaunch& a = tp->a;
   a = {};
+  tp->even = even;
+  if (even) a.units = int(units), a.swide = swide;
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
   a.D = int(s.D);
   for (int64_t d = 0; d < s.D; ++d) a.dir_bits |= int(dirs[d]) << (2 * d);
@@ -824,17 +860,17 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.lead_blocks = int(blocks);
   a.steps_max = int(span.steps_max);
   auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
-  a.xbytes = round128(Lb * kTmaSlab * sizeof(T));
+  a.xbytes = round128(Lb * swide * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * kTmaSlab * 4 +
+  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * swide * 4 +
              2 * kTmaStages * 8 + 2 * sizeof(int);
   tp->warps = kTmaWarps;
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps)),
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps, even)),
                  TmaThreadsOf(kTmaWarps), tp->smem, knob == 1 ? 1 : 2))
     return false;
   const int narrow_wave =
-      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps)),
+      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps, even)),
                  TmaThreadsOf(kTmaWarps), tp->smem, tp->cluster);
   // 12 consumer warps of 2 items where the call's last wave fills at most 7/8 of a wave (so
   // that a quarter or more of the multiprocessors run a lone block), else 6 of 4;
@@ -852,8 +888,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int warps = warps_knob == kTmaWarps || warps_knob == kTmaWideWarps ? warps_knob
                     : 8 * last_wave <= 7 * narrow_wave                    ? kTmaWideWarps
                                                                           : kTmaWarps;
-  if (warps != kTmaWarps && BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(warps)),
-                                      TmaThreadsOf(warps), tp->smem, knob == 1 ? 1 : 2))
+  if (warps != kTmaWarps &&
+      BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(warps, even)),
+                TmaThreadsOf(warps), tp->smem, knob == 1 ? 1 : 2))
     tp->warps = warps;
   // The grid's loose lockstep holds the blocks of each wave together (TmaLaunch::lead_wave).
   // The plan takes it, with the relaxed line barrier throughout, where the barrier would
@@ -867,8 +904,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // 4 and 8 images 2% and 3%. CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (v29);
   // CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
-  const int wave = WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps)),
-                              TmaThreadsOf(tp->warps), tp->smem, tp->cluster);
+  const int wave =
+      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, even)),
+                 TmaThreadsOf(tp->warps), tp->smem, tp->cluster);
   a.lead_wave = LeadWave(wave, blocks);
   // (Not where no wave would wait: a wave of at most lead_min blocks, on a GPU that holds few.)
   if (lead_knob < 0 && EnvInt("CGSPN_CUDA_TMA_RELAX_BELOW", -1) < 0 && a.relax_at > 0 &&
@@ -886,25 +924,32 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // Boxes of a block's positions: the whole line, or half of it (rounded up) where split.
   const LineBoxes boxes{any_rows, any_cols, int(split ? (s.W + 1) / 2 : s.W),
                         int(split ? (s.H + 1) / 2 : s.H)};
-  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, kTmaSlab) &&
-         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, kTmaSlab) &&
+  const bool two_widths = snarrow != swide;
+  return boxes.Encode(&m.x_row, &m.x_col, x, s.C, s.W, xrows, swide) &&
+         boxes.Encode(&m.lam_row, &m.lam_col, lam, s.C, s.W, drows, swide) &&
          boxes.Encode(&m.w_row, &m.w_col, w, 3 * s.G, s.W, drows, gbox) &&
-         (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, kTmaSlab));
+         (!a.bulk_h || boxes.Encode(&m.h_row, &m.h_col, h, s.C, s.W, drows, swide)) &&
+         (!two_widths ||
+          (boxes.Encode(&m.x_row_n, &m.x_col_n, x, s.C, s.W, xrows, snarrow) &&
+           boxes.Encode(&m.lam_row_n, &m.lam_col_n, lam, s.C, s.W, drows, snarrow) &&
+           (!a.bulk_h || boxes.Encode(&m.h_row_n, &m.h_col_n, h, s.C, s.W, drows, snarrow))));
 }
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
-  const auto kernel = TmaFwdKernelFor<T>(tp.warps);
+  const auto kernel = TmaFwdKernelFor<T>(tp.warps, tp.even);
   const int threads = TmaThreadsOf(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d early=%d pace=%d "
-                 "lead=%d wave=%d blocks/SM=%d\n",
-                 kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
+                 "lead=%d wave=%d blocks/SM=%d slabs=%d widths=%d-%d\n",
+                 tp.even ? tp.a.swide : kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
                  tp.a.bulk_h, tp.a.early, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
-                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem));
+                 BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem),
+                 tp.a.nslab, tp.even ? 16 * (tp.a.units / tp.a.nslab) : kTmaSlab,
+                 tp.even ? tp.a.swide : kTmaSlab);
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, h, done,
                           tp.a);
 }

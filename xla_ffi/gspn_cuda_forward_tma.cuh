@@ -47,12 +47,21 @@ constexpr int kTmaCluster = 2;
 struct TmaMaps {
   CUtensorMap x_row, x_col, lam_row, lam_col, w_row, w_col;
   CUtensorMap h_row, h_col;  // the output, where TmaLaunch::bulk_h (stored from the x box)
+  // Even slabs (TmaLaunch::units): the maps above have boxes of the wider slabs' channels, these
+  // of the narrower ones' (where the widths differ).
+  CUtensorMap x_row_n, x_col_n, lam_row_n, lam_col_n, h_row_n, h_col_n;
 };
 
 struct TmaLaunch {
   int B, H, W, C, G, D;
   int dir_bits;  // 2 bits per direction, as Launch
-  int nslab;     // ceil(C / kTmaSlab)
+  int nslab;     // ceil(C / kTmaSlab), or the even slabs' count (below)
+  // Even slabs (an experiment, CGSPN_CUDA_TMA_FWD_SLABS; GspnFwdTmaKernel's kEven): the
+  // units = C / 16 pieces of 32 bytes of a line split into nslab slabs of 2 or 3 units (32 or 48
+  // channels), slab j holding units [j units / nslab, (j + 1) units / nslab), so that a call
+  // can have as many blocks as fill the GPU's wave (v45). `swide` is the wider slabs' channels
+  // (the shared memory is sized for it). 0 where slabs are kTmaSlab wide.
+  int units, swide;
   int gbox;      // gate elements per pixel in a box (a multiple of 8)
   int split;     // 1: a cluster's blocks scan the halves of one line; 0: neighbouring slabs
   int lockstep;  // the first line's barrier: a LineSyncKind (kLineSyncCluster by default and
@@ -248,23 +257,31 @@ __device__ __forceinline__ void TmaStore(const CUtensorMap* map, int c0, int c1,
       : "memory");
 }
 
-// Blocks: one per (direction, image, slab of kTmaSlab channels[, half line]), half fastest,
+// Blocks: one per (direction, image, slab of kTmaSlab channels (kEven: of the even slabs,
+// TmaLaunch::units)[, half line]), half fastest,
 // then slab, launched in clusters of kTmaCluster whose blocks scan the same number of lines (the
 // host sees to it). A block's Lb positions: the line's L, or the half of ceil(L / 2) (the
 // second half's box runs past the line where L is odd: read and never used; stored back only on
 // row lines, where it lies past W and the store drops it).
-// Shared memory: kTmaStages stages of {x [Lb][kTmaSlab], lam [Lb][kTmaSlab], gates [Lb][gbox]},
-// the h tiles [2][Lb][kTmaSlab] (float, by line parity), the "full" and "empty" mbarriers, then
-// the line barrier's kind by line parity (TmaLaunch::relax_at). `done` counts the finished
-// blocks (zero at launch; unused where relax_at is 0 or INT32_MAX).
-template <typename T, int kWarps>
-__global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM, as measured
-    GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, unsigned* done,
-                     const TmaLaunch a) {
+// Shared memory: kTmaStages stages of {x [Lb][S], lam [Lb][S], gates [Lb][gbox]}, the h tiles
+// [2][Lb][S] (float, by line parity; S the block's slab width, with room for the widest: even
+// slabs), the "full" and "empty" mbarriers, then the line barrier's kind by line parity
+// (TmaLaunch::relax_at). `done` counts the finished blocks (zero at launch; unused where
+// relax_at is 0 or INT32_MAX).
+//
+// The block's slab is kTmaSlab channels, or (kEven) one of the even slabs of TmaLaunch::units,
+// whose width GspnFwdTmaKernel has found to be NV vectors: NV is a template argument so that
+// every offset of an item stays a constant (a runtime width spilled registers and ran the
+// forward 38% slower at the same blocks; docs/kernel_notes.md, v45).
+template <typename T, int kWarps, bool kEven, int NV>
+__device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__ h,
+                                            unsigned* done, const TmaLaunch& a) {
   static_assert(sizeof(T) == 2, "16-bit types only");
-  constexpr int S = kTmaSlab, NV = S / 8, K = kTmaStages, NCT = kWarps * 32;
-  constexpr int KI = kTmaMaxLine * NV / NCT;  // items per thread: 4 at 6 warps, 2 at 12
-  static_assert(KI * NCT == kTmaMaxLine * NV, "whole items per thread");
+  constexpr int S = 8 * NV, K = kTmaStages, NCT = kWarps * 32;
+  // Items per thread (item k at position p0 + k kStride): 4 at 6 warps, 2 at 12, for slabs of
+  // kTmaSlab channels; even slabs of NV not dividing NCT leave the last NCT % NV threads idle.
+  constexpr int kStride = NCT / NV, KI = (kTmaMaxLine + kStride - 1) / kStride;
+  static_assert(kEven || KI * NCT == kTmaMaxLine * NV, "whole items per thread");
   extern __shared__ __align__(128) unsigned char smem[];
   const int stage_bytes = 2 * a.xbytes + a.gbytes;
 
@@ -272,6 +289,10 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
   const int idx = a.split ? blockIdx.x / 2 : blockIdx.x;
   const int slab = idx % a.nslab;
   const int rest = idx / a.nslab;
+  // The block's first channel; Sbox: the slab width the shared memory is laid out for.
+  const int c0 = kEven ? 16 * int(int64_t(slab) * a.units / a.nslab) : slab * S;
+  const int Sbox = kEven ? a.swide : kTmaSlab;
+  const bool narrow = kEven && S != a.swide;  // its boxes: the *_n maps
   const int b = rest % a.B, d = rest / a.B;
   const int dir = (a.dir_bits >> (2 * d)) & 3;
   const bool rows = dir == kTopBottom || dir == kBottomTop;
@@ -281,12 +302,11 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
   const int off = part * Lb;                     // its first position in the line
   const int Lown = min(Lb, L - off);             // of them, in the line
   float* tile = reinterpret_cast<float*>(smem + K * stage_bytes);
-  uint64_t* full = reinterpret_cast<uint64_t*>(tile + 2 * Lb * S);
+  uint64_t* full = reinterpret_cast<uint64_t*>(tile + 2 * Lb * Sbox);
   uint64_t* empty = full + K;
   int* sync_kind = reinterpret_cast<int*>(empty + K);  // [line parity]
   const bool adaptive = a.relax_at > 0 && a.relax_at < INT32_MAX;
 
-  const int c0 = slab * S;
   const int Sg = a.C / a.G;
   const int gfirst = (3 * (c0 / Sg)) & ~7;  // the gate box's first element, 16-byte aligned
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -325,11 +345,16 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
     box_at(t, &c1, &c2);
     if (which != kX) {
       MbarExpectTx(&full[s], unsigned(2 * Lb * S * sizeof(T) + Lb * a.gbox * sizeof(T)));
-      TmaLoad(st + a.xbytes, rows ? &maps.lam_row : &maps.lam_col, c0, c1, c2, &full[s]);
+      TmaLoad(st + a.xbytes,
+              narrow ? (rows ? &maps.lam_row_n : &maps.lam_col_n)
+                     : (rows ? &maps.lam_row : &maps.lam_col),
+              c0, c1, c2, &full[s]);
       TmaLoad(st + 2 * a.xbytes, rows ? &maps.w_row : &maps.w_col, gfirst, c1, c2, &full[s]);
     }
     if (which != kFront)
-      TmaLoad(st, rows ? &maps.x_row : &maps.x_col, c0, c1, c2 - xshift, &full[s]);
+      TmaLoad(st,
+              narrow ? (rows ? &maps.x_row_n : &maps.x_col_n) : (rows ? &maps.x_row : &maps.x_col),
+              c0, c1, c2 - xshift, &full[s]);
   };
 
   if (warp == kWarps) {  // the producer: lines 0 .. K-1, then t + K once the cluster is past t
@@ -376,7 +401,9 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
         // not in a consumer warp, so that no consumer waits for it.
         int c1, c2;
         box_at(t, &c1, &c2);
-        TmaStore(rows ? &maps.h_row : &maps.h_col, c0, c1, c2, smem + (t % K) * stage_bytes);
+        TmaStore(narrow ? (rows ? &maps.h_row_n : &maps.h_col_n)
+                        : (rows ? &maps.h_row : &maps.h_col),
+                 c0, c1, c2, smem + (t % K) * stage_bytes);
         asm volatile("cp.async.bulk.commit_group;" ::: "memory");
         if (!early || t + K >= T_steps)  // (else before line t + K's x copy, below)
           asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
@@ -411,10 +438,9 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
   // thread keeps its own h of the previous line. (Offsets are formed once: the first form, with
   // the position and vector divided out per item and line, ran the 8 x 1152 x 128 x 128
   // bfloat16 G = 72 forward at 0.569 ms against the model's 0.411.)
-  static_assert(NCT % NV == 0, "a thread's items share one vector");
-  constexpr int kStride = NCT / NV;
+  static_assert(kEven || NCT % NV == 0, "a thread's items share one vector");
   const int v = threadIdx.x % NV, p0 = threadIdx.x / NV;
-  const bool lane_ok = c0 + v * 8 < a.C;
+  const bool lane_ok = c0 + v * 8 < a.C && (NCT % NV == 0 || p0 < kStride);
   const int gel = 3 * ((c0 + v * 8) / Sg) - gfirst;  // this thread's gates in a box row
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
   const int64_t pstep = geo.pos_stride * a.C;  // elements from position p to p + 1
@@ -501,6 +527,24 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
     LineSync(kind);
   }
   if (adaptive && threadIdx.x == 0) atomicAdd(done, 1u);
+}
+
+// Slabs of kTmaSlab channels, or (kEven) the even slabs of TmaLaunch::units: 48 or 32
+// channels, each block's body compiled for its width.
+template <typename T, int kWarps, bool kEven>
+__global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM, as measured
+    GspnFwdTmaKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, unsigned* done,
+                     const TmaLaunch a) {
+  static_assert(kTmaSlab == 48, "even slabs of 2 or 3 units of 16 channels");
+  if constexpr (!kEven) {
+    FwdTmaBlock<T, kWarps, false, kTmaSlab / 8>(maps, h, done, a);
+  } else {
+    const int64_t slab = (a.split ? blockIdx.x / 2 : blockIdx.x) % a.nslab;
+    if ((slab + 1) * a.units / a.nslab - slab * a.units / a.nslab == 3)
+      FwdTmaBlock<T, kWarps, true, 6>(maps, h, done, a);
+    else
+      FwdTmaBlock<T, kWarps, true, 4>(maps, h, done, a);
+  }
 }
 
 
