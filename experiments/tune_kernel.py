@@ -351,7 +351,7 @@ FWD_WARPS_CASES += [((8, 1152, 128, 128), 72, "bfloat16", 4),
 # line) against the plan's 48-channel slabs, twice. At 8 images 24 slabs are the plan's blocks
 # through the even kernel (its own cost), 33 fill the wave (264 blocks: no multiprocessor left
 # with one block), 36 (all 32 channels) spill into a second wave; -1 fills the wave whatever the
-# batch. Over the batch (2-11 images), D = 4, 96 x 96.
+# batch. Over the batch (2-11 images), D = 4, 96 x 96. (docs/bench/tune_evenslabs_h200_v45.log)
 EVEN_SLABS_SETTINGS = [{}] + [{"CGSPN_CUDA_TMA_FWD_SLABS": n} for n in ("24", "30", "33", "36",
                                                                           "-1")]
 EVEN_SLABS_SETTINGS *= 2
@@ -359,6 +359,18 @@ EVEN_SLABS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 2, 4, 
 EVEN_SLABS_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
                      ((2, 1152, 128, 128), 72, "bfloat16", 4),
                      ((16, 768, 96, 96), 48, "bfloat16", 1)]
+# The rule v45 left to decide: slabs filling the wave (-1; all 32 channels wherever their
+# blocks fit one wave of two a multiprocessor) against the default over channel counts and
+# batches (32-channel blocks from 144 to 288), and 30 slabs at the benchmark's 8 images again;
+# three times.
+EVEN_RULE_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}] * 3
+EVEN_RULE_SETTINGS += [{"CGSPN_CUDA_TMA_FWD_SLABS": "30"}]
+EVEN_RULE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (5, 6, 7, 8)]
+EVEN_RULE_CASES += [((B, 768, 128, 128), 48, "bfloat16", 1) for B in (6, 8, 10)]
+EVEN_RULE_CASES += [((B, 1536, 128, 128), 96, "bfloat16", 1) for B in (3, 4, 5)]
+EVEN_RULE_CASES += [((6, 1152, 128, 128), 72, "float16", 1),
+                    ((7, 1152, 112, 112), 72, "bfloat16", 1),
+                    ((1, 1152, 128, 128), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -385,6 +397,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "early": (EARLY_SETTINGS, EARLY_CASES),
             "fwdwarps": (FWD_WARPS_SETTINGS, FWD_WARPS_CASES, ("fwd",)),
             "evenslabs": (EVEN_SLABS_SETTINGS, EVEN_SLABS_CASES, ("fwd",)),
+            "evenrule": (EVEN_RULE_SETTINGS, EVEN_RULE_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
