@@ -360,9 +360,9 @@ EVEN_SLABS_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
                      ((2, 1152, 128, 128), 72, "bfloat16", 4),
                      ((16, 768, 96, 96), 48, "bfloat16", 1)]
 # The rule v45 left to decide: slabs filling the wave (-1; all 32 channels wherever their
-# blocks fit one wave of two a multiprocessor) against the default over channel counts and
-# batches (32-channel blocks from 144 to 288), and 30 slabs at the benchmark's 8 images again;
-# three times.
+# blocks fit one wave of two a multiprocessor, else a mix of 32 and 48) against the default over
+# channel counts and batches (filled waves of 144-264 blocks, 8 images the one mixed), and 30
+# slabs at the benchmark's 8 images again; three times.
 EVEN_RULE_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}] * 3
 EVEN_RULE_SETTINGS += [{"CGSPN_CUDA_TMA_FWD_SLABS": "30"}]
 EVEN_RULE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (5, 6, 7, 8)]

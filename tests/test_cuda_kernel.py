@@ -572,7 +572,7 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
 # blocks at 1152 channels, also under 12 warps (whose 384 threads 6 divides, 4 too); two
 # directions with H != W; every direction with slabs starting inside a gate group (24 channels
 # a group); one width (n divides C / 16); knobs past the bounds (clamped to 3 units and to 2);
-# per-thread h stores; the wave-filling count.
+# per-thread h stores; the wave-filling count; a count moved by one to keep clusters whole.
 @pytest.mark.parametrize("shape, G, directions, knobs, slabs, widths", [
     ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 33, "32-48"),
     ((8, 72, 128, 1152), 72, ("bt",),
@@ -586,8 +586,11 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     ((2, 100, 128, 192), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD_SLABS": "5", "CGSPN_CUDA_TMA_FWD_BULK": "0"}, 5, "32-48"),
     ((7, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}, None, None),
+    # 7 x 33 blocks would leave a cluster across two images of H != W: one slab less.
+    ((7, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 32, "32-48"),
 ], ids=["C1152_264_blocks", "C1152_264_blocks_12_warps", "two_dirs", "all_dirs",
-        "one_width", "clamped_to_3_units", "clamped_to_2_units", "thread_h", "fill_the_wave"])
+        "one_width", "clamped_to_3_units", "clamped_to_2_units", "thread_h", "fill_the_wave",
+        "odd_count_adjusted"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtype, monkeypatch,
                                 capfd):
@@ -597,10 +600,12 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
     plans = _printed_plans(capfd)["forward"]
     assert plans and all(" TMA " in ln for ln in plans), plans
     if slabs is None:  # as many as two blocks a multiprocessor hold, in whole pairs
-        lines, units = len(directions) * shape[0], shape[3] // 16
-        slabs = 2 * _gpu().core_count // lines
-        slabs -= (lines * slabs) % 2
-        slabs = min(max(slabs, -(-units // 3)), units // 2)
+        B, H, W, C = shape
+        units, lines = C // 16, len(directions) * B
+        lo, hi = -(-units // 3), units // 2
+        n = min(max(2 * _gpu().core_count // lines, lo), hi)
+        slabs = next(m for m in (n, n - 1, n + 1) if lo <= m <= hi and (lines * m) % 2 == 0
+                     and ((B * m) % 2 == 0 or H == W))
         widths = f"{16 * (units // slabs)}-{16 * -(-units // slabs)}"
     assert all(f" slabs={slabs} widths={widths}" in ln for ln in plans), plans
     assert all(f" blocks={len(directions) * shape[0] * slabs} " in ln for ln in plans), plans

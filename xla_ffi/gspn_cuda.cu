@@ -794,20 +794,30 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
   // Even slabs (an experiment, TmaLaunch::units): CGSPN_CUDA_TMA_FWD_SLABS=n slabs a line,
   // clamped to slabs of 32 or 48 channels (a 32-byte sector's multiple: slabs of 40 channels
-  // ran 3-9% slower at 8 images, v45; narrower ones move too few bytes a box row: v21, v27);
-  // n = -1: as many as fill the GPU's wave of two blocks a multiprocessor. Not on split lines,
-  // nor where C is not a multiple of 16 or below 32.
-  const int64_t units = s.C / 16;
+  // ran 3-12% slower at 8 images, v45; narrower ones move too few bytes a box row: v21, v27);
+  // n < 0: as many as fill the GPU's wave of two blocks a multiprocessor. Then one less (or
+  // more) where the count would leave a cluster straddling two directions of different line
+  // counts (below); where neither does, the default slabs. Not on split lines, nor where C is
+  // not a multiple of 16 or below 32.
+  const int64_t units = s.C / 16, lo = (units + 2) / 3, hi = units / 2;
   const int slabs_knob = EnvInt("CGSPN_CUDA_TMA_FWD_SLABS");
-  int64_t want = slabs_knob;
-  if (slabs_knob < 0) {
-    const int64_t lines = s.D * s.B;  // blocks a slab count makes: lines x n
-    want = 2 * DeviceAttr(cudaDevAttrMultiProcessorCount, 132) / lines;
-    if ((lines * want) % 2 && want > 0) --want;  // whole clusters of two
+  const int64_t want = slabs_knob < 0
+                           ? 2 * DeviceAttr(cudaDevAttrMultiProcessorCount, 132) /
+                                 std::max<int64_t>(1, s.D * s.B)
+                           : slabs_knob;
+  auto pairs_whole = [&](int64_t n) {  // the clusters' rule, below
+    return (s.D * s.B * n) % kTmaCluster == 0 && ((s.B * n) % kTmaCluster == 0 || s.H == s.W);
+  };
+  int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
+  bool even = false;
+  if (slabs_knob != 0 && !split && s.C % 16 == 0 && units >= 2) {
+    const int64_t n = std::clamp<int64_t>(want, lo, hi);
+    for (const int64_t m : {n, n - 1, n + 1})
+      if (m >= lo && m <= hi && pairs_whole(m)) {
+        nslab = m, even = true;
+        break;
+      }
   }
-  const bool even = want > 0 && !split && s.C % 16 == 0 && units >= 2;
-  const int64_t nslab = even ? std::clamp<int64_t>(want, (units + 2) / 3, units / 2)
-                             : (s.C + kTmaSlab - 1) / kTmaSlab;
   const int swide = even ? int(16 * ((units + nslab - 1) / nslab)) : kTmaSlab;
   const int snarrow = even ? int(16 * (units / nslab)) : kTmaSlab;
   const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);

@@ -279,7 +279,7 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   static_assert(sizeof(T) == 2, "16-bit types only");
   constexpr int S = 8 * NV, K = kTmaStages, NCT = kWarps * 32;
   // Items per thread (item k at position p0 + k kStride): 4 at 6 warps, 2 at 12, for slabs of
-  // kTmaSlab channels; even slabs of NV not dividing NCT leave the last NCT % NV threads idle.
+  // kTmaSlab channels; 3 and 2 for the even slabs of 32.
   constexpr int kStride = NCT / NV, KI = (kTmaMaxLine + kStride - 1) / kStride;
   static_assert(kEven || KI * NCT == kTmaMaxLine * NV, "whole items per thread");
   extern __shared__ __align__(128) unsigned char smem[];
@@ -438,9 +438,9 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   // thread keeps its own h of the previous line. (Offsets are formed once: the first form, with
   // the position and vector divided out per item and line, ran the 8 x 1152 x 128 x 128
   // bfloat16 G = 72 forward at 0.569 ms against the model's 0.411.)
-  static_assert(kEven || NCT % NV == 0, "a thread's items share one vector");
+  static_assert(NCT % NV == 0, "a thread's items share one vector");
   const int v = threadIdx.x % NV, p0 = threadIdx.x / NV;
-  const bool lane_ok = c0 + v * 8 < a.C && (NCT % NV == 0 || p0 < kStride);
+  const bool lane_ok = c0 + v * 8 < a.C;
   const int gel = 3 * ((c0 + v * 8) / Sg) - gfirst;  // this thread's gates in a box row
   const int64_t bhw = int64_t(a.B) * a.H * a.W;
   const int64_t pstep = geo.pos_stride * a.C;  // elements from position p to p + 1
