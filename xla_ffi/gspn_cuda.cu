@@ -618,25 +618,16 @@ bool EncodeTmaMap(CUtensorMap* map, const T* base, int64_t inner, int64_t W, int
 }
 
 // The gate box's width: the gate elements of a slab's groups, from the 16-byte boundary at or
-// before its first group's, rounded up to 8 elements; the widest over the slabs.
-int TmaGateBox(const ScanShape& s) {
+// before its first group's, rounded up to 8 elements; the widest over the slabs: those of
+// kTmaSlab channels, or `even_slabs` even slabs of the TMA forward (TmaLaunch::units).
+int TmaGateBox(const ScanShape& s, int64_t even_slabs = 0) {
   const int64_t Sg = s.C / s.G;
-  int gbox = 8;
-  for (int64_t c0 = 0; c0 < s.C; c0 += kTmaSlab) {
-    const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
-    const int64_t end = 3 * ((std::min(c0 + kTmaSlab, s.C) - 1) / Sg) + 3;
-    gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
-  }
-  return gbox;
-}
-
-// The same for the TMA forward's even slabs (TmaLaunch::units): `nslab` slabs of the C / 16
-// units, slab j from unit j units / nslab.
-int TmaGateBoxEven(const ScanShape& s, int64_t nslab) {
-  const int64_t Sg = s.C / s.G, units = s.C / 16;
+  const int64_t nslab = even_slabs > 0 ? even_slabs : (s.C + kTmaSlab - 1) / kTmaSlab;
   int gbox = 8;
   for (int64_t j = 0; j < nslab; ++j) {
-    const int64_t c0 = 16 * (j * units / nslab), c1 = 16 * ((j + 1) * units / nslab);
+    const int64_t c0 = even_slabs > 0 ? 16 * EvenSlabUnit(j, s.C / 16, nslab) : j * kTmaSlab;
+    const int64_t c1 = even_slabs > 0 ? 16 * EvenSlabUnit(j + 1, s.C / 16, nslab)
+                                      : std::min(c0 + kTmaSlab, s.C);
     const int64_t first = (3 * (c0 / Sg)) & ~int64_t(7);
     const int64_t end = 3 * ((c1 - 1) / Sg) + 3;
     gbox = std::max(gbox, int((end - first + 7) / 8 * 8));
@@ -733,7 +724,6 @@ struct TmaPlan {
   int blocks, cluster;
   int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is <= 7/8 full
   size_t smem;
-  bool even = false;  // the forward's even slabs (TmaLaunch::units)
 };
 
 template <typename T>
@@ -828,10 +818,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->cluster = split ? kTmaCluster
                       : TmaClusterSize(blocks, s.H == s.W ? blocks : s.B * nslab, kTmaCluster);
   if (blocks > INT32_MAX || s.D * s.B * s.H > INT32_MAX || !TensorMapEncoder()) return false;
-  const int gbox = even ? TmaGateBoxEven(s, nslab) : TmaGateBox(s);
+  const int gbox = TmaGateBox(s, even ? nslab : 0);
   TmaLaunch& a = tp->a;
   a = {};
-  tp->even = even;
   if (even) a.units = int(units), a.swide = swide;
   a.B = int(s.B), a.H = int(s.H), a.W = int(s.W), a.C = int(s.C), a.G = int(s.G);
   a.D = int(s.D);
@@ -947,19 +936,20 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
 
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
-  const auto kernel = TmaFwdKernelFor<T>(tp.warps, tp.even);
+  const bool even = tp.a.units > 0;  // TmaLaunch::units
+  const auto kernel = TmaFwdKernelFor<T>(tp.warps, even);
   const int threads = TmaThreadsOf(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d early=%d pace=%d "
                  "lead=%d wave=%d blocks/SM=%d slabs=%d widths=%d-%d\n",
-                 tp.even ? tp.a.swide : kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
+                 even ? tp.a.swide : kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
                  tp.a.bulk_h, tp.a.early, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem),
-                 tp.a.nslab, tp.even ? 16 * (tp.a.units / tp.a.nslab) : kTmaSlab,
-                 tp.even ? tp.a.swide : kTmaSlab);
+                 tp.a.nslab, even ? 16 * (tp.a.units / tp.a.nslab) : kTmaSlab,
+                 even ? tp.a.swide : kTmaSlab);
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, h, done,
                           tp.a);
 }

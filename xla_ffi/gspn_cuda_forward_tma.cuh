@@ -122,6 +122,12 @@ struct TmaLaunch {
   int xbytes, gbytes;
 };
 
+// The first unit (16 channels) of even slab j of `nslab` over `units` (TmaLaunch::units): for
+// the kernel and the host's plan alike.
+__host__ __device__ inline int64_t EvenSlabUnit(int64_t j, int64_t units, int64_t nslab) {
+  return j * units / nslab;
+}
+
 // The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep). Each kind orders
 // the block's own accesses across its threads, as __syncthreads does: the h tiles, the span
 // edges, the gate gradients and outputs written into the stage (before the dw stores and the
@@ -290,7 +296,7 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   const int slab = idx % a.nslab;
   const int rest = idx / a.nslab;
   // The block's first channel; Sbox: the slab width the shared memory is laid out for.
-  const int c0 = kEven ? 16 * int(int64_t(slab) * a.units / a.nslab) : slab * S;
+  const int c0 = kEven ? 16 * int(EvenSlabUnit(slab, a.units, a.nslab)) : slab * S;
   const int Sbox = kEven ? a.swide : kTmaSlab;
   const bool narrow = kEven && S != a.swide;  // its boxes: the *_n maps
   const int b = rest % a.B, d = rest / a.B;
@@ -540,7 +546,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
     FwdTmaBlock<T, kWarps, false, kTmaSlab / 8>(maps, h, done, a);
   } else {
     const int64_t slab = (a.split ? blockIdx.x / 2 : blockIdx.x) % a.nslab;
-    if ((slab + 1) * a.units / a.nslab - slab * a.units / a.nslab == 3)
+    if (EvenSlabUnit(slab + 1, a.units, a.nslab) - EvenSlabUnit(slab, a.units, a.nslab) == 3)
       FwdTmaBlock<T, kWarps, true, 6>(maps, h, done, a);
     else
       FwdTmaBlock<T, kWarps, true, 4>(maps, h, done, a);
