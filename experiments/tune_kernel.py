@@ -359,7 +359,8 @@ EVEN_SLABS_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (8, 2, 4, 
 EVEN_SLABS_CASES += [((8, 1152, 128, 128), 72, "float16", 1),
                      ((2, 1152, 128, 128), 72, "bfloat16", 4),
                      ((16, 768, 96, 96), 48, "bfloat16", 1)]
-# The rule v45 left to decide: slabs filling the wave (-1; all 32 channels wherever their
+# The rule v45 left to decide (run with v45's plan, whose default was the 48-channel slabs;
+# docs/bench/tune_evenrule_h200_v46.log): slabs filling the wave (-1; all 32 channels wherever their
 # blocks fit one wave of two a multiprocessor, else a mix of 32 and 48) against the default over
 # channel counts and batches (filled waves of 144-264 blocks, 8 images the one mixed), and 30
 # slabs at the benchmark's 8 images again; three times.
@@ -370,6 +371,23 @@ EVEN_RULE_CASES += [((B, 768, 128, 128), 48, "bfloat16", 1) for B in (6, 8, 10)]
 EVEN_RULE_CASES += [((B, 1536, 128, 128), 96, "bfloat16", 1) for B in (3, 4, 5)]
 EVEN_RULE_CASES += [((6, 1152, 128, 128), 72, "float16", 1),
                     ((7, 1152, 112, 112), 72, "bfloat16", 1),
+                    ((1, 1152, 128, 128), 72, "bfloat16", 4)]
+# v46: the plan's rule of slabs (32 channels where 48 would leave some multiprocessors a pair
+# and others one block, and 32 fill at most a wave of two a multiprocessor) against the 48-channel
+# slabs (CGSPN_CUDA_TMA_FWD_SLABS=0), three times; one block a multiprocessor (-2: more, narrower
+# lone blocks where the default leaves multiprocessors idle); the consumer warps forced each way
+# (the rule's 216-264 blocks straddle the 7/8-wave line of v36's choice). Over channel counts,
+# batches on both sides of the rule's bounds, two directions, float16, and lines of 96 and 112.
+SLAB_RULE_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}] * 3
+SLAB_RULE_SETTINGS += [{"CGSPN_CUDA_TMA_FWD_SLABS": "-2"}, {"CGSPN_CUDA_TMA_FWD_WARPS": "6"},
+                       {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}]
+SLAB_RULE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (2, 4, 5, 6, 7, 8, 9)]
+SLAB_RULE_CASES += [((B, 768, 128, 128), 48, "bfloat16", 1) for B in (6, 10, 11)]
+SLAB_RULE_CASES += [((B, 1536, 128, 128), 96, "bfloat16", 1) for B in (4, 5)]
+SLAB_RULE_CASES += [((7, 1152, 128, 128), 72, "float16", 1),
+                    ((7, 1152, 112, 112), 72, "bfloat16", 1),
+                    ((10, 768, 96, 96), 48, "bfloat16", 1),
+                    ((3, 1152, 128, 128), 72, "bfloat16", "tb-lr"),
                     ((1, 1152, 128, 128), 72, "bfloat16", 4)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
@@ -398,6 +416,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "fwdwarps": (FWD_WARPS_SETTINGS, FWD_WARPS_CASES, ("fwd",)),
             "evenslabs": (EVEN_SLABS_SETTINGS, EVEN_SLABS_CASES, ("fwd",)),
             "evenrule": (EVEN_RULE_SETTINGS, EVEN_RULE_CASES, ("fwd",)),
+            "slabrule": (SLAB_RULE_SETTINGS, SLAB_RULE_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),

@@ -548,31 +548,38 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
         sync = "lockstep" if relax_at == 0 else "cluster"
     assert all(f" linesync={sync} relax_at={relax_at} " in ln for ln in plans), plans
     assert all(f" lead={lead} " in ln for ln in plans), plans
-    _check_lead_wave(plans, lead, len(directions) * shape[0] * -(-shape[3] // 48), knobs)
+    _check_lead_wave(plans, lead, _tma_fwd_blocks(shape, directions, knobs, split=False), knobs)
     # h goes out as bulk tensor stores unless the knob says no or a split column line is odd.
     odd_split_columns = split and {"lr", "rl"} & set(directions) and shape[1] % 2
     bulk = int(knobs.get("CGSPN_CUDA_TMA_FWD_BULK", "1") == "1" and not odd_split_columns)
     assert all(f" bulk_h={bulk} " in ln for ln in plans), plans
     early = int(bulk and knobs.get("CGSPN_CUDA_TMA_FWD_EARLY", "1") == "1")
-    blocks = len(directions) * shape[0] * -(-shape[3] // 48) * (2 if split else 1)
+    blocks = _tma_fwd_blocks(shape, directions, knobs, split)
     wave = 2 * _gpu().core_count  # two blocks a multiprocessor
     wide = 8 * ((blocks - 1) % wave + 1) <= 7 * wave  # the last wave at most 7/8 full
+    wide = wide and not _tma_fwd_rule_slabs(shape, directions, knobs, split)
     warps = int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 12 if wide else 6))
     assert all(f" threads={32 * (warps + 1)} " in ln for ln in plans), plans
     assert all(f" early={early} " in ln for ln in plans), plans
     pace = knobs.get("CGSPN_CUDA_TMA_PACE", "0")
     assert all(f" pace={pace} " in ln for ln in plans), plans
+    slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split)
+    assert all(f" blocks={blocks} " in ln and f" slabs={slabs} widths={widths}" in ln
+               for ln in plans), plans
 
 
 
-# The TMA forward's even slabs (CGSPN_CUDA_TMA_FWD_SLABS=n, an experiment of v45): a line's C / 16
-# units of 16 channels in n slabs of 2 or 3 units (32 or 48 channels), so that one call uses
-# boxes of two widths (two sets of maps) and two bodies of the kernel, and as many blocks as the
-# knob asks; n = -1 asks for as many as fill a wave of two blocks a multiprocessor. Covered: 264
-# blocks at 1152 channels, also under 12 warps (whose 384 threads 6 divides, 4 too); two
-# directions with H != W; every direction with slabs starting inside a gate group (24 channels
-# a group); one width (n divides C / 16); knobs past the bounds (clamped to 3 units and to 2);
-# per-thread h stores; the wave-filling count; a count moved by one to keep clusters whole.
+# The TMA forward's even slabs (v45; the plan's rule since v46): a line's C / 16 units of 16
+# channels in n slabs of 2 or 3 units (32 or 48 channels), so that one call may use boxes of two
+# widths (two sets of maps) and two bodies of the kernel, and as many blocks as the rule or the
+# knob asks (CGSPN_CUDA_TMA_FWD_SLABS=n; -1 as many as fill a wave of two blocks a
+# multiprocessor, -2 one block a multiprocessor, 0 the 48-channel slabs). Covered: 264 blocks at
+# 1152 channels, also under 12 warps (whose 384 threads 6 divides, 4 too); two directions with
+# H != W; every direction with slabs starting inside a gate group (24 channels a group); one
+# width (n divides C / 16); knobs past the bounds (clamped to 3 units and to 2); per-thread h
+# stores; the wave-filling counts; a count moved by one to keep clusters whole; the rule taking
+# slabs of 32 (one and two directions, H != W) and not taking them (more than a wave's worth, the
+# knob 0). Counts marked None depend on the GPU's multiprocessors: restated by _tma_fwd_slabs.
 @pytest.mark.parametrize("shape, G, directions, knobs, slabs, widths", [
     ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 33, "32-48"),
     ((8, 72, 128, 1152), 72, ("bt",),
@@ -586,11 +593,19 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     ((2, 100, 128, 192), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD_SLABS": "5", "CGSPN_CUDA_TMA_FWD_BULK": "0"}, 5, "32-48"),
     ((7, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}, None, None),
+    ((4, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "-2"}, None, None),
     # 7 x 33 blocks would leave a cluster across two images of H != W: one slab less.
     ((7, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 32, "32-48"),
+    # The plan's rule: 36 slabs of 32 where 24 of 48 would leave some multiprocessors a pair and
+    # others one block (on 132 multiprocessors: 168 blocks -> 252; 144 -> 216 of two directions).
+    ((7, 72, 128, 1152), 72, ("tb",), {}, None, None),
+    ((3, 72, 128, 1152), 72, ("tb", "lr"), {}, None, None),
+    ((7, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}, 24, "48-48"),
+    ((9, 72, 128, 1152), 72, ("bt",), {}, None, None),
 ], ids=["C1152_264_blocks", "C1152_264_blocks_12_warps", "two_dirs", "all_dirs",
         "one_width", "clamped_to_3_units", "clamped_to_2_units", "thread_h", "fill_the_wave",
-        "odd_count_adjusted"])
+        "fill_the_sms", "odd_count_adjusted", "rule_7_images", "rule_two_dirs", "knob_0",
+        "rule_past_a_wave"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtype, monkeypatch,
                                 capfd):
@@ -599,17 +614,54 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
     check((shape, G), directions, dtype, chunk=5, normalize=False)
     plans = _printed_plans(capfd)["forward"]
     assert plans and all(" TMA " in ln for ln in plans), plans
-    if slabs is None:  # as many as two blocks a multiprocessor hold, in whole pairs
-        B, H, W, C = shape
-        units, lines = C // 16, len(directions) * B
-        lo, hi = -(-units // 3), units // 2
-        n = min(max(2 * _gpu().core_count // lines, lo), hi)
-        slabs = next(m for m in (n, n - 1, n + 1) if lo <= m <= hi and (lines * m) % 2 == 0
-                     and ((B * m) % 2 == 0 or H == W))
-        widths = f"{16 * (units // slabs)}-{16 * -(-units // slabs)}"
+    if slabs is None:
+        slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split=False)
+        if _gpu().core_count == 132 and not knobs:  # the rule's cases, as the comment above says
+            assert (slabs, widths) == ((24, "48-48") if shape[0] == 9 else (36, "32-32"))
     assert all(f" slabs={slabs} widths={widths}" in ln for ln in plans), plans
     assert all(f" blocks={len(directions) * shape[0] * slabs} " in ln for ln in plans), plans
     assert all(f" S={widths.split('-')[1]} " in ln for ln in plans), plans
+    if _tma_fwd_rule_slabs(shape, directions, knobs, split=False):  # 6 consumer warps
+        assert all(" threads=224 " in ln for ln in plans), plans
+
+
+def _tma_fwd_slabs(shape, directions, knobs, split):
+    """The TMA forward's slabs a line and the printed widths (narrow-wide channels), restated
+    (PlanTmaForward): slabs of 48 channels (a partial last one) by default; the plan's rule
+    (v46): C / 32 slabs of 32 where those of 48 would put more blocks than multiprocessors and
+    those of 32 fill at most two blocks a multiprocessor; CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped
+    to slabs of 2 or 3 units of 16 channels; -1 as many as fill two blocks a multiprocessor, -2
+    one; 0 the default. A count leaving a cluster across two directions of different line counts
+    moves by one. Never on split lines."""
+    B, H, W, C = shape
+    lines, sms = len(directions) * B, _gpu().core_count
+    default = (-(-C // 48), "48-48")
+    units = C // 16
+    lo, hi = -(-units // 3), units // 2
+    knob = knobs.get("CGSPN_CUDA_TMA_FWD_SLABS")
+    if knob is None:
+        want = hi if lines * default[0] > sms and lines * hi <= 2 * sms and units % 2 == 0 else 0
+    else:
+        want = {"-1": 2 * sms // lines, "-2": max(1, sms // lines)}.get(knob, int(knob))
+    if want <= 0 or split or C % 16 or units < 2:
+        return default
+    n = min(max(want, lo), hi)
+    for m in (n, n - 1, n + 1):
+        if lo <= m <= hi and (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W):
+            return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
+    return default
+
+
+def _tma_fwd_rule_slabs(shape, directions, knobs, split):
+    """Whether the plan's rule took slabs of 32 (with 6 consumer warps unless a knob says)."""
+    return ("CGSPN_CUDA_TMA_FWD_SLABS" not in knobs
+            and _tma_fwd_slabs(shape, directions, knobs, split)[1] != "48-48")
+
+
+def _tma_fwd_blocks(shape, directions, knobs, split):
+    """The TMA forward's blocks: one a (direction, image, slab), two where lines are split."""
+    slabs = _tma_fwd_slabs(shape, directions, knobs, split)[0]
+    return len(directions) * shape[0] * slabs * (2 if split else 1)
 
 
 def _tma_relax_at(shape, directions, knobs):
@@ -619,7 +671,7 @@ def _tma_relax_at(shape, directions, knobs):
     B, H, W, C = shape
     if max(W if d in ("tb", "bt") else H for d in directions) <= 96:
         return 0
-    blocks = len(directions) * B * -(-C // 48)
+    blocks = _tma_fwd_blocks(shape, directions, knobs, split=False)
     below = int(knobs.get("CGSPN_CUDA_TMA_RELAX_BELOW", _gpu().core_count * 4 // 3))
     return max(blocks - below, 0)
 
@@ -630,8 +682,7 @@ def _tma_plan_leads(shape, directions, knobs):
     (v29): where no knob names the barrier's switch or the lead, and (v30) wave by wave unless
     CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (two blocks per
     multiprocessor)."""
-    B, H, W, C = shape
-    blocks = len(directions) * B * -(-C // 48)
+    blocks = _tma_fwd_blocks(shape, directions, knobs, split=False)
     waves = blocks <= 2 * _gpu().core_count or knobs.get("CGSPN_CUDA_TMA_LEAD_WAVES") != "0"
     return (waves and "CGSPN_CUDA_TMA_RELAX_BELOW" not in knobs
             and "CGSPN_CUDA_TMA_LEAD" not in knobs)

@@ -760,6 +760,9 @@ int TmaRelaxAt(int64_t blocks, int64_t Lmax) {
 // 16 x 768 x 96 x 192 G = 48 D = 4 3.89 -> 2.86).
 // CGSPN_CUDA_TMA_FWD=0 never takes it, =1 wherever it can; CGSPN_CUDA_TMA_SPLIT=1 splits
 // shorter lines too (tests, A/B).
+// CGSPN_CUDA_TMA_FWD_SLABS unset: the plan's rule of slabs (PlanTmaForward).
+constexpr int kSlabsRule = INT32_MIN;
+
 template <typename T>
 bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64_t chunk,
                     bool normalize, const T* x, const T* lam, const T* w, const T* h,
@@ -782,25 +785,44 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     return false;
   const bool split = Lmax > kTmaMaxLine || EnvInt("CGSPN_CUDA_TMA_SPLIT") == 1;
   const int64_t Lb = split ? (Lmax + 1) / 2 : Lmax;  // positions of a block's box, at most
-  // Even slabs (an experiment, TmaLaunch::units): CGSPN_CUDA_TMA_FWD_SLABS=n slabs a line,
-  // clamped to slabs of 32 or 48 channels (a 32-byte sector's multiple: slabs of 40 channels
-  // ran 3-12% slower at 8 images, v45; narrower ones move too few bytes a box row: v21, v27);
-  // n < 0: as many as fill the GPU's wave of two blocks a multiprocessor. Then one less (or
-  // more) where the count would leave a cluster straddling two directions of different line
-  // counts (below); where neither does, the default slabs. Not on split lines, nor where C is
-  // not a multiple of 16 or below 32.
+  // Even slabs (TmaLaunch::units): a line's C / 16 units of 16 channels in n slabs of 2 or 3
+  // units, 32 or 48 channels (a 32-byte sector's multiple: slabs of 40 channels ran 3-12% slower
+  // at 8 images, v45; narrower ones move too few bytes a box row: v21, v27).
+  // The plan's rule (v46): slabs of 32 channels where the default's 48 would put more blocks
+  // than multiprocessors (some SMs running a pair, the rest one block, all held to the pairs'
+  // pace by the lockstep) and those of 32 fill at most a wave of two blocks a multiprocessor, so
+  // that every SM runs a pair of narrower blocks (and 6 consumer warps, below). Measured (H200,
+  // v46, tune family slabrule, medians of three against the 48-channel slabs; bfloat16 G = C /
+  // 16 at 128 x 128 unless said; docs/kernel_notes.md): 1152 channels, 6 images 0.307 -> 0.254
+  // ms, 7 images 0.312 -> 0.269; 768 x 10 0.314 -> 0.265, x 11 0.316 -> 0.272; 1536 x 5 0.311
+  // -> 0.264; 3 x 1152 rows and columns 0.310 -> 0.265; 7 x 1152 at 112 x 112 0.250 -> 0.222;
+  // 10 x 768 at 96 x 96 0.197 -> 0.157 (11-20% faster). Calls the rule leaves alone (2-5 and
+  // 8-9 images of 1152, 6 x 768, 4 x 1536, D = 4) within 1%. (v45: where the default's blocks
+  // fit one a multiprocessor the narrow ones, paired, ran 18-28% slower; at 8 x 1152, 288
+  // narrow blocks, more than a wave, slabs of both widths filling the wave gained nothing.)
+  // CGSPN_CUDA_TMA_FWD_SLABS=0 keeps the default's 48 (a partial last slab); =n asks n, clamped
+  // to the widths' bounds; -1 as many as fill a wave of two blocks a multiprocessor, -2 as many
+  // as fill the multiprocessors with one block each. A count that would leave a cluster
+  // straddling two directions of different line counts moves by one (below); where neither
+  // neighbour does either, the default. Not on split lines, nor where C is not a multiple of 16
+  // or below 32. (The TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
   const int64_t units = s.C / 16, lo = (units + 2) / 3, hi = units / 2;
-  const int slabs_knob = EnvInt("CGSPN_CUDA_TMA_FWD_SLABS");
-  const int64_t want = slabs_knob < 0
-                           ? 2 * DeviceAttr(cudaDevAttrMultiProcessorCount, 132) /
-                                 std::max<int64_t>(1, s.D * s.B)
-                           : slabs_knob;
+  const int64_t lines = std::max<int64_t>(1, s.D * s.B);
+  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
+  const int slabs_knob = EnvInt("CGSPN_CUDA_TMA_FWD_SLABS", kSlabsRule);
+  const int64_t default_blocks = lines * ((s.C + kTmaSlab - 1) / kTmaSlab);
+  const int64_t want =
+      slabs_knob == kSlabsRule
+          ? (default_blocks > sms && lines * hi <= 2 * sms && units % 2 == 0 ? hi : 0)
+      : slabs_knob == -1 ? 2 * sms / lines
+      : slabs_knob == -2 ? std::max<int64_t>(1, sms / lines)
+                         : slabs_knob;
   auto pairs_whole = [&](int64_t n) {  // the clusters' rule, below
     return (s.D * s.B * n) % kTmaCluster == 0 && ((s.B * n) % kTmaCluster == 0 || s.H == s.W);
   };
   int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
   bool even = false;
-  if (slabs_knob != 0 && !split && s.C % 16 == 0 && units >= 2) {
+  if (want > 0 && !split && s.C % 16 == 0 && units >= 2) {
     const int64_t n = std::clamp<int64_t>(want, lo, hi);
     for (const int64_t m : {n, n - 1, n + 1})
       if (m >= lo && m <= hi && pairs_whole(m)) {
@@ -808,6 +830,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
         break;
       }
   }
+  const bool rule_slabs = even && slabs_knob == kSlabsRule;
   const int swide = even ? int(16 * ((units + nslab - 1) / nslab)) : kTmaSlab;
   const int snarrow = even ? int(16 * (units / nslab)) : kTmaSlab;
   const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
@@ -884,7 +907,12 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // bytes spilled.)
   const int last_wave = int((blocks - 1) % narrow_wave) + 1;
   const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
+  // The rule's slabs of 32 (every multiprocessor a pair, above) take 6: measured (H200, v46,
+  // tune family slabrule, two runs) 10-13% faster than 12 at 216-264 blocks (6 images of 1152 x
+  // 128 x 128 bfloat16 G = 72, 216 blocks: 0.255-0.262 ms against 0.286-0.293; 10 x 768 at 240:
+  // 0.264-0.265 against 0.291-0.292).
   const int warps = warps_knob == kTmaWarps || warps_knob == kTmaWideWarps ? warps_knob
+                    : rule_slabs                                          ? kTmaWarps
                     : 8 * last_wave <= 7 * narrow_wave                    ? kTmaWideWarps
                                                                           : kTmaWarps;
   if (warps != kTmaWarps &&
@@ -902,7 +930,6 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // images, the lead cost 11%); wave by wave (v30), 12 and 16 images 5% and 2% faster, D = 4 at
   // 4 and 8 images 2% and 3%. CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (v29);
   // CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
-  const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int wave =
       WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, even)),
                  TmaThreadsOf(tp->warps), tp->smem, tp->cluster);
