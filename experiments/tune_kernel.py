@@ -389,6 +389,22 @@ SLAB_RULE_CASES += [((7, 1152, 128, 128), 72, "float16", 1),
                     ((10, 768, 96, 96), 48, "bfloat16", 1),
                     ((3, 1152, 128, 128), 72, "bfloat16", "tb-lr"),
                     ((1, 1152, 128, 128), 72, "bfloat16", 4)]
+# What v46 left as a knob: the multiprocessors filled with lone blocks (-2: as many slabs as one
+# block a multiprocessor takes, mixed widths where they do not divide) where the plan's 48-channel
+# blocks leave some idle, against the plan, three times. Over channels 128-1536 and 1-32 images.
+# (The benchmark's 8 x 192 x 128 x 128 keeps the register forward: with G = 12, 3 G = 36 is not
+# a multiple of 8; with G = C, groups of one channel.)
+LONE_FILL_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_SLABS": "-2"}] * 3
+LONE_FILL_CASES = [((B, 128, 128, 128), 8, "bfloat16", 1) for B in (8, 32)]
+LONE_FILL_CASES += [((16, 256, 128, 128), 16, "bfloat16", 1),
+                    ((16, 256, 128, 128), 16, "bfloat16", 1),
+                    ((8, 384, 128, 128), 24, "bfloat16", 1),
+                    ((4, 768, 128, 128), 48, "bfloat16", 1),
+                    ((6, 768, 128, 128), 48, "bfloat16", 1)]
+LONE_FILL_CASES += [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (1, 2, 3, 4)]
+LONE_FILL_CASES += [((1, 1152, 128, 128), 72, "bfloat16", 4),
+                    ((2, 1536, 128, 128), 96, "bfloat16", 1),
+                    ((4, 1152, 128, 128), 72, "float16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -417,6 +433,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "evenslabs": (EVEN_SLABS_SETTINGS, EVEN_SLABS_CASES, ("fwd",)),
             "evenrule": (EVEN_RULE_SETTINGS, EVEN_RULE_CASES, ("fwd",)),
             "slabrule": (SLAB_RULE_SETTINGS, SLAB_RULE_CASES, ("fwd",)),
+            "lonefill": (LONE_FILL_SETTINGS, LONE_FILL_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
