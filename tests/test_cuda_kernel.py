@@ -602,10 +602,12 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     ((3, 72, 128, 1152), 72, ("tb", "lr"), {}, None, None),
     ((7, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}, 24, "48-48"),
     ((9, 72, 128, 1152), 72, ("bt",), {}, None, None),
+    # ... and where 48-channel slabs leave multiprocessors idle, one block on each (132: 33 slabs).
+    ((4, 72, 128, 1152), 72, ("tb",), {}, None, None),
 ], ids=["C1152_264_blocks", "C1152_264_blocks_12_warps", "two_dirs", "all_dirs",
         "one_width", "clamped_to_3_units", "clamped_to_2_units", "thread_h", "fill_the_wave",
         "fill_the_sms", "odd_count_adjusted", "rule_7_images", "rule_two_dirs", "knob_0",
-        "rule_past_a_wave"])
+        "rule_past_a_wave", "rule_lone_blocks"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtype, monkeypatch,
                                 capfd):
@@ -616,8 +618,9 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
     assert plans and all(" TMA " in ln for ln in plans), plans
     if slabs is None:
         slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split=False)
-        if _gpu().core_count == 132 and not knobs:  # the rule's cases, as the comment above says
-            assert (slabs, widths) == ((24, "48-48") if shape[0] == 9 else (36, "32-32"))
+        if _gpu().core_count == 132 and not knobs:  # the rule's cases, as the comments say
+            assert (slabs, widths) == {9: (24, "48-48"), 4: (33, "32-48")}.get(shape[0],
+                                                                               (36, "32-32"))
     assert all(f" slabs={slabs} widths={widths}" in ln for ln in plans), plans
     assert all(f" blocks={len(directions) * shape[0] * slabs} " in ln for ln in plans), plans
     assert all(f" S={widths.split('-')[1]} " in ln for ln in plans), plans
@@ -639,8 +642,10 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
     units = C // 16
     lo, hi = -(-units // 3), units // 2
     knob = knobs.get("CGSPN_CUDA_TMA_FWD_SLABS")
-    if knob is None:
-        want = hi if lines * default[0] > sms and lines * hi <= 2 * sms and units % 2 == 0 else 0
+    if knob is None and lines * default[0] > sms:  # pairs on every multiprocessor, or none
+        want = hi if lines * hi <= 2 * sms and units % 2 == 0 else 0
+    elif knob is None:  # one block on every multiprocessor
+        want = sms // lines if sms // lines > default[0] else 0
     else:
         want = {"-1": 2 * sms // lines, "-2": max(1, sms // lines)}.get(knob, int(knob))
     if want <= 0 or split or C % 16 or units < 2:
@@ -653,8 +658,11 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
 
 
 def _tma_fwd_rule_slabs(shape, directions, knobs, split):
-    """Whether the plan's rule took slabs of 32 (with 6 consumer warps unless a knob says)."""
+    """Whether the plan's rule took slabs of 32 for pairs on every multiprocessor (with 6
+    consumer warps unless a knob says)."""
+    lines = len(directions) * shape[0]
     return ("CGSPN_CUDA_TMA_FWD_SLABS" not in knobs
+            and lines * -(-shape[3] // 48) > _gpu().core_count
             and _tma_fwd_slabs(shape, directions, knobs, split)[1] != "48-48")
 
 
