@@ -578,8 +578,9 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
 # H != W; every direction with slabs starting inside a gate group (24 channels a group); one
 # width (n divides C / 16); knobs past the bounds (clamped to 3 units and to 2); per-thread h
 # stores; the wave-filling counts; a count moved by one to keep clusters whole; the rule taking
-# slabs of 32 (one and two directions, H != W) and not taking them (more than a wave's worth, the
-# knob 0). Counts marked None depend on the GPU's multiprocessors: restated by _tma_fwd_slabs.
+# slabs of 32 for pairs (one and two directions, H != W), not taking them (more than a wave's
+# worth, the knob 0), and filling the multiprocessors with lone blocks of both widths. Counts
+# marked None depend on the GPU's multiprocessors: restated by _tma_fwd_slabs.
 @pytest.mark.parametrize("shape, G, directions, knobs, slabs, widths", [
     ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 33, "32-48"),
     ((8, 72, 128, 1152), 72, ("bt",),
@@ -630,9 +631,10 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
 
 def _tma_fwd_slabs(shape, directions, knobs, split):
     """The TMA forward's slabs a line and the printed widths (narrow-wide channels), restated
-    (PlanTmaForward): slabs of 48 channels (a partial last one) by default; the plan's rule
-    (v46): C / 32 slabs of 32 where those of 48 would put more blocks than multiprocessors and
-    those of 32 fill at most two blocks a multiprocessor; CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped
+    (PlanTmaForward): the plan's rule (v46): C / 32 slabs of 32 where those of 48 would put more
+    blocks than multiprocessors and those of 32 fill at most two blocks a multiprocessor; where
+    those of 48 leave multiprocessors idle, as many as one block on each (v46b); else slabs of 48
+    channels (a partial last one). CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped
     to slabs of 2 or 3 units of 16 channels; -1 as many as fill two blocks a multiprocessor, -2
     one; 0 the default. A count leaving a cluster across two directions of different line counts
     moves by one. Never on split lines."""
@@ -861,15 +863,22 @@ def test_tma_backward_not_where_it_cannot(monkeypatch, capfd):
 
 def test_tma_forward_not_where_it_cannot(monkeypatch, capfd):
     """3 G not a multiple of 8, lines of 64 positions without the knob, float32, and an odd
-    number of blocks: the register forward."""
+    number of blocks (48-channel slabs forced): the register forward. The plan's own slabs make
+    that last call's count even (v46: one block a multiprocessor, 4 slabs of 32 channels)."""
     _set_knobs(monkeypatch, {})
     check(((2, 100, 128, 96), 6), ("tb",), "bfloat16")
     check(((2, 64, 64, 128), 8), ("tb", "lr"), "bfloat16")
     check(((2, 100, 128, 128), 8), ("tb",), "float32")
     monkeypatch.setenv("CGSPN_CUDA_TMA_FWD", "1")
+    monkeypatch.setenv("CGSPN_CUDA_TMA_FWD_SLABS", "0")
     check(((3, 33, 40, 128), 8), ("lr",), "bfloat16")  # 9 blocks
     plans = _printed_plans(capfd)["forward"]
     assert len(plans) >= 4 and not any(" TMA " in ln for ln in plans), plans
+    monkeypatch.delenv("CGSPN_CUDA_TMA_FWD_SLABS")
+    check(((3, 33, 40, 128), 8), ("lr",), "bfloat16")
+    plans = _printed_plans(capfd)["forward"]
+    assert plans and all(" TMA " in ln and " blocks=12 " in ln and " slabs=4 widths=32-32" in ln
+                         for ln in plans), plans
 
 
 def test_tma_forward_trace(monkeypatch, capfd, tmp_path):
@@ -877,15 +886,16 @@ def test_tma_forward_trace(monkeypatch, capfd, tmp_path):
     the last call: its SM, start before end, and line clocks that never run backwards."""
     path = tmp_path / "trace.bin"
     _set_knobs(monkeypatch, {"CGSPN_CUDA_TMA_TRACE": str(path)})
-    check(((2, 100, 128, 128), 8), ("tb", "lr"), "bfloat16")  # 2 x 2 x 3 blocks
+    # 2 directions x 2 images x 4 slabs of 32 channels (the plan's: one block a multiprocessor)
+    check(((2, 100, 128, 128), 8), ("tb", "lr"), "bfloat16")
     assert all(" TMA " in ln for ln in _printed_plans(capfd)["forward"])
     raw = np.fromfile(path, dtype=np.int64)
     blocks, words = int(raw[0]), int(raw[1])
-    assert (blocks, words) == (12, 4 + 128) and raw.size == 2 + blocks * words
+    assert (blocks, words) == (16, 4 + 128) and raw.size == 2 + blocks * words
     trace = raw[2:].reshape(blocks, words)
     assert np.all(trace[:, 0] >= 0) and np.all(trace[:, 0] < 1024)  # %smid
     assert np.all(trace[:, 1] < trace[:, 2])  # %globaltimer at start and end
-    for row, lines in zip(trace, (100,) * 6 + (128,) * 6):  # tb blocks (H lines) first
+    for row, lines in zip(trace, (100,) * 8 + (128,) * 8):  # tb blocks (H lines) first
         clocks = row[3 : 4 + lines]
         assert np.all(np.diff(clocks) >= 0) and np.all(row[4 + lines :] == 0)
 

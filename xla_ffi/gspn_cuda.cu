@@ -796,19 +796,21 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // 16 at 128 x 128 unless said; docs/kernel_notes.md): 1152 channels, 6 images 0.307 -> 0.254
   // ms, 7 images 0.312 -> 0.269; 768 x 10 0.314 -> 0.265, x 11 0.316 -> 0.272; 1536 x 5 0.311
   // -> 0.264; 3 x 1152 rows and columns 0.310 -> 0.265; 7 x 1152 at 112 x 112 0.250 -> 0.222;
-  // 10 x 768 at 96 x 96 0.197 -> 0.157 (11-20% faster). Calls the rule leaves alone (2-5 and
+  // 10 x 768 at 96 x 96 0.197 -> 0.157 (11-20% faster). Calls this rule leaves alone (2-5 and
   // 8-9 images of 1152, 6 x 768, 4 x 1536, D = 4) within 1%. (v45: where the default's blocks
   // fit one a multiprocessor the narrow ones, paired, ran 18-28% slower; at 8 x 1152, 288
   // narrow blocks, more than a wave, slabs of both widths filling the wave gained nothing.)
   // Where the default's blocks leave multiprocessors idle, as many slabs as fill them with one
-  // block each (of both widths where they do not divide): 2-7% faster over C = 128-1536 (H200,
-  // v46, tune family lonefill; 32 x 128 x 128 x 128 G = 8 0.212 -> 0.197 ms, 3 x 1152 G = 72
-  // 0.210 -> 0.197, 1 x 1152 D = 4 0.218 -> 0.211, 8 x 128 0.194 -> 0.190).
-  // CGSPN_CUDA_TMA_FWD_SLABS=0 keeps the default's 48 (a partial last slab); =n asks n, clamped
+  // block each (of both widths where they do not divide): 2-6% faster at all 13 calls of tune
+  // family lonefill, C = 128-1536, 1-32 images, D = 1 and 4 (H200, v46b, medians of three against
+  // the 48-channel slabs, two calls: 32 x 128 x 128 x 128 G = 8 0.212 -> 0.200 ms, 3 x 1152 G =
+  // 72 0.210 -> 0.199, 1 x 1152 D = 4 0.220 -> 0.212, 8 x 128 0.194 -> 0.189); unchanged where
+  // it adds a slab or two (5 x 1152: 26 slabs, 4 x 1536: 33; slabrule's -2).
+  // CGSPN_CUDA_TMA_FWD_SLABS=0 keeps the 48-channel slabs (a partial last one); =n asks n, clamped
   // to the widths' bounds; -1 as many as fill a wave of two blocks a multiprocessor, -2 as many
   // as fill the multiprocessors with one block each. A count that would leave a cluster
   // straddling two directions of different line counts moves by one (below); where neither
-  // neighbour does either, the default. Not on split lines, nor where C is not a multiple of 16
+  // neighbour does either, the 48-channel slabs. Not on split lines, nor where C is not a multiple of 16
   // or below 32. (The TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
   const int64_t units = s.C / 16, lo = (units + 2) / 3, hi = units / 2;
   const int64_t lines = std::max<int64_t>(1, s.D * s.B);
