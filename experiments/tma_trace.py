@@ -38,7 +38,10 @@ SETTINGS = {"default": {}, "v27": {"CGSPN_CUDA_TMA_LEAD": "0"},
             # v45: 33 even slabs a line (264 blocks of 32 and 48 channels at 8 images of
             # 1152), and as many as fill the wave
             "even33": {"CGSPN_CUDA_TMA_FWD_SLABS": "33"},
-            "fill": {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"}}
+            "fill": {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"},
+            # v46: the 48-channel slabs ("default" is the plan's, its slabs of 32 where v46's
+            # rules take them)
+            "slabs48": {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}}
 
 
 def read_trace(path: Path):

@@ -416,13 +416,17 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
 # in clusters of two that keep in lockstep (neighbouring slabs, or the halves of lines longer
 # than 128). The plan takes it on its own where every line is
 # longer than 64 positions; CGSPN_CUDA_TMA_FWD=1 forces it on shorter ones. Covered: row and
-# column lines (H != W), 8 and 16 channels per group, a partial last slab (C = 128: 48, 48, 32)
-# and a slab whose gate box runs past the last group, clusters whose two blocks belong to
-# different images and directions (B x slabs odd, H = W), chunks and unnormalised gates.
+# column lines (H != W), 8 and 16 channels per group, a partial last slab (C = 128: 48, 48, 32,
+# with the 48-channel slabs forced since v46b's plan gives C = 128 four slabs of 32 where it
+# can; C = 64: 48, 16) and a slab whose gate box runs past the last group, clusters whose two
+# blocks belong to different images and directions (B x slabs odd, H = W), chunks and
+# unnormalised gates. Since v46 the plan's own slabs (_tma_fwd_slabs) in every case without the
+# knob: many small cases here take v46b's slabs of 32 channels, one block a multiprocessor.
 @pytest.mark.parametrize("shape, G, directions, knobs", [
     ((2, 100, 128, 128), 8, ("tb",), {}),
     ((2, 40, 72, 128), 16, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD": "1"}),
-    ((3, 33, 33, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_FWD": "1"}),
+    ((3, 33, 33, 128), 8, ("lr", "bt"),
+     {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "0"}),
     ((1, 72, 128, 1152), 72, ("rl", "tb"), {}),
     ((1, 128, 128, 64), 8, ("bt", "lr"), {}),
     # Lines split between a cluster's two blocks (v21): the plan's own on lines of 129-256
@@ -445,7 +449,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((2, 100, 128, 128), 8, ("lr", "bt"), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
     ((1, 20, 256, 128), 8, ("tb",), {"CGSPN_CUDA_TMA_LOCKSTEP": "0"}),
     ((2, 100, 128, 128), 8, ("tb", "rl"), {"CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
-    # Lockstep groups of four slabs (an experiment's knob): 12 blocks, H = W.
+    # Lockstep groups of four slabs (an experiment's knob): 16 blocks (4 slabs of 32), H = W.
     ((2, 128, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_CLUSTER": "4"}),
     # h as 16-byte stores from every thread (the form before v26's bulk tensor stores, kept
     # behind a knob and for split odd column lines): rows with a partial last slab, every
@@ -464,10 +468,14 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     # they see it), with the per-thread h stores, and every direction.
     ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD_WAVES": "0"}),
     ((12, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_RELAX_BELOW": "287"}),
-    ((2, 100, 128, 128), 8, ("tb", "lr"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "11"}),
+    # (12 and 24 blocks of 48 channels, as before v46b: the first and the fourth block.)
+    ((2, 100, 128, 128), 8, ("tb", "lr"),
+     {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FWD_SLABS": "0"}),
     ((2, 100, 128, 128), 8, ("bt", "rl"),
-     {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
-    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_RELAX_BELOW": "20"}),
+     {"CGSPN_CUDA_TMA_RELAX_BELOW": "11", "CGSPN_CUDA_TMA_FWD_BULK": "0",
+      "CGSPN_CUDA_TMA_FWD_SLABS": "0"}),
+    ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"),
+     {"CGSPN_CUDA_TMA_RELAX_BELOW": "20", "CGSPN_CUDA_TMA_FWD_SLABS": "0"}),
     # What the relaxed lines add (an experiment's knob, v28): a fence in the producer before its
     # copies, one in every consumer before the line barrier, the producer asleep for 300 ns
     # where the barrier turns relaxed partway.
@@ -487,7 +495,7 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_LEAD": "2"}),
     # The lead wave by wave (v30): the plan's at 288 blocks (a full wave in the lead, the 24
-    # blocks after it not waiting), and forced waves of 4 blocks on a call of 12 (each wave's
+    # blocks after it not waiting), and forced waves of 4 blocks on a call of 16 (each wave's
     # blocks wait on their own counts). A lead of 1 line, whose every wait is for a line the
     # block itself has not finished: each times out (after one 256 ns sleep), and the block
     # stops waiting after kTmaLeadMisses of them.
@@ -633,8 +641,9 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
     """The TMA forward's slabs a line and the printed widths (narrow-wide channels), restated
     (PlanTmaForward): the plan's rule (v46): C / 32 slabs of 32 where those of 48 would put more
     blocks than multiprocessors and those of 32 fill at most two blocks a multiprocessor; where
-    those of 48 leave multiprocessors idle, as many as one block on each (v46b); else slabs of 48
-    channels (a partial last one). CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped
+    those of 48 leave multiprocessors idle, as many as one block on each (v46b); either only for
+    more slabs than those of 48 (C = 64 keeps 48 + 16); else slabs of 48 channels (a partial
+    last one). CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped
     to slabs of 2 or 3 units of 16 channels; -1 as many as fill two blocks a multiprocessor, -2
     one; 0 the default. A count leaving a cluster across two directions of different line counts
     moves by one. Never on split lines."""
@@ -647,13 +656,16 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
     if knob is None and lines * default[0] > sms:  # pairs on every multiprocessor, or none
         want = hi if lines * hi <= 2 * sms and units % 2 == 0 else 0
     elif knob is None:  # one block on every multiprocessor
-        want = sms // lines if sms // lines > default[0] else 0
+        want = max(1, sms // lines)
     else:
         want = {"-1": 2 * sms // lines, "-2": max(1, sms // lines)}.get(knob, int(knob))
     if want <= 0 or split or C % 16 or units < 2:
         return default
     n = min(max(want, lo), hi)
     for m in (n, n - 1, n + 1):
+        # the rule: only more slabs than the 48-channel ones, never more than it asked
+        if knob is None and not default[0] < m <= n:
+            continue
         if lo <= m <= hi and (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W):
             return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
     return default
@@ -906,7 +918,7 @@ def test_tma_forward_column_stride(monkeypatch, capfd):
     _set_knobs(monkeypatch, {})
     check(((2, 72, 136, 2048), 128), ("tb", "lr"), "bfloat16")
     several = _printed_plans(capfd)["forward"]
-    check(((2, 72, 136, 2048), 128), ("lr",), "bfloat16")  # 2 x 43 slabs: an even count
+    check(((2, 72, 136, 2048), 128), ("lr",), "bfloat16")  # 2 x 64 slabs of 32: even
     alone = _printed_plans(capfd)["forward"]
     assert several and not any(" TMA " in ln for ln in several), several
     assert alone and all(" TMA " in ln for ln in alone), alone

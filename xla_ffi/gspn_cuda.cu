@@ -796,44 +796,51 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // 16 at 128 x 128 unless said; docs/kernel_notes.md): 1152 channels, 6 images 0.307 -> 0.254
   // ms, 7 images 0.312 -> 0.269; 768 x 10 0.314 -> 0.265, x 11 0.316 -> 0.272; 1536 x 5 0.311
   // -> 0.264; 3 x 1152 rows and columns 0.310 -> 0.265; 7 x 1152 at 112 x 112 0.250 -> 0.222;
-  // 10 x 768 at 96 x 96 0.197 -> 0.157 (11-20% faster). Calls this rule leaves alone (2-5 and
-  // 8-9 images of 1152, 6 x 768, 4 x 1536, D = 4) within 1%. (v45: where the default's blocks
-  // fit one a multiprocessor the narrow ones, paired, ran 18-28% slower; at 8 x 1152, 288
-  // narrow blocks, more than a wave, slabs of both widths filling the wave gained nothing.)
+  // 10 x 768 at 96 x 96 0.197 -> 0.157 (11-20% faster). Calls this rule leaves alone (2, 4, 5,
+  // 8 and 9 images of 1152, 6 x 768, 4 x 1536, D = 4) within 1%. (Tune family evenrule, v46 on
+  // v45's plan: where the default's blocks fit one a multiprocessor the narrow ones, paired, ran
+  // 18-28% slower; at 8 x 1152, 288 narrow blocks, more than a wave, slabs of both widths
+  // filling the wave gained nothing.)
   // Where the default's blocks leave multiprocessors idle, as many slabs as fill them with one
   // block each (of both widths where they do not divide): 2-6% faster at all 13 calls of tune
   // family lonefill, C = 128-1536, 1-32 images, D = 1 and 4 (H200, v46b, medians of three against
   // the 48-channel slabs, two calls: 32 x 128 x 128 x 128 G = 8 0.212 -> 0.200 ms, 3 x 1152 G =
   // 72 0.210 -> 0.199, 1 x 1152 D = 4 0.220 -> 0.212, 8 x 128 0.194 -> 0.189); unchanged where
   // it adds a slab or two (5 x 1152: 26 slabs, 4 x 1536: 33; slabrule's -2).
-  // CGSPN_CUDA_TMA_FWD_SLABS=0 keeps the 48-channel slabs (a partial last one); =n asks n, clamped
-  // to the widths' bounds; -1 as many as fill a wave of two blocks a multiprocessor, -2 as many
-  // as fill the multiprocessors with one block each. A count that would leave a cluster
-  // straddling two directions of different line counts moves by one (below); where neither
-  // neighbour does either, the 48-channel slabs. Not on split lines, nor where C is not a multiple of 16
-  // or below 32. (The TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
+  // Both rules give some calls whose 48-channel blocks were an odd count (D B and ceil(C / 48)
+  // odd, e.g. C = 128), which took the register forward, an even count, and so the TMA forward,
+  // as every other call of lines over 64 positions, where it measured faster (v20, below).
+  // CGSPN_CUDA_TMA_FWD_SLABS=0 (or any negative but -1 and -2) keeps the 48-channel slabs (a
+  // partial last one); =n asks n, clamped to the widths' bounds; -1 as many as fill a wave of two
+  // blocks a multiprocessor, -2 as many as fill the multiprocessors with one block each (without
+  // the rules' conditions). A count that would leave a cluster straddling two directions of
+  // different line counts moves by one (below); where neither neighbour does either, the
+  // 48-channel slabs. Not on split lines, nor where C is not a multiple of 16 or below 32. (The
+  // TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
   const int64_t units = s.C / 16, lo = (units + 2) / 3, hi = units / 2;
   const int64_t lines = std::max<int64_t>(1, s.D * s.B);
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
   const int slabs_knob = EnvInt("CGSPN_CUDA_TMA_FWD_SLABS", kSlabsRule);
-  const int64_t default_blocks = lines * ((s.C + kTmaSlab - 1) / kTmaSlab);
-  const bool pair_rule = slabs_knob == kSlabsRule && default_blocks > sms;
+  const int64_t default_slabs = (s.C + kTmaSlab - 1) / kTmaSlab;
+  const bool rule = slabs_knob == kSlabsRule;
+  const bool pair_rule = rule && lines * default_slabs > sms;
   const int64_t lone = std::max<int64_t>(1, sms / lines);
-  const int64_t want =
-      pair_rule                 ? (lines * hi <= 2 * sms && units % 2 == 0 ? hi : 0)
-      : slabs_knob == kSlabsRule ? (lone > default_blocks / lines ? lone : 0)
-      : slabs_knob == -1         ? 2 * sms / lines
-      : slabs_knob == -2         ? lone
-                                 : slabs_knob;
+  const int64_t want = pair_rule          ? (lines * hi <= 2 * sms && units % 2 == 0 ? hi : 0)
+                       : rule             ? lone
+                       : slabs_knob == -1 ? 2 * sms / lines
+                       : slabs_knob == -2 ? lone
+                                          : slabs_knob;
   auto pairs_whole = [&](int64_t n) {  // the clusters' rule, below
     return (s.D * s.B * n) % kTmaCluster == 0 && ((s.B * n) % kTmaCluster == 0 || s.H == s.W);
   };
-  int64_t nslab = (s.C + kTmaSlab - 1) / kTmaSlab;
+  int64_t nslab = default_slabs;
   bool even = false;
   if (want > 0 && !split && s.C % 16 == 0 && units >= 2) {
     const int64_t n = std::clamp<int64_t>(want, lo, hi);
     for (const int64_t m : {n, n - 1, n + 1})
-      if (m >= lo && m <= hi && pairs_whole(m)) {
+      // The rule only for more slabs than the 48-channel ones (C = 64: 48 + 16 stays), and
+      // never for more blocks than it asked.
+      if (m >= lo && m <= hi && pairs_whole(m) && (!rule || (m > default_slabs && m <= n))) {
         nslab = m, even = true;
         break;
       }
@@ -916,9 +923,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int last_wave = int((blocks - 1) % narrow_wave) + 1;
   const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
   // The rule's slabs of 32 (every multiprocessor a pair, above) take 6: measured (H200, v46,
-  // tune family slabrule, two runs) 10-13% faster than 12 at 216-264 blocks (6 images of 1152 x
-  // 128 x 128 bfloat16 G = 72, 216 blocks: 0.255-0.262 ms against 0.286-0.293; 10 x 768 at 240:
-  // 0.264-0.265 against 0.291-0.292).
+  // tune family slabrule, one run in each of two calls) 6.5-12.5% faster than 12 at 216-264
+  // blocks (6 images of 1152 x 128 x 128 bfloat16 G = 72, 216 blocks: 0.255-0.262 ms against
+  // 0.286-0.293; 10 x 768 at 240: 0.264-0.265 against 0.291-0.292).
   const int warps = warps_knob == kTmaWarps || warps_knob == kTmaWideWarps ? warps_knob
                     : rule_slabs                                          ? kTmaWarps
                     : 8 * last_wave <= 7 * narrow_wave                    ? kTmaWideWarps
