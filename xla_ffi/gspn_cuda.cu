@@ -825,11 +825,10 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const bool rule = slabs_knob == kSlabsRule;
   const bool pair_rule = rule && lines * default_slabs > sms;
   const int64_t lone = std::max<int64_t>(1, sms / lines);
-  const int64_t want = pair_rule          ? (lines * hi <= 2 * sms && units % 2 == 0 ? hi : 0)
-                       : rule             ? lone
-                       : slabs_knob == -1 ? 2 * sms / lines
-                       : slabs_knob == -2 ? lone
-                                          : slabs_knob;
+  const int64_t want = pair_rule ? (lines * hi <= 2 * sms && units % 2 == 0 ? hi : 0)
+                       : rule || slabs_knob == -2 ? lone
+                       : slabs_knob == -1         ? 2 * sms / lines
+                                                  : slabs_knob;
   auto pairs_whole = [&](int64_t n) {  // the clusters' rule, below
     return (s.D * s.B * n) % kTmaCluster == 0 && ((s.B * n) % kTmaCluster == 0 || s.H == s.W);
   };
