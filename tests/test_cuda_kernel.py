@@ -643,10 +643,10 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
     blocks than multiprocessors and those of 32 fill at most two blocks a multiprocessor; where
     those of 48 leave multiprocessors idle, as many as one block on each (v46b); either only for
     more slabs than those of 48 (C = 64 keeps 48 + 16); else slabs of 48 channels (a partial
-    last one). CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped
-    to slabs of 2 or 3 units of 16 channels; -1 as many as fill two blocks a multiprocessor, -2
-    one; 0 the default. A count leaving a cluster across two directions of different line counts
-    moves by one. Never on split lines."""
+    last one). CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped to slabs of 2 or 3 units of 16 channels;
+    -1 as many as fill two blocks a multiprocessor, -2 one; 0 (or any other negative) the slabs
+    of 48. A count leaving a cluster across two directions of different line counts moves by
+    one. Never on split lines."""
     B, H, W, C = shape
     lines, sms = len(directions) * B, _gpu().core_count
     default = (-(-C // 48), "48-48")
