@@ -407,6 +407,19 @@ LONE_FILL_CASES += [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (1, 2, 3, 
 LONE_FILL_CASES += [((1, 1152, 128, 128), 72, "bfloat16", 4),
                     ((2, 1536, 128, 128), 96, "bfloat16", 1),
                     ((4, 1152, 128, 128), 72, "float16", 1)]
+# v47: lone wide blocks (-3: slabs of 64 or 80 channels, one block a multiprocessor; 20 consumer
+# warps, or 10) against the plan, three times, where the 48-channel blocks are more than the
+# multiprocessors: the benchmark's 8 x 1152 (the plan's 48-channel slabs, 60 SMs a pair), 6 and 7
+# images (the plan's pairs of 32), 9 images (one wave and a bit), 768 and 1536 channels, four
+# directions, float16, lines of 112.
+LONE_WIDE_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_SLABS": "-3"}] * 3
+LONE_WIDE_SETTINGS += [{"CGSPN_CUDA_TMA_FWD_SLABS": "-3", "CGSPN_CUDA_TMA_FWD_WARPS": "10"}]
+LONE_WIDE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (6, 7, 8, 9)]
+LONE_WIDE_CASES += [((12, 768, 128, 128), 48, "bfloat16", 1),
+                    ((6, 1536, 128, 128), 96, "bfloat16", 1),
+                    ((2, 1152, 128, 128), 72, "bfloat16", 4),
+                    ((8, 1152, 128, 128), 72, "float16", 1),
+                    ((8, 1152, 112, 112), 72, "bfloat16", 1)]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -436,6 +449,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "evenrule": (EVEN_RULE_SETTINGS, EVEN_RULE_CASES, ("fwd",)),
             "slabrule": (SLAB_RULE_SETTINGS, SLAB_RULE_CASES, ("fwd",)),
             "lonefill": (LONE_FILL_SETTINGS, LONE_FILL_CASES, ("fwd",)),
+            "lonewide": (LONE_WIDE_SETTINGS, LONE_WIDE_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),

@@ -637,6 +637,52 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
         assert all(" threads=224 " in ln for ln in plans), plans
 
 
+# Lone wide blocks (CGSPN_CUDA_TMA_FWD_SLABS=-3, GspnFwdTmaLoneKernel): slabs of 4 or 5 units
+# (64 or 80 channels), as many as fill the multiprocessors with one block each. Both widths
+# (the benchmark's 8 x 1152 and two directions of 4 images, H != W), 10 consumer warps, gate
+# groups of 8 channels with one width of 64, one width of 80 (16 slabs of 640 channels after the
+# clamp), and every direction.
+@pytest.mark.parametrize("shape, G, directions, knobs, pinned", [
+    ((8, 40, 128, 1152), 72, ("tb",), {}, (16, "64-80")),
+    ((8, 40, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "10"}, (16, "64-80")),
+    ((4, 72, 128, 1152), 72, ("rl", "tb"), {}, (16, "64-80")),
+    ((4, 40, 128, 512), 64, ("lr",), {}, (8, "64-64")),
+    ((16, 24, 128, 640), 40, ("tb",), {}, (8, "80-80")),
+    ((2, 40, 128, 1152), 72, ("tb", "bt", "lr", "rl"), {}, (16, "64-80")),
+], ids=["C1152_8_images", "C1152_10_warps", "two_dirs_H_ne_W", "gate_groups_of_8", "width_80",
+        "all_dirs"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_tma_forward_lone_wide(shape, G, directions, knobs, pinned, dtype, monkeypatch, capfd):
+    knobs = {"CGSPN_CUDA_TMA_FWD_SLABS": "-3", **knobs}
+    _set_knobs(monkeypatch, knobs)
+    check((shape, G), directions, dtype)
+    check((shape, G), directions, dtype, chunk=5, normalize=False)
+    plans = _printed_plans(capfd)["forward"]
+    assert plans and all(" TMA " in ln for ln in plans), plans
+    slabs, widths = _tma_fwd_lone_slabs(shape, directions)
+    if _gpu().core_count == 132:
+        assert (slabs, widths) == pinned
+    threads = 32 * (1 + int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 20)))
+    for want in (f" slabs={slabs} widths={widths} lone=1", f" threads={threads} ",
+                 f" blocks={len(directions) * shape[0] * slabs} ", " blocks/SM=1 ",
+                 f" S={widths.split('-')[1]} "):
+        assert all(want in ln for ln in plans), (want, plans)
+
+
+def _tma_fwd_lone_slabs(shape, directions):
+    """The lone wide blocks' slabs a line and printed widths, restated (PlanTmaForward's -3): as
+    many slabs of 4 or 5 units as one block a multiprocessor takes, clamped to those widths; a
+    count leaving a cluster across two directions of different line counts moves by one."""
+    B, H, W, C = shape
+    lines, sms, units = len(directions) * B, _gpu().core_count, C // 16
+    lo, hi = -(-units // 5), units // 4
+    n = min(max(sms // lines, lo), max(lo, hi))
+    for m in (n, n - 1, n + 1):
+        if lo <= m <= hi and (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W):
+            return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
+    raise AssertionError(f"no lone wide slabs for {shape}")
+
+
 def _tma_fwd_slabs(shape, directions, knobs, split):
     """The TMA forward's slabs a line and the printed widths (narrow-wide channels), restated
     (PlanTmaForward): the plan's rule (v46): C / 32 slabs of 32 where those of 48 would put more

@@ -723,11 +723,15 @@ struct TmaPlan {
   TmaLaunch a;
   int blocks, cluster;
   int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is <= 7/8 full
+  bool lone = false;  // lone wide blocks (GspnFwdTmaLoneKernel): kTmaLoneWarps or kTmaLoneFewWarps
   size_t smem;
 };
 
 template <typename T>
-auto TmaFwdKernelFor(int warps, bool even) {
+auto TmaFwdKernelFor(int warps, bool even, bool lone = false) {
+  if (lone)
+    return warps == kTmaLoneFewWarps ? GspnFwdTmaLoneKernel<T, kTmaLoneFewWarps>
+                                     : GspnFwdTmaLoneKernel<T, kTmaLoneWarps>;
   const bool wide = warps == kTmaWideWarps;
   if (even)
     return wide ? GspnFwdTmaKernel<T, kTmaWideWarps, true> : GspnFwdTmaKernel<T, kTmaWarps, true>;
@@ -813,7 +817,8 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // CGSPN_CUDA_TMA_FWD_SLABS=0 (or any negative but -1 and -2) keeps the 48-channel slabs (a
   // partial last one); =n asks n, clamped to the widths' bounds; -1 as many as fill a wave of two
   // blocks a multiprocessor, -2 as many as fill the multiprocessors with one block each (without
-  // the rules' conditions). A count that would leave a cluster straddling two directions of
+  // the rules' conditions), -3 as many slabs of 64 or 80 channels as fill the multiprocessors with
+  // one block each (GspnFwdTmaLoneKernel; 20 consumer warps, CGSPN_CUDA_TMA_FWD_WARPS=10: 10). A count that would leave a cluster straddling two directions of
   // different line counts moves by one (below); where neither neighbour does either, the
   // 48-channel slabs. Not on split lines, nor where C is not a multiple of 16 or below 32. (The
   // TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
@@ -833,8 +838,18 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
     return (s.D * s.B * n) % kTmaCluster == 0 && ((s.B * n) % kTmaCluster == 0 || s.H == s.W);
   };
   int64_t nslab = default_slabs;
-  bool even = false;
-  if (want > 0 && !split && s.C % 16 == 0 && units >= 2) {
+  bool even = false, wide_lone = false;
+  if (slabs_knob == -3) {
+    // Lone wide blocks (GspnFwdTmaLoneKernel): as many slabs of 4 or 5 units as fill the
+    // multiprocessors with one block each.
+    const int64_t wlo = (units + 4) / 5, whi = units / 4;
+    const int64_t n = std::clamp<int64_t>(sms / lines, wlo, std::max(wlo, whi));
+    for (const int64_t m : {n, n - 1, n + 1})
+      if (!split && s.C % 16 == 0 && m >= wlo && m <= whi && pairs_whole(m)) {
+        nslab = m, even = wide_lone = true;
+        break;
+      }
+  } else if (want > 0 && !split && s.C % 16 == 0 && units >= 2) {
     const int64_t n = std::clamp<int64_t>(want, lo, hi);
     for (const int64_t m : {n, n - 1, n + 1})
       // The rule only for more slabs than the 48-channel ones (C = 64: 48 + 16 stays), and
@@ -901,13 +916,17 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->blocks = int(blocks);
   tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * swide * 4 +
              2 * kTmaStages * 8 + 2 * sizeof(int);
-  tp->warps = kTmaWarps;
-  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps, even)),
-                 TmaThreadsOf(kTmaWarps), tp->smem, knob == 1 ? 1 : 2))
+  const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
+  tp->lone = wide_lone;
+  tp->warps = !wide_lone                       ? kTmaWarps
+              : warps_knob == kTmaLoneFewWarps ? kTmaLoneFewWarps
+                                               : kTmaLoneWarps;
+  if (!BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, even, wide_lone)),
+                 TmaThreadsOf(tp->warps), tp->smem, knob == 1 || wide_lone ? 1 : 2))
     return false;
   const int narrow_wave =
-      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(kTmaWarps, even)),
-                 TmaThreadsOf(kTmaWarps), tp->smem, tp->cluster);
+      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, even, wide_lone)),
+                 TmaThreadsOf(tp->warps), tp->smem, tp->cluster);
   // 12 consumer warps of 2 items where the call's last wave fills at most 7/8 of a wave (so
   // that a quarter or more of the multiprocessors run a lone block), else 6 of 4;
   // CGSPN_CUDA_TMA_FWD_WARPS=6 or 12 forces a count. A lone block's line is mostly its consumer
@@ -920,7 +939,6 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // 96 x 96 G = 48 (256 blocks) 0.217 / 0.220. (Same shared memory; 72 registers a thread, 24
   // bytes spilled.)
   const int last_wave = int((blocks - 1) % narrow_wave) + 1;
-  const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
   // The rule's slabs of 32 (every multiprocessor a pair, above) take 6: measured (H200, v46,
   // tune family slabrule, one run in each of two calls) 6.5-12.5% faster than 12 at 216-264
   // blocks (6 images of 1152 x 128 x 128 bfloat16 G = 72, 216 blocks: 0.255-0.262 ms against
@@ -929,7 +947,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
                     : rule_slabs                                          ? kTmaWarps
                     : 8 * last_wave <= 7 * narrow_wave                    ? kTmaWideWarps
                                                                           : kTmaWarps;
-  if (warps != kTmaWarps &&
+  if (!wide_lone && warps != kTmaWarps &&
       BlocksFit(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(warps, even)),
                 TmaThreadsOf(warps), tp->smem, knob == 1 ? 1 : 2))
     tp->warps = warps;
@@ -945,7 +963,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // 4 and 8 images 2% and 3%. CGSPN_CUDA_TMA_LEAD_WAVES=0 keeps it to calls of one wave (v29);
   // CGSPN_CUDA_TMA_LEAD_WAVE=n: waves of n blocks (tests).
   const int wave =
-      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, even)),
+      WaveBlocks(reinterpret_cast<const void*>(TmaFwdKernelFor<T>(tp->warps, even, wide_lone)),
                  TmaThreadsOf(tp->warps), tp->smem, tp->cluster);
   a.lead_wave = LeadWave(wave, blocks);
   // (Not where no wave would wait: a wave of at most lead_min blocks, on a GPU that holds few.)
@@ -978,19 +996,19 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
   const bool even = tp.a.units > 0;  // TmaLaunch::units
-  const auto kernel = TmaFwdKernelFor<T>(tp.warps, even);
+  const auto kernel = TmaFwdKernelFor<T>(tp.warps, even, tp.lone);
   const int threads = TmaThreadsOf(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
                  "cluster=%d linesync=%s relax_at=%d gbox=%d split=%d bulk_h=%d early=%d pace=%d "
-                 "lead=%d wave=%d blocks/SM=%d slabs=%d widths=%d-%d\n",
+                 "lead=%d wave=%d blocks/SM=%d slabs=%d widths=%d-%d lone=%d\n",
                  even ? tp.a.swide : kTmaSlab, threads, tp.blocks, tp.smem, tp.cluster,
                  LineSyncName(tp.a.lockstep),
                  tp.a.relax_at == INT32_MAX ? -1 : tp.a.relax_at, tp.a.gbox, tp.a.split,
                  tp.a.bulk_h, tp.a.early, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem),
                  tp.a.nslab, even ? 16 * (tp.a.units / tp.a.nslab) : kTmaSlab,
-                 even ? tp.a.swide : kTmaSlab);
+                 even ? tp.a.swide : kTmaSlab, int(tp.lone));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, h, done,
                           tp.a);
 }

@@ -35,6 +35,10 @@ constexpr int kTmaWarps = 6;      // consumer warps; one more warp produces (see
 // each consumer warp issuing ~700 instructions a line at ~5 cycles each, with ~2.2 warps a
 // scheduler to hide that.
 constexpr int kTmaWideWarps = 12;
+// Lone wide blocks (TmaLaunch::units with slabs of 4 or 5 units, 64 or 80 channels; one block a
+// multiprocessor: GspnFwdTmaLoneKernel): 20 consumer warps, 2 items a thread, or 10 of 4
+// (CGSPN_CUDA_TMA_FWD_WARPS=10). Both counts divide among the 8 and 10 vectors of a row.
+constexpr int kTmaLoneWarps = 20, kTmaLoneFewWarps = 10;
 __host__ __device__ constexpr int TmaThreadsOf(int warps) { return (warps + 1) * 32; }
 constexpr int kTmaStages = 2;     // lines of copies in flight (3 was slower in the model)
 constexpr int kTmaMaxLine = 128;  // positions of a block: items (kTmaSlab / 8 each) per thread <= 4
@@ -285,7 +289,8 @@ __device__ __forceinline__ void FwdTmaBlock(const TmaMaps& maps, T* __restrict__
   static_assert(sizeof(T) == 2, "16-bit types only");
   constexpr int S = 8 * NV, K = kTmaStages, NCT = kWarps * 32;
   // Items per thread (item k at position p0 + k kStride): 4 at 6 warps, 2 at 12, for slabs of
-  // kTmaSlab channels; 3 and 2 for the even slabs of 32.
+  // kTmaSlab channels; 3 and 2 for the even slabs of 32; 2 at 20 warps (4 at 10) for the lone
+  // wide slabs of 64 and 80.
   constexpr int kStride = NCT / NV, KI = (kTmaMaxLine + kStride - 1) / kStride;
   static_assert(kEven || KI * NCT == kTmaMaxLine * NV, "whole items per thread");
   extern __shared__ __align__(128) unsigned char smem[];
@@ -553,6 +558,22 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
   }
 }
 
+
+// Lone wide blocks: even slabs of 4 or 5 units (64 or 80 channels), one block a multiprocessor
+// (the plan's CGSPN_CUDA_TMA_FWD_SLABS=-3, v47). Where the 48-channel blocks are more than the
+// multiprocessors, some SMs run two of them (6 units) and the rest one, all held to the pairs'
+// pace; fewer, wider blocks put at most 5 units on any SM, and a lone block's line costs little
+// more per unit it adds (v46b: 2 -> 3 units 5%). Never on split lines.
+template <typename T, int kWarps>
+__global__ void __launch_bounds__(TmaThreadsOf(kWarps), 1)
+    GspnFwdTmaLoneKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, unsigned* done,
+                         const TmaLaunch a) {
+  const int64_t slab = blockIdx.x % a.nslab;
+  if (EvenSlabUnit(slab + 1, a.units, a.nslab) - EvenSlabUnit(slab, a.units, a.nslab) == 5)
+    FwdTmaBlock<T, kWarps, true, 10>(maps, h, done, a);
+  else
+    FwdTmaBlock<T, kWarps, true, 8>(maps, h, done, a);
+}
 
 }  // namespace
 }  // namespace cgspn
