@@ -120,7 +120,16 @@ CASES = [((1, 5, 7, 12), 4, ("tb", "rl"), {}), ((2, 3, 9, 40), 10, ("lr", "bt", 
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "3"}),
          ((1, 9, 9, 128), 16, ("bt", "rl"),
           {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "3",
-           "CGSPN_CUDA_TMA_FWD_WARPS": "6", "CGSPN_CUDA_TMA_FWD_BULK": "0"})]
+           "CGSPN_CUDA_TMA_FWD_WARPS": "6", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
+         # v47: lone wide blocks (GspnFwdTmaLoneKernel), slabs of 64 and 80 channels (C = 576
+         # in 8 slabs: 16 lines take the clamp's fewest; gate groups of 8, boxes starting inside
+         # a group), rows beside column lines of another length, both warp counts, and
+         # per-thread h stores.
+         ((8, 5, 72, 576), 72, ("tb", "lr"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "-3"}),
+         ((8, 72, 9, 576), 72, ("bt", "rl"),
+          {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_FWD_SLABS": "-3",
+           "CGSPN_CUDA_TMA_FWD_WARPS": "10", "CGSPN_CUDA_TMA_FWD_BULK": "0"})]
 KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGSPN_CUDA_TMA_FWD",
          "CGSPN_CUDA_TMA_SPLIT", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_FWD_BULK",
          "CGSPN_CUDA_TMA_RELAX_BELOW", "CGSPN_CUDA_TMA_LOCKSTEP", "CGSPN_CUDA_TMA_PACE",
@@ -128,7 +137,7 @@ KNOBS = ("CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_HALF_FWD", "CGSPN_CUDA_HALF_BWD", "CGS
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_TMA_BWD_ACC_L2", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
          "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY", "CGSPN_CUDA_TMA_FWD_WARPS",
-         "CGSPN_CUDA_TMA_FWD_SLABS")
+         "CGSPN_CUDA_TMA_FWD_SLABS", "CGSPN_CUDA_TMA_FWD_LONE")
 
 for (B, H, W, C), G, dirs, knobs in CASES:
     for key in KNOBS:  # the handler reads its knobs at every call

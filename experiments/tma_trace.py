@@ -41,7 +41,9 @@ SETTINGS = {"default": {}, "v27": {"CGSPN_CUDA_TMA_LEAD": "0"},
             "fill": {"CGSPN_CUDA_TMA_FWD_SLABS": "-1"},
             # v46: the 48-channel slabs ("default" is the plan's, its slabs of 32 where v46's
             # rules take them)
-            "slabs48": {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}}
+            "slabs48": {"CGSPN_CUDA_TMA_FWD_SLABS": "0"},
+            # v47: the pairs of 32 in place of the lone wide blocks the plan takes first
+            "pairs": {"CGSPN_CUDA_TMA_FWD_LONE": "0"}}
 
 
 def read_trace(path: Path):

@@ -420,6 +420,18 @@ LONE_WIDE_CASES += [((12, 768, 128, 128), 48, "bfloat16", 1),
                     ((2, 1152, 128, 128), 72, "bfloat16", 4),
                     ((8, 1152, 128, 128), 72, "float16", 1),
                     ((8, 1152, 112, 112), 72, "bfloat16", 1)]
+# v47's rule (lone wide blocks first where they fit a wave, then v46's pairs of 32) against the
+# pairs (CGSPN_CUDA_TMA_FWD_LONE=0) and the 48-channel slabs, three times, over the calls where
+# v46 took the pairs (1152, 768 and 1536 channels; lines of 96, 112, 128; two directions;
+# float16) and the benchmark's 8 x 1152.
+LONE_RULE_SETTINGS = [{}, {"CGSPN_CUDA_TMA_FWD_LONE": "0"}, {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}] * 3
+LONE_RULE_CASES = [((B, 1152, 128, 128), 72, "bfloat16", 1) for B in (6, 7, 8)]
+LONE_RULE_CASES += [((B, 768, 128, 128), 48, "bfloat16", 1) for B in (10, 11)]
+LONE_RULE_CASES += [((5, 1536, 128, 128), 96, "bfloat16", 1),
+                    ((7, 1152, 128, 128), 72, "float16", 1),
+                    ((7, 1152, 112, 112), 72, "bfloat16", 1),
+                    ((10, 768, 96, 96), 48, "bfloat16", 1),
+                    ((3, 1152, 128, 128), 72, "bfloat16", "tb-lr")]
 # Each family: its knob settings, the cases it times and (optionally) which kernels: a family of
 # backward knobs need not time the forward.
 FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
@@ -450,6 +462,7 @@ FAMILIES = {"plans": (SETTINGS, CASES), "slabs": (SLAB_SETTINGS, CASES),
             "slabrule": (SLAB_RULE_SETTINGS, SLAB_RULE_CASES, ("fwd",)),
             "lonefill": (LONE_FILL_SETTINGS, LONE_FILL_CASES, ("fwd",)),
             "lonewide": (LONE_WIDE_SETTINGS, LONE_WIDE_CASES, ("fwd",)),
+            "lonerule": (LONE_RULE_SETTINGS, LONE_RULE_CASES, ("fwd",)),
             "accl2": (ACC_L2_SETTINGS, ACC_L2_CASES, ("bwd",)),
             "accitem": (ACC_ITEM_SETTINGS, ACC_ITEM_CASES, ("bwd",)),
             "linesyncfill": (LINE_SYNC_FILL_SETTINGS, LINE_SYNC_FILL_CASES, ("fwd",)),
@@ -477,7 +490,7 @@ KNOBS = ("CGSPN_CUDA_VS_FWD", "CGSPN_CUDA_VS_BWD", "CGSPN_CUDA_P_FWD", "CGSPN_CU
          "CGSPN_CUDA_TMA_BWD_LEAD_WAVES", "CGSPN_CUDA_TMA_BWD_ACC_L2",
          "CGSPN_CUDA_TMA_BWD_ACC_ITEM", "CGSPN_CUDA_TMA_BWD_CARRY_SMEM",
          "CGSPN_CUDA_TMA_FWD_EARLY", "CGSPN_CUDA_TMA_BWD_EARLY", "CGSPN_CUDA_TMA_FWD_WARPS",
-         "CGSPN_CUDA_TMA_FWD_SLABS",
+         "CGSPN_CUDA_TMA_FWD_SLABS", "CGSPN_CUDA_TMA_FWD_LONE",
          "CGSPN_CUDA_TMA_TRACE", "CGSPN_CUDA_CLUSTER_POLICY",
          "CGSPN_CUDA_TMA_CLUSTER", "CGSPN_CUDA_TMA_BWD", "CGSPN_CUDA_TMA_BWD_MODE",
          "CGSPN_CUDA_VERBOSE")

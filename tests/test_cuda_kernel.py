@@ -486,10 +486,11 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     ((12, 72, 128, 1152), 72, ("tb",),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "287", "CGSPN_CUDA_TMA_PACE": "300"}),
     # The grid's loose lockstep (v29): the plan's (192 blocks, one wave of more than 4/3 SMs'
-    # worth on an H100), and forced: with the barrier turning relaxed partway (240 blocks);
+    # worth on an H100; since v47 with the lone wide blocks left out, which would take 8 images
+    # of 1152 channels in 128 blocks), and forced: with the barrier turning relaxed partway (240 blocks);
     # scans of two lengths (96 and 128 lines), the shorter arriving at the longer's lines as
     # they end; a wait for the whole grid each line.
-    ((8, 72, 128, 1152), 72, ("tb",), {}),
+    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_LONE": "0"}),
     ((10, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD": "4"}),
     ((2, 100, 96, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD": "1", "CGSPN_CUDA_TMA_LEAD": "3", "CGSPN_CUDA_TMA_LOCKSTEP": "1"}),
@@ -509,7 +510,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     # (CGSPN_CUDA_TMA_FWD_EARLY=0): every direction; 1152 channels in the plan's loose lockstep;
     # and the knob on with per-thread h stores, where it does nothing.
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
-    ((8, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_EARLY": "0"}),
+    ((8, 72, 128, 1152), 72, ("bt",),
+     {"CGSPN_CUDA_TMA_FWD_EARLY": "0", "CGSPN_CUDA_TMA_FWD_LONE": "0"}),
     ((2, 100, 128, 128), 8, ("tb", "lr"),
      {"CGSPN_CUDA_TMA_FWD_EARLY": "1", "CGSPN_CUDA_TMA_FWD_BULK": "0"}),
     # The consumer warps (v36): 12 of 2 items where the call's last wave fills at most 7/8 of a
@@ -517,7 +519,8 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
     # direction with a partial slab; 1152 channels in the plan's loose lockstep, in one wave
     # and in two; split rows. Forced 12 on 240 blocks.
     ((2, 100, 128, 128), 8, ("tb", "bt", "lr", "rl"), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
-    ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
+    ((8, 72, 128, 1152), 72, ("tb",),
+     {"CGSPN_CUDA_TMA_FWD_WARPS": "6", "CGSPN_CUDA_TMA_FWD_LONE": "0"}),
     ((12, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
     ((1, 20, 256, 128), 8, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "6"}),
     ((10, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_WARPS": "12"}),
@@ -567,7 +570,11 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     wide = 8 * ((blocks - 1) % wave + 1) <= 7 * wave  # the last wave at most 7/8 full
     wide = wide and not _tma_fwd_rule_slabs(shape, directions, knobs, split)
     warps = int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 12 if wide else 6))
-    assert all(f" threads={32 * (warps + 1)} " in ln for ln in plans), plans
+    lone = _tma_fwd_lone(shape, directions, knobs, split)
+    if lone:  # 20 consumer warps unless the knob asks 10
+        warps = 10 if knobs.get("CGSPN_CUDA_TMA_FWD_WARPS") == "10" else 20
+    assert all(f" threads={32 * (warps + 1)} " in ln and f" lone={int(lone)}" in ln
+               for ln in plans), plans
     assert all(f" early={early} " in ln for ln in plans), plans
     pace = knobs.get("CGSPN_CUDA_TMA_PACE", "0")
     assert all(f" pace={pace} " in ln for ln in plans), plans
@@ -606,9 +613,10 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     # 7 x 33 blocks would leave a cluster across two images of H != W: one slab less.
     ((7, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "33"}, 32, "32-48"),
     # The plan's rule: 36 slabs of 32 where 24 of 48 would leave some multiprocessors a pair and
-    # others one block (on 132 multiprocessors: 168 blocks -> 252; 144 -> 216 of two directions).
-    ((7, 72, 128, 1152), 72, ("tb",), {}, None, None),
-    ((3, 72, 128, 1152), 72, ("tb", "lr"), {}, None, None),
+    # others one block (on 132 multiprocessors: 168 blocks -> 252; 144 -> 216 of two directions),
+    # with the lone wide blocks that it takes first left out (test_tma_forward_lone_wide).
+    ((7, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_LONE": "0"}, None, None),
+    ((3, 72, 128, 1152), 72, ("tb", "lr"), {"CGSPN_CUDA_TMA_FWD_LONE": "0"}, None, None),
     ((7, 72, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_SLABS": "0"}, 24, "48-48"),
     ((9, 72, 128, 1152), 72, ("bt",), {}, None, None),
     # ... and where 48-channel slabs leave multiprocessors idle, one block on each (132: 33 slabs).
@@ -627,7 +635,7 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
     assert plans and all(" TMA " in ln for ln in plans), plans
     if slabs is None:
         slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split=False)
-        if _gpu().core_count == 132 and not knobs:  # the rule's cases, as the comments say
+        if _gpu().core_count == 132 and "CGSPN_CUDA_TMA_FWD_SLABS" not in knobs:  # the rule's
             assert (slabs, widths) == {9: (24, "48-48"), 4: (33, "32-48")}.get(shape[0],
                                                                                (36, "32-32"))
     assert all(f" slabs={slabs} widths={widths}" in ln for ln in plans), plans
@@ -637,29 +645,34 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
         assert all(" threads=224 " in ln for ln in plans), plans
 
 
-# Lone wide blocks (CGSPN_CUDA_TMA_FWD_SLABS=-3, GspnFwdTmaLoneKernel): slabs of 4 or 5 units
-# (64 or 80 channels), as many as fill the multiprocessors with one block each. Both widths
-# (the benchmark's 8 x 1152 and two directions of 4 images, H != W), 10 consumer warps, gate
-# groups of 8 channels with one width of 64, one width of 80 (16 slabs of 640 channels after the
-# clamp), and every direction.
+# Lone wide blocks (v47, GspnFwdTmaLoneKernel): slabs of 4 or 5 units (64 or 80 channels), as
+# many as fill the multiprocessors with one block each: the plan's rule where the 48-channel
+# blocks are more than the multiprocessors and these fit one wave (the benchmark's 8 x 1152, two
+# directions with H != W, every direction, 768 channels), or the knob -3 (10 consumer warps,
+# gate groups of 8 channels with one width of 64, one width of 80 after the clamp). The counts
+# are pinned on 132 multiprocessors; elsewhere restated by _tma_fwd_slabs.
+_LONE = {"CGSPN_CUDA_TMA_FWD_SLABS": "-3"}
+
+
 @pytest.mark.parametrize("shape, G, directions, knobs, pinned", [
     ((8, 40, 128, 1152), 72, ("tb",), {}, (16, "64-80")),
-    ((8, 40, 128, 1152), 72, ("bt",), {"CGSPN_CUDA_TMA_FWD_WARPS": "10"}, (16, "64-80")),
     ((4, 72, 128, 1152), 72, ("rl", "tb"), {}, (16, "64-80")),
-    ((4, 40, 128, 512), 64, ("lr",), {}, (8, "64-64")),
-    ((16, 24, 128, 640), 40, ("tb",), {}, (8, "80-80")),
-    ((2, 40, 128, 1152), 72, ("tb", "bt", "lr", "rl"), {}, (16, "64-80")),
-], ids=["C1152_8_images", "C1152_10_warps", "two_dirs_H_ne_W", "gate_groups_of_8", "width_80",
-        "all_dirs"])
+    ((2, 96, 128, 1152), 72, ("tb", "bt", "lr", "rl"), {}, (16, "64-80")),
+    ((12, 24, 128, 768), 48, ("bt",), {}, (11, "64-80")),
+    ((8, 40, 128, 1152), 72, ("bt",), {**_LONE, "CGSPN_CUDA_TMA_FWD_WARPS": "10"}, (16, "64-80")),
+    ((4, 128, 40, 512), 64, ("lr",), _LONE, (8, "64-64")),
+    ((16, 24, 128, 640), 40, ("tb",), _LONE, (8, "80-80")),
+], ids=["rule_8_images", "rule_two_dirs_H_ne_W", "rule_all_dirs", "rule_C768", "knob_10_warps",
+        "knob_gate_groups_of_8", "knob_width_80"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward_lone_wide(shape, G, directions, knobs, pinned, dtype, monkeypatch, capfd):
-    knobs = {"CGSPN_CUDA_TMA_FWD_SLABS": "-3", **knobs}
     _set_knobs(monkeypatch, knobs)
     check((shape, G), directions, dtype)
     check((shape, G), directions, dtype, chunk=5, normalize=False)
     plans = _printed_plans(capfd)["forward"]
     assert plans and all(" TMA " in ln for ln in plans), plans
-    slabs, widths = _tma_fwd_lone_slabs(shape, directions)
+    assert _tma_fwd_lone(shape, directions, knobs, split=False)
+    slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split=False)
     if _gpu().core_count == 132:
         assert (slabs, widths) == pinned
     threads = 32 * (1 + int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 20)))
@@ -669,18 +682,31 @@ def test_tma_forward_lone_wide(shape, G, directions, knobs, pinned, dtype, monke
         assert all(want in ln for ln in plans), (want, plans)
 
 
-def _tma_fwd_lone_slabs(shape, directions):
-    """The lone wide blocks' slabs a line and printed widths, restated (PlanTmaForward's -3): as
-    many slabs of 4 or 5 units as one block a multiprocessor takes, clamped to those widths; a
-    count leaving a cluster across two directions of different line counts moves by one."""
+def _tma_fwd_lone_slabs(shape, directions, knobs, split):
+    """The lone wide blocks' slabs a line and printed widths, restated (PlanTmaForward), or None:
+    as many slabs of 4 or 5 units as one block a multiprocessor takes. The rule (v47): where the
+    48-channel blocks are more than the multiprocessors, unless CGSPN_CUDA_TMA_FWD_LONE=0, and
+    only for at most one block a multiprocessor (assumed resident at once, as on the GPUs the
+    tests ran on); the knob -3: clamped to those widths. A count leaving a cluster across two
+    directions of different line counts moves by one (the rule: only down)."""
     B, H, W, C = shape
     lines, sms, units = len(directions) * B, _gpu().core_count, C // 16
+    knob = knobs.get("CGSPN_CUDA_TMA_FWD_SLABS")
+    rule = (knob is None and lines * -(-C // 48) > sms
+            and knobs.get("CGSPN_CUDA_TMA_FWD_LONE", "1") != "0")
+    if split or C % 16 or not (rule or knob == "-3"):
+        return None
     lo, hi = -(-units // 5), units // 4
-    n = min(max(sms // lines, lo), max(lo, hi))
-    for m in (n, n - 1, n + 1):
+    n = min(sms // lines, hi) if rule else min(max(sms // lines, lo), max(lo, hi))
+    for m in (n, n - 1) if rule else (n, n - 1, n + 1):
         if lo <= m <= hi and (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W):
             return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
-    raise AssertionError(f"no lone wide slabs for {shape}")
+    return None
+
+
+def _tma_fwd_lone(shape, directions, knobs, split):
+    """Whether the TMA forward runs lone wide blocks (GspnFwdTmaLoneKernel)."""
+    return _tma_fwd_lone_slabs(shape, directions, knobs, split) is not None
 
 
 def _tma_fwd_slabs(shape, directions, knobs, split):
@@ -692,7 +718,10 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
     last one). CGSPN_CUDA_TMA_FWD_SLABS=n: n, clamped to slabs of 2 or 3 units of 16 channels;
     -1 as many as fill two blocks a multiprocessor, -2 one; 0 (or any other negative) the slabs
     of 48. A count leaving a cluster across two directions of different line counts moves by
-    one. Never on split lines."""
+    one. Never on split lines. Lone wide blocks first: _tma_fwd_lone_slabs."""
+    lone = _tma_fwd_lone_slabs(shape, directions, knobs, split)
+    if lone is not None:
+        return lone
     B, H, W, C = shape
     lines, sms = len(directions) * B, _gpu().core_count
     default = (-(-C // 48), "48-48")
@@ -722,6 +751,7 @@ def _tma_fwd_rule_slabs(shape, directions, knobs, split):
     consumer warps unless a knob says)."""
     lines = len(directions) * shape[0]
     return ("CGSPN_CUDA_TMA_FWD_SLABS" not in knobs
+            and not _tma_fwd_lone(shape, directions, knobs, split)
             and lines * -(-shape[3] // 48) > _gpu().core_count
             and _tma_fwd_slabs(shape, directions, knobs, split)[1] != "48-48")
 

@@ -805,6 +805,18 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // v45's plan: where the default's blocks fit one a multiprocessor the narrow ones, paired, ran
   // 18-28% slower; at 8 x 1152, 288 narrow blocks, more than a wave, slabs of both widths
   // filling the wave gained nothing.)
+  // Before those pairs (v47): lone wide blocks, slabs of 64 or 80 channels, one block a
+  // multiprocessor (GspnFwdTmaLoneKernel), wherever as many as the multiprocessors hold all the
+  // units of a line (at most 5 units a block) and are resident at once: no SM then carries more
+  // than 5 units (the 48-channel slabs put 6 on the SMs running a pair, 3 on the rest), and a
+  // lone block's line costs little more for each unit it adds (v46b: 2 -> 3 units 5%). Measured
+  // (H200, v47, tune family lonewide, medians of three against the plan of v46b; bfloat16 at
+  // 128 x 128 unless said): where the plan took 48-channel slabs 14-15% faster: 8 x 1152 G = 72
+  // 0.353 -> 0.300 ms (128 blocks), float16 0.352 -> 0.302, at 112 x 112 0.283 -> 0.242,
+  // 12 x 768 G = 48 0.357 -> 0.306 (132), 6 x 1536 G = 96 0.352 -> 0.299 (132), 2 x 1152 D = 4
+  // 0.355 -> 0.301; where it took the pairs of 32, 2% faster: 6 x 1152 0.257 -> 0.251, 7 x 1152
+  // 0.265 -> 0.259. Not past a wave: 9 x 1152 in 144 of them ran 0.554 against 0.357.
+  // CGSPN_CUDA_TMA_FWD_LONE=0 leaves them out of the rule (the pairs of 32 where they fit).
   // Where the default's blocks leave multiprocessors idle, as many slabs as fill them with one
   // block each (of both widths where they do not divide): 2-6% faster at all 13 calls of tune
   // family lonefill, C = 128-1536, 1-32 images, D = 1 and 4 (H200, v46b, medians of three against
@@ -818,9 +830,10 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // partial last one); =n asks n, clamped to the widths' bounds; -1 as many as fill a wave of two
   // blocks a multiprocessor, -2 as many as fill the multiprocessors with one block each (without
   // the rules' conditions), -3 as many slabs of 64 or 80 channels as fill the multiprocessors with
-  // one block each (GspnFwdTmaLoneKernel; 20 consumer warps, CGSPN_CUDA_TMA_FWD_WARPS=10: 10). A count that would leave a cluster straddling two directions of
-  // different line counts moves by one (below); where neither neighbour does either, the
-  // 48-channel slabs. Not on split lines, nor where C is not a multiple of 16 or below 32. (The
+  // one block each (GspnFwdTmaLoneKernel, without the rule's conditions; 20 consumer warps,
+  // CGSPN_CUDA_TMA_FWD_WARPS=10: 10). A count that would leave a cluster straddling two
+  // directions of different line counts moves by one (below); where neither neighbour does
+  // either, the 48-channel slabs. Not on split lines, nor where C is not a multiple of 16 or below 32. (The
   // TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
   const int64_t units = s.C / 16, lo = (units + 2) / 3, hi = units / 2;
   const int64_t lines = std::max<int64_t>(1, s.D * s.B);
@@ -837,19 +850,39 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   auto pairs_whole = [&](int64_t n) {  // the clusters' rule, below
     return (s.D * s.B * n) % kTmaCluster == 0 && ((s.B * n) % kTmaCluster == 0 || s.H == s.W);
   };
+  auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
+  // A block's shared memory: kTmaStages stages of {x, lam, gates} boxes, the h tiles by line
+  // parity (float), the mbarriers, the line barrier's kinds.
+  auto smem_of = [&](int64_t width, int gbox) {
+    return size_t(kTmaStages) * (2 * round128(Lb * width * sizeof(T)) +
+                                 round128(Lb * gbox * sizeof(T))) +
+           2 * Lb * width * 4 + 2 * kTmaStages * 8 + 2 * sizeof(int);
+  };
   int64_t nslab = default_slabs;
   bool even = false, wide_lone = false;
-  if (slabs_knob == -3) {
+  const bool lone_rule = pair_rule && EnvInt("CGSPN_CUDA_TMA_FWD_LONE", 1) != 0;
+  if ((slabs_knob == -3 || lone_rule) && !split && s.C % 16 == 0) {
     // Lone wide blocks (GspnFwdTmaLoneKernel): as many slabs of 4 or 5 units as fill the
-    // multiprocessors with one block each.
+    // multiprocessors with one block each. The rule's first choice (v47): where they fit one
+    // wave, before the pairs of 32 (the rule only for as many blocks as multiprocessors, and
+    // those resident at once in clusters).
     const int64_t wlo = (units + 4) / 5, whi = units / 4;
-    const int64_t n = std::clamp<int64_t>(sms / lines, wlo, std::max(wlo, whi));
-    for (const int64_t m : {n, n - 1, n + 1})
-      if (!split && s.C % 16 == 0 && m >= wlo && m <= whi && pairs_whole(m)) {
-        nslab = m, even = wide_lone = true;
-        break;
-      }
-  } else if (want > 0 && !split && s.C % 16 == 0 && units >= 2) {
+    const int64_t n = lone_rule ? std::min<int64_t>(sms / lines, whi)
+                                : std::clamp<int64_t>(sms / lines, wlo, std::max(wlo, whi));
+    for (const int64_t m : {n, n - 1, n + 1}) {
+      if (m < wlo || m > whi || !pairs_whole(m)) continue;
+      if (lone_rule &&
+          (m > n || WaveBlocks(reinterpret_cast<const void*>(
+                                   TmaFwdKernelFor<T>(kTmaLoneWarps, true, true)),
+                               TmaThreadsOf(kTmaLoneWarps),
+                               smem_of(16 * ((units + m - 1) / m), TmaGateBox(s, m)),
+                               kTmaCluster) < lines * m))
+        continue;
+      nslab = m, even = wide_lone = true;
+      break;
+    }
+  }
+  if (!wide_lone && want > 0 && !split && s.C % 16 == 0 && units >= 2) {
     const int64_t n = std::clamp<int64_t>(want, lo, hi);
     for (const int64_t m : {n, n - 1, n + 1})
       // The rule only for more slabs than the 48-channel ones (C = 64: 48 + 16 stays), and
@@ -859,7 +892,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
         break;
       }
   }
-  const bool rule_slabs = even && pair_rule;
+  const bool rule_slabs = even && pair_rule && !wide_lone;
   const int swide = even ? int(16 * ((units + nslab - 1) / nslab)) : kTmaSlab;
   const int snarrow = even ? int(16 * (units / nslab)) : kTmaSlab;
   const int64_t blocks = s.D * s.B * nslab * (split ? 2 : 1);
@@ -910,12 +943,10 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   a.lead_polls = LeadPolls();
   a.lead_blocks = int(blocks);
   a.steps_max = int(span.steps_max);
-  auto round128 = [](int64_t n) { return int((n + 127) / 128 * 128); };
   a.xbytes = round128(Lb * swide * sizeof(T));
   a.gbytes = round128(Lb * gbox * sizeof(T));
   tp->blocks = int(blocks);
-  tp->smem = size_t(kTmaStages) * (2 * a.xbytes + a.gbytes) + 2 * Lb * swide * 4 +
-             2 * kTmaStages * 8 + 2 * sizeof(int);
+  tp->smem = smem_of(swide, gbox);
   const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
   tp->lone = wide_lone;
   tp->warps = !wide_lone                       ? kTmaWarps
