@@ -485,11 +485,11 @@ _LINE_SYNC = {"0": "block", "1": "lockstep", "2": "cluster"}
      {"CGSPN_CUDA_TMA_LOCKSTEP": "1", "CGSPN_CUDA_TMA_PACE": "2"}),
     ((12, 72, 128, 1152), 72, ("tb",),
      {"CGSPN_CUDA_TMA_RELAX_BELOW": "287", "CGSPN_CUDA_TMA_PACE": "300"}),
-    # The grid's loose lockstep (v29): the plan's (192 blocks, one wave of more than 4/3 SMs'
-    # worth on an H100; since v47 with the lone wide blocks left out, which would take 8 images
-    # of 1152 channels in 128 blocks), and forced: with the barrier turning relaxed partway (240 blocks);
-    # scans of two lengths (96 and 128 lines), the shorter arriving at the longer's lines as
-    # they end; a wait for the whole grid each line.
+    # The grid's loose lockstep (v29): the plan's (192 blocks, one wave of more than 4/3 SMs' worth
+    # on an H100; since v47 with the lone wide blocks left out, which would take 8 images of 1152
+    # channels in 128 blocks), and forced: with the barrier turning relaxed partway (240 blocks);
+    # scans of two lengths (96 and 128 lines), the shorter arriving at the longer's lines as they
+    # end; a wait for the whole grid each line.
     ((8, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_FWD_LONE": "0"}),
     ((10, 72, 128, 1152), 72, ("tb",), {"CGSPN_CUDA_TMA_LEAD": "4"}),
     ((2, 100, 96, 128), 8, ("tb", "lr"),
@@ -621,10 +621,12 @@ def test_tma_forward(shape, G, directions, knobs, dtype, monkeypatch, capfd):
     ((9, 72, 128, 1152), 72, ("bt",), {}, None, None),
     # ... and where 48-channel slabs leave multiprocessors idle, one block on each (132: 33 slabs).
     ((4, 72, 128, 1152), 72, ("tb",), {}, None, None),
+    # The pairs of 32 by the plan itself on lines of 96 (v47 takes no lone wide blocks there).
+    ((10, 24, 96, 768), 48, ("tb",), {}, None, None),
 ], ids=["C1152_264_blocks", "C1152_264_blocks_12_warps", "two_dirs", "all_dirs",
         "one_width", "clamped_to_3_units", "clamped_to_2_units", "thread_h", "fill_the_wave",
         "fill_the_sms", "odd_count_adjusted", "rule_7_images", "rule_two_dirs", "knob_0",
-        "rule_past_a_wave", "rule_lone_blocks"])
+        "rule_past_a_wave", "rule_lone_blocks", "rule_pairs_on_lines_of_96"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtype, monkeypatch,
                                 capfd):
@@ -636,8 +638,9 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
     if slabs is None:
         slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split=False)
         if _gpu().core_count == 132 and "CGSPN_CUDA_TMA_FWD_SLABS" not in knobs:  # the rule's
-            assert (slabs, widths) == {9: (24, "48-48"), 4: (33, "32-48")}.get(shape[0],
-                                                                               (36, "32-32"))
+            pinned = {(9, 1152): (24, "48-48"), (4, 1152): (33, "32-48"),
+                      (10, 768): (24, "32-32")}
+            assert (slabs, widths) == pinned.get((shape[0], shape[3]), (36, "32-32"))
     assert all(f" slabs={slabs} widths={widths}" in ln for ln in plans), plans
     assert all(f" blocks={len(directions) * shape[0] * slabs} " in ln for ln in plans), plans
     assert all(f" S={widths.split('-')[1]} " in ln for ln in plans), plans
@@ -645,19 +648,20 @@ def test_tma_forward_even_slabs(shape, G, directions, knobs, slabs, widths, dtyp
         assert all(" threads=224 " in ln for ln in plans), plans
 
 
-# Lone wide blocks (v47, GspnFwdTmaLoneKernel): slabs of 4 or 5 units (64 or 80 channels), as
-# many as fill the multiprocessors with one block each: the plan's rule where the 48-channel
-# blocks are more than the multiprocessors and these fit one wave (the benchmark's 8 x 1152, two
-# directions with H != W, every direction, 768 channels), or the knob -3 (10 consumer warps,
-# gate groups of 8 channels with one width of 64, one width of 80 after the clamp). The counts
-# are pinned on 132 multiprocessors; elsewhere restated by _tma_fwd_slabs.
+# Lone wide blocks (v47, GspnFwdTmaLoneKernel): slabs of 4 or 5 units (64 or 80 channels), as many
+# as fill the multiprocessors with one block each: the plan's rule where the 48-channel blocks are
+# more than the multiprocessors, these fit one wave and every line is longer than 96 positions (the
+# benchmark's 8 x 1152, two directions with H != W, every direction, 768 channels; not 768 channels
+# on lines of 96, where the pairs of 32 stay), or the knob -3 (10 consumer warps, gate groups of 8
+# channels with one width of 64, one width of 80 after the clamp). The counts are pinned on 132
+# multiprocessors; elsewhere restated by _tma_fwd_slabs.
 _LONE = {"CGSPN_CUDA_TMA_FWD_SLABS": "-3"}
 
 
 @pytest.mark.parametrize("shape, G, directions, knobs, pinned", [
     ((8, 40, 128, 1152), 72, ("tb",), {}, (16, "64-80")),
-    ((4, 72, 128, 1152), 72, ("rl", "tb"), {}, (16, "64-80")),
-    ((2, 96, 128, 1152), 72, ("tb", "bt", "lr", "rl"), {}, (16, "64-80")),
+    ((4, 104, 128, 1152), 72, ("rl", "tb"), {}, (16, "64-80")),
+    ((2, 112, 128, 1152), 72, ("tb", "bt", "lr", "rl"), {}, (16, "64-80")),
     ((12, 24, 128, 768), 48, ("bt",), {}, (11, "64-80")),
     ((8, 40, 128, 1152), 72, ("bt",), {**_LONE, "CGSPN_CUDA_TMA_FWD_WARPS": "10"}, (16, "64-80")),
     ((4, 128, 40, 512), 64, ("lr",), _LONE, (8, "64-64")),
@@ -685,14 +689,16 @@ def test_tma_forward_lone_wide(shape, G, directions, knobs, pinned, dtype, monke
 def _tma_fwd_lone_slabs(shape, directions, knobs, split):
     """The lone wide blocks' slabs a line and printed widths, restated (PlanTmaForward), or None:
     as many slabs of 4 or 5 units as one block a multiprocessor takes. The rule (v47): where the
-    48-channel blocks are more than the multiprocessors, unless CGSPN_CUDA_TMA_FWD_LONE=0, and
-    only for at most one block a multiprocessor (assumed resident at once, as on the GPUs the
-    tests ran on); the knob -3: clamped to those widths. A count leaving a cluster across two
+    48-channel blocks are more than the multiprocessors and every line is longer than 96
+    positions, unless CGSPN_CUDA_TMA_FWD_LONE=0, and only for at most one block a
+    multiprocessor (assumed resident at once, as on the GPUs the tests ran on); the knob -3:
+    clamped to those widths. A count leaving a cluster across two
     directions of different line counts moves by one (the rule: only down)."""
     B, H, W, C = shape
     lines, sms, units = len(directions) * B, _gpu().core_count, C // 16
     knob = knobs.get("CGSPN_CUDA_TMA_FWD_SLABS")
-    rule = (knob is None and lines * -(-C // 48) > sms
+    shortest = min(W if d in ("tb", "bt") else H for d in directions)
+    rule = (knob is None and lines * -(-C // 48) > sms and shortest > 96
             and knobs.get("CGSPN_CUDA_TMA_FWD_LONE", "1") != "0")
     if split or C % 16 or not (rule or knob == "-3"):
         return None

@@ -807,16 +807,22 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // filling the wave gained nothing.)
   // Before those pairs (v47): lone wide blocks, slabs of 64 or 80 channels, one block a
   // multiprocessor (GspnFwdTmaLoneKernel), wherever as many as the multiprocessors hold all the
-  // units of a line (at most 5 units a block) and are resident at once: no SM then carries more
-  // than 5 units (the 48-channel slabs put 6 on the SMs running a pair, 3 on the rest), and a
-  // lone block's line costs little more for each unit it adds (v46b: 2 -> 3 units 5%). Measured
-  // (H200, v47, tune family lonewide, medians of three against the plan of v46b; bfloat16 at
-  // 128 x 128 unless said): where the plan took 48-channel slabs 14-15% faster: 8 x 1152 G = 72
-  // 0.353 -> 0.300 ms (128 blocks), float16 0.352 -> 0.302, at 112 x 112 0.283 -> 0.242,
-  // 12 x 768 G = 48 0.357 -> 0.306 (132), 6 x 1536 G = 96 0.352 -> 0.299 (132), 2 x 1152 D = 4
-  // 0.355 -> 0.301; where it took the pairs of 32, 2% faster: 6 x 1152 0.257 -> 0.251, 7 x 1152
-  // 0.265 -> 0.259. Not past a wave: 9 x 1152 in 144 of them ran 0.554 against 0.357.
-  // CGSPN_CUDA_TMA_FWD_LONE=0 leaves them out of the rule (the pairs of 32 where they fit).
+  // units of a line (at most 5 units a block) and are resident at once, on lines of more than
+  // 96 positions: no SM then carries more than 5 units (the 48-channel slabs put 6 on the SMs
+  // running a pair, 3 on the rest), and a lone block's line costs little more for each unit it
+  // adds (v46b: 2 -> 3 units 5%). Measured (H200, v47, medians of three; bfloat16 at 128 x 128
+  // unless said): where v46b's plan took 48-channel slabs, 14-16% faster (tune families lonewide
+  // and lonerule): 8 x 1152 G = 72 0.351 -> 0.297 ms (128 blocks), float16 0.352 -> 0.302, at
+  // 112 x 112 0.283 -> 0.242, 12 x 768 G = 48 0.357 -> 0.306 (132), 6 x 1536 G = 96 0.352 ->
+  // 0.299 (132), 2 x 1152 D = 4 0.355 -> 0.301; where it took the pairs of 32, 2-5% faster
+  // (lonerule): 6 x 1152 0.256 -> 0.251, 7 x 1152 0.265 -> 0.257, 10 x 768 0.265 -> 0.255,
+  // 11 x 768 0.277 -> 0.264, 5 x 1536 0.269 -> 0.260, 7 x 1152 float16 0.265 -> 0.260, 7 x 1152
+  // at 112 x 112 0.221 -> 0.211, 3 x 1152 rows and columns 0.264 -> 0.253. But 12% slower at
+  // 10 x 768 x 96 x 96 (0.173 against the pairs' 0.154): on lines that short a line's fixed
+  // costs (the barrier, the copies' latency) weigh more, and two blocks a multiprocessor overlap
+  // them; so not on lines of 96 or fewer. Not past a wave: 9 x 1152 in 144 of them ran 0.554
+  // against 0.357. CGSPN_CUDA_TMA_FWD_LONE=0 leaves them out of the rule (the pairs of 32 where
+  // they fit).
   // Where the default's blocks leave multiprocessors idle, as many slabs as fill them with one
   // block each (of both widths where they do not divide): 2-6% faster at all 13 calls of tune
   // family lonefill, C = 128-1536, 1-32 images, D = 1 and 4 (H200, v46b, medians of three against
@@ -826,15 +832,15 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   // Both rules give some calls whose 48-channel blocks were an odd count (D B and ceil(C / 48)
   // odd, e.g. C = 128), which took the register forward, an even count, and so the TMA forward,
   // as every other call of lines over 64 positions, where it measured faster (v20, below).
-  // CGSPN_CUDA_TMA_FWD_SLABS=0 (or any negative but -1 and -2) keeps the 48-channel slabs (a
+  // CGSPN_CUDA_TMA_FWD_SLABS=0 (or any negative but -1, -2, -3) keeps the 48-channel slabs (a
   // partial last one); =n asks n, clamped to the widths' bounds; -1 as many as fill a wave of two
   // blocks a multiprocessor, -2 as many as fill the multiprocessors with one block each (without
   // the rules' conditions), -3 as many slabs of 64 or 80 channels as fill the multiprocessors with
   // one block each (GspnFwdTmaLoneKernel, without the rule's conditions; 20 consumer warps,
-  // CGSPN_CUDA_TMA_FWD_WARPS=10: 10). A count that would leave a cluster straddling two
-  // directions of different line counts moves by one (below); where neither neighbour does
-  // either, the 48-channel slabs. Not on split lines, nor where C is not a multiple of 16 or below 32. (The
-  // TMA forward's C is a multiple of 64: G and C / G multiples of 8.)
+  // CGSPN_CUDA_TMA_FWD_WARPS=10: 10). A count that would leave a cluster straddling two directions
+  // of different line counts moves by one (below); where neither neighbour does either, the
+  // 48-channel slabs. Not on split lines, nor where C is not a multiple of 16 or below 32. (The TMA
+  // forward's C is a multiple of 64: G and C / G multiples of 8.)
   const int64_t units = s.C / 16, lo = (units + 2) / 3, hi = units / 2;
   const int64_t lines = std::max<int64_t>(1, s.D * s.B);
   const int sms = DeviceAttr(cudaDevAttrMultiProcessorCount, 132);
@@ -860,7 +866,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   };
   int64_t nslab = default_slabs;
   bool even = false, wide_lone = false;
-  const bool lone_rule = pair_rule && EnvInt("CGSPN_CUDA_TMA_FWD_LONE", 1) != 0;
+  const bool lone_rule = pair_rule && Lmin > 96 && EnvInt("CGSPN_CUDA_TMA_FWD_LONE", 1) != 0;
   if ((slabs_knob == -3 || lone_rule) && !split && s.C % 16 == 0) {
     // Lone wide blocks (GspnFwdTmaLoneKernel): as many slabs of 4 or 5 units as fill the
     // multiprocessors with one block each. The rule's first choice (v47): where they fit one
