@@ -675,14 +675,17 @@ def test_tma_forward_lone_wide(shape, G, directions, knobs, pinned, dtype, monke
     check((shape, G), directions, dtype, chunk=5, normalize=False)
     plans = _printed_plans(capfd)["forward"]
     assert plans and all(" TMA " in ln for ln in plans), plans
-    assert _tma_fwd_lone(shape, directions, knobs, split=False)
+    # (On other multiprocessor counts the rule's cases may take other slabs: restated.)
+    lone = _tma_fwd_lone(shape, directions, knobs, split=False)
     slabs, widths = _tma_fwd_slabs(shape, directions, knobs, split=False)
     if _gpu().core_count == 132:
-        assert (slabs, widths) == pinned
-    threads = 32 * (1 + int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 20)))
-    for want in (f" slabs={slabs} widths={widths} lone=1", f" threads={threads} ",
-                 f" blocks={len(directions) * shape[0] * slabs} ", " blocks/SM=1 ",
-                 f" S={widths.split('-')[1]} "):
+        assert lone and (slabs, widths) == pinned
+    wants = [f" slabs={slabs} widths={widths} lone={int(lone)}",
+             f" blocks={len(directions) * shape[0] * slabs} ", f" S={widths.split('-')[1]} "]
+    if lone:
+        threads = 32 * (1 + int(knobs.get("CGSPN_CUDA_TMA_FWD_WARPS", 20)))
+        wants += [f" threads={threads} ", " blocks/SM=1 "]
+    for want in wants:
         assert all(want in ln for ln in plans), (want, plans)
 
 

@@ -567,7 +567,8 @@ inline int TmaClusterSize(int64_t blocks, int64_t run, int preferred) {
 
 // How many clusters of `cluster` blocks of `kernel` (threads, smem bytes) can be resident at
 // once on the idle GPU; 0 where none or the query fails. The plans ask at every call of the
-// handler, so the answer is kept per device and query.
+// handler, so the answer is kept per device and query. The kernel is allowed `smem` first: the
+// query counts no block that asks for more than the kernel's allowance (48 KB until raised).
 int ActiveClusters(const void* kernel, int cluster, int threads, size_t smem) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess) return 0;
@@ -579,7 +580,9 @@ int ActiveClusters(const void* kernel, int cluster, int threads, size_t smem) {
   cudaLaunchAttribute attr;
   const cudaLaunchConfig_t cfg = ClusterLaunch(cluster, cluster, threads, smem, nullptr, &attr);
   int n = 0;
-  if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) n = 0;
+  if (AllowSharedMemory(kernel, smem) != cudaSuccess ||
+      cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess)
+    n = 0;
   return known[key] = std::max(n, 0);
 }
 
