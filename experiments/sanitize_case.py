@@ -33,7 +33,8 @@ early (v34): the forward's lam and gates before its bulk store has read the x bo
 default; and without, CGSPN_CUDA_TMA_FWD_EARLY=0), the backward's dh and h before the stage
 is handed back (CGSPN_CUDA_TMA_BWD_EARLY=1). The TMA forward's consumer warps: 12 (v36: the
 plan's where the last wave is at most 7/8 full, as in every small case here) and 6 (forced,
-CGSPN_CUDA_TMA_FWD_WARPS=6).
+CGSPN_CUDA_TMA_FWD_WARPS=6). Even slabs (v45) and lone wide blocks (v47: slabs of 64 and 80
+channels, one block a multiprocessor; CGSPN_CUDA_TMA_FWD_SLABS=-3) in the forward.
 """
 import os
 
