@@ -695,8 +695,8 @@ def _tma_fwd_lone_slabs(shape, directions, knobs, split):
     48-channel blocks are more than the multiprocessors and every line is longer than 96
     positions, unless CGSPN_CUDA_TMA_FWD_LONE=0, and only for at most one block a
     multiprocessor (assumed resident at once, as on the GPUs the tests ran on); the knob -3:
-    clamped to those widths. A count leaving a cluster across two
-    directions of different line counts moves by one (the rule: only down)."""
+    clamped to those widths. A count leaving a cluster across two directions of different line
+    counts moves by one (the rule: only down)."""
     B, H, W, C = shape
     lines, sms, units = len(directions) * B, _gpu().core_count, C // 16
     knob = knobs.get("CGSPN_CUDA_TMA_FWD_SLABS")
@@ -708,9 +708,21 @@ def _tma_fwd_lone_slabs(shape, directions, knobs, split):
     lo, hi = -(-units // 5), units // 4
     n = min(sms // lines, hi) if rule else min(max(sms // lines, lo), max(lo, hi))
     for m in (n, n - 1) if rule else (n, n - 1, n + 1):
-        if lo <= m <= hi and (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W):
-            return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
+        if lo <= m <= hi and _clusters_whole(shape, lines, m):
+            return _even_slabs(units, m)
     return None
+
+
+def _clusters_whole(shape, lines, m):
+    """Whether m slabs a line leave the TMA forward's clusters of two whole, never across two
+    directions of different line counts (H != W)."""
+    B, H, W, _ = shape
+    return (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W)
+
+
+def _even_slabs(units, m):
+    """m even slabs of `units` units of 16 channels, with their printed widths (narrow-wide)."""
+    return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
 
 
 def _tma_fwd_lone(shape, directions, knobs, split):
@@ -731,7 +743,7 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
     lone = _tma_fwd_lone_slabs(shape, directions, knobs, split)
     if lone is not None:
         return lone
-    B, H, W, C = shape
+    B, C = shape[0], shape[3]
     lines, sms = len(directions) * B, _gpu().core_count
     default = (-(-C // 48), "48-48")
     units = C // 16
@@ -750,8 +762,8 @@ def _tma_fwd_slabs(shape, directions, knobs, split):
         # the rule: only more slabs than the 48-channel ones, never more than it asked
         if knob is None and not default[0] < m <= n:
             continue
-        if lo <= m <= hi and (lines * m) % 2 == 0 and ((B * m) % 2 == 0 or H == W):
-            return m, f"{16 * (units // m)}-{16 * -(-units // m)}"
+        if lo <= m <= hi and _clusters_whole(shape, lines, m):
+            return _even_slabs(units, m)
     return default
 
 

@@ -725,9 +725,11 @@ struct TmaPlan {
   TmaMaps maps;
   TmaLaunch a;
   int blocks, cluster;
-  int warps;  // consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is <= 7/8 full
-  bool lone = false;  // lone wide blocks (GspnFwdTmaLoneKernel): kTmaLoneWarps or kTmaLoneFewWarps
+  // Consumer warps: kTmaWarps, or kTmaWideWarps where the last wave is <= 7/8 full; lone wide
+  // blocks (slabs wider than kTmaSlab, GspnFwdTmaLoneKernel) kTmaLoneWarps or kTmaLoneFewWarps.
+  int warps;
   size_t smem;
+  bool lone() const { return a.swide > kTmaSlab; }  // (swide is 0 but for even slabs)
 };
 
 template <typename T>
@@ -851,9 +853,9 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   const int64_t default_slabs = (s.C + kTmaSlab - 1) / kTmaSlab;
   const bool rule = slabs_knob == kSlabsRule;
   const bool pair_rule = rule && lines * default_slabs > sms;
-  const int64_t lone = std::max<int64_t>(1, sms / lines);
+  const int64_t lone_fill = std::max<int64_t>(1, sms / lines);
   const int64_t want = pair_rule ? (lines * hi <= 2 * sms && units % 2 == 0 ? hi : 0)
-                       : rule || slabs_knob == -2 ? lone
+                       : rule || slabs_knob == -2 ? lone_fill
                        : slabs_knob == -1         ? 2 * sms / lines
                                                   : slabs_knob;
   auto pairs_whole = [&](int64_t n) {  // the clusters' rule, below
@@ -957,7 +959,6 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
   tp->blocks = int(blocks);
   tp->smem = smem_of(swide, gbox);
   const int warps_knob = EnvInt("CGSPN_CUDA_TMA_FWD_WARPS", -1);
-  tp->lone = wide_lone;
   tp->warps = !wide_lone                       ? kTmaWarps
               : warps_knob == kTmaLoneFewWarps ? kTmaLoneFewWarps
                                                : kTmaLoneWarps;
@@ -1036,7 +1037,7 @@ bool PlanTmaForward(const ScanShape& s, const int64_t* dirs, bool aligned, int64
 template <typename T>
 cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done) {
   const bool even = tp.a.units > 0;  // TmaLaunch::units
-  const auto kernel = TmaFwdKernelFor<T>(tp.warps, even, tp.lone);
+  const auto kernel = TmaFwdKernelFor<T>(tp.warps, even, tp.lone());
   const int threads = TmaThreadsOf(tp.warps);
   if (EnvInt("CGSPN_CUDA_VERBOSE"))
     std::fprintf(stderr, "gspn_scan CUDA forward: TMA S=%d threads=%d blocks=%d smem=%zu "
@@ -1048,7 +1049,7 @@ cudaError_t LaunchTmaForward(cudaStream_t st, TmaPlan& tp, T* h, unsigned* done)
                  tp.a.bulk_h, tp.a.early, tp.a.pace, tp.a.lead, tp.a.lead > 0 ? tp.a.lead_wave : 0,
                  BlocksPerSm(reinterpret_cast<const void*>(kernel), threads, tp.smem),
                  tp.a.nslab, even ? 16 * (tp.a.units / tp.a.nslab) : kTmaSlab,
-                 even ? tp.a.swide : kTmaSlab, int(tp.lone));
+                 even ? tp.a.swide : kTmaSlab, int(tp.lone()));
   return LaunchInClusters(st, kernel, tp.blocks, tp.cluster, threads, tp.smem, tp.maps, h, done,
                           tp.a);
 }

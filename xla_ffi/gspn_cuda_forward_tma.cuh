@@ -131,6 +131,10 @@ struct TmaLaunch {
 __host__ __device__ inline int64_t EvenSlabUnit(int64_t j, int64_t units, int64_t nslab) {
   return j * units / nslab;
 }
+// The units of even slab j (the kernels choose a block's body by its slab's width).
+__device__ inline int64_t EvenSlabUnits(const TmaLaunch& a, int64_t j) {
+  return EvenSlabUnit(j + 1, a.units, a.nslab) - EvenSlabUnit(j, a.units, a.nslab);
+}
 
 // The barrier at the end of each line of the TMA kernels (TmaLaunch::lockstep). Each kind orders
 // the block's own accesses across its threads, as __syncthreads does: the h tiles, the span
@@ -550,8 +554,7 @@ __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 2)  // two blocks per SM
   if constexpr (!kEven) {
     FwdTmaBlock<T, kWarps, false, kTmaSlab / 8>(maps, h, done, a);
   } else {
-    const int64_t slab = (a.split ? blockIdx.x / 2 : blockIdx.x) % a.nslab;
-    if (EvenSlabUnit(slab + 1, a.units, a.nslab) - EvenSlabUnit(slab, a.units, a.nslab) == 3)
+    if (EvenSlabUnits(a, (a.split ? blockIdx.x / 2 : blockIdx.x) % a.nslab) == 3)
       FwdTmaBlock<T, kWarps, true, 6>(maps, h, done, a);
     else
       FwdTmaBlock<T, kWarps, true, 4>(maps, h, done, a);
@@ -568,8 +571,7 @@ template <typename T, int kWarps>
 __global__ void __launch_bounds__(TmaThreadsOf(kWarps), 1)
     GspnFwdTmaLoneKernel(const __grid_constant__ TmaMaps maps, T* __restrict__ h, unsigned* done,
                          const TmaLaunch a) {
-  const int64_t slab = blockIdx.x % a.nslab;
-  if (EvenSlabUnit(slab + 1, a.units, a.nslab) - EvenSlabUnit(slab, a.units, a.nslab) == 5)
+  if (EvenSlabUnits(a, blockIdx.x % a.nslab) == 5)  // (never split)
     FwdTmaBlock<T, kWarps, true, 10>(maps, h, done, a);
   else
     FwdTmaBlock<T, kWarps, true, 8>(maps, h, done, a);
